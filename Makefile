@@ -1,0 +1,23 @@
+# The two commands of the README. Each creates .venv when it is missing.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: demo test bench clean
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	$(PY) -m geojepa.demo
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q
+
+bench: $(VENV_STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf work/ .pytest_cache

@@ -1,0 +1,33 @@
+"""Data contracts: one pyarrow schema per pipeline artifact, with validated I/O.
+
+Importable with only pyarrow and numpy installed (training hosts read token
+shards through it).
+"""
+
+from data_contracts.io import (
+    ArtifactWriter,
+    ContractError,
+    atomic_path,
+    open_artifact,
+    read_table,
+    schema_diff,
+    write_table,
+)
+from data_contracts.schemas import (
+    ALL,
+    EMBEDDINGS,
+    ENTITIES,
+    TAG_VOCAB,
+    TASK_LABELS,
+    TILE_ENTITIES,
+    TILE_IMAGES,
+    TILES,
+    TOKENS,
+    Contract,
+)
+
+__all__ = [
+    "ALL", "EMBEDDINGS", "ENTITIES", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
+    "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
+    "schema_diff", "write_table",
+]

@@ -1,0 +1,197 @@
+"""Validated, atomic reading and writing of contract artifacts.
+
+Schemas are checked once where a file is opened (and once per written batch,
+which is a cheap schema comparison), never per row. Writers write to a hidden
+temporary name and rename on success, so a failed run never leaves a
+half-written artifact and never touches an earlier good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_contracts.schemas import Contract
+
+VERSION_KEY = b"geojepa:schema_version"
+ARTIFACT_KEY = b"geojepa:artifact"
+WKB_TYPES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
+             6: "MultiPolygon", 7: "GeometryCollection"}
+
+
+class ContractError(ValueError):
+    """An artifact does not match its contract; the message names file, column and difference."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def schema_diff(expected: pa.Schema, actual: pa.Schema) -> list[str]:
+    """Human-readable differences between two schemas (names and types; order ignored)."""
+    problems = []
+    for field in expected:
+        if field.name not in actual.names:
+            problems.append(f"column {field.name!r} is missing (expected {field.type})")
+        elif not actual.field(field.name).type.equals(field.type):
+            problems.append(f"column {field.name!r}: expected {field.type}, found {actual.field(field.name).type}")
+    for name in actual.names:
+        if name not in expected.names:
+            problems.append(f"unexpected column {name!r}")
+    return problems
+
+
+def _wkb_type_names(column: pa.Array | pa.ChunkedArray) -> set[str]:
+    """Geometry type names read from the WKB headers (byte 0: order, bytes 1-4: type)."""
+    names: set[str] = set()
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for arr in chunks:
+        if len(arr) == 0:
+            continue
+        arr = arr.drop_null()
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr)]
+        data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+        little = data[offsets] == 1
+        b = [data[offsets + i].astype(np.uint32) for i in range(1, 5)]
+        code = np.where(little, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24, b[3] | b[2] << 8 | b[1] << 16 | b[0] << 24)
+        code = (code & 0xFFFF) % 1000  # drop EWKB flags and ISO Z/M offsets
+        names.update(WKB_TYPES.get(int(c), "Unknown") for c in np.unique(code))
+    return names
+
+
+def _crs_json(crs: str) -> dict | None:
+    if crs == "tile":
+        return None  # tile-normalised coordinates: no geographic CRS
+    import pyproj  # lazy: training hosts read token shards without pyproj
+
+    return pyproj.CRS.from_user_input(crs).to_json_dict()
+
+
+class ArtifactWriter:
+    """Stream tables/batches into one Parquet artifact; commit renames it into place.
+
+    Use as a context manager: leaving the block normally commits, an exception aborts.
+    """
+
+    def __init__(self, path: Path | str, contract: Contract, row_group_rows: int = 50_000,
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.contract = contract
+        self.row_group_rows = row_group_rows
+        self.rows = 0
+        self._geo_types: dict[str, set[str]] = {col: set() for col, _ in contract.geometry}
+        self._bbox = [np.inf, np.inf, -np.inf, -np.inf]
+        self._metadata = {ARTIFACT_KEY: contract.name.encode(), VERSION_KEY: str(contract.version).encode()}
+        self._metadata.update({k.encode(): v.encode() for k, v in (metadata or {}).items()})
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, contract.schema.with_metadata(self._metadata),
+                                            compression="zstd", write_statistics=True)
+        except OSError as e:
+            self._ctx.__exit__(type(e), e, None)
+            raise ContractError(f"{self.path}: cannot write: {e}") from None
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        problems = schema_diff(self.contract.schema, data.schema)
+        if problems:
+            raise ContractError(f"{self.path}: data for {self.contract.name!r} breaks its contract: " + "; ".join(problems))
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        data = data.select(self.contract.schema.names).cast(self.contract.schema)
+        for col, _ in self.contract.geometry:
+            self._geo_types[col] |= _wkb_type_names(data[col])
+        if "bbox" in data.column_names and data.num_rows:
+            bbox = data["bbox"].combine_chunks()
+            for i, (fname, fn) in enumerate([("xmin", pc.min), ("ymin", pc.min), ("xmax", pc.max), ("ymax", pc.max)]):
+                v = fn(bbox.field(fname)).as_py()
+                self._bbox[i] = min(self._bbox[i], v) if i < 2 else max(self._bbox[i], v)
+        self._writer.write_table(data, row_group_size=self.row_group_rows)
+        self.rows += data.num_rows
+
+    def _geo_metadata(self) -> dict:
+        columns = {}
+        for col, crs in self.contract.geometry:
+            meta = {"encoding": "WKB", "geometry_types": sorted(self._geo_types[col]), "crs": _crs_json(crs)}
+            if "bbox" in self.contract.schema.names and col == "geometry":
+                if self.rows:
+                    meta["bbox"] = [float(v) for v in self._bbox]
+                meta["covering"] = {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}
+            columns[col] = meta
+        return {"version": "1.1.0", "primary_column": self.contract.geometry[0][0], "columns": columns}
+
+    def commit(self) -> Path:
+        if self.contract.geometry:
+            self._writer.add_key_value_metadata({"geo": json.dumps(self._geo_metadata())})
+        self._writer.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        self._ctx.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_table(table: pa.Table, path: Path | str, contract: Contract, **kwargs) -> Path:
+    """Validate and atomically write a whole table as one artifact."""
+    with ArtifactWriter(path, contract, **kwargs) as w:
+        w.write(table)
+    return Path(path)
+
+
+def open_artifact(path: Path | str, contract: Contract) -> pq.ParquetFile:
+    """Open an artifact after checking it exists, is Parquet, and matches ``contract``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: {contract.name} artifact not found")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ContractError(f"{path}: not a readable Parquet file: {e}") from None
+    meta = pf.schema_arrow.metadata or {}
+    name = meta.get(ARTIFACT_KEY, b"").decode()
+    if name and name != contract.name:
+        raise ContractError(f"{path}: is a {name!r} artifact, expected {contract.name!r}")
+    version = meta.get(VERSION_KEY, b"").decode()
+    if version != str(contract.version):
+        found = version or "none"
+        raise ContractError(f"{path}: {contract.name} schema_version {found}, expected {contract.version}")
+    problems = schema_diff(contract.schema, pf.schema_arrow)
+    if problems:
+        raise ContractError(f"{path}: does not match the {contract.name!r} contract: " + "; ".join(problems))
+    return pf
+
+
+def read_table(path: Path | str, contract: Contract, columns: list[str] | None = None, **kwargs) -> pa.Table:
+    """Read a validated artifact (optionally a subset of columns, Parquet ``filters=``)."""
+    open_artifact(path, contract)
+    return pq.read_table(path, columns=columns, **kwargs)

@@ -1,0 +1,167 @@
+"""One pyarrow schema per pipeline artifact: the single place each is defined.
+
+Bump a contract's ``version`` whenever its schema changes; readers refuse
+files written under another version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Contract:
+    name: str
+    version: int
+    schema: pa.Schema
+    # Columns holding WKB geometries, with their CRS ("EPSG:4326", or "tile" for
+    # tile-normalised [0, 1] coordinates that have no CRS). GeoParquet metadata
+    # is written for the EPSG ones.
+    geometry: tuple[tuple[str, str], ...] = ()
+    doc: str = ""
+
+
+BBOX = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+TAGS = pa.map_(pa.string(), pa.string())
+MEMBERS = pa.list_(pa.struct([("type", pa.string()), ("ref", pa.int64()), ("role", pa.string())]))
+POSITION = pa.list_(pa.float32(), 8)  # rotated-bbox corners (x0,y0,...,x3,y3) in tile coordinates
+VECTOR = pa.list_(pa.float32())
+
+
+ENTITIES = Contract(
+    name="entities",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("entity_id", pa.string(), nullable=False),  # "node/123", "way/4", "relation/9"
+            pa.field("osm_type", pa.string(), nullable=False),  # node | way | relation
+            pa.field("osm_id", pa.int64(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),  # point | line | polygon | relation
+            pa.field("tags", TAGS, nullable=False),  # cleaned, never empty
+            pa.field("members", MEMBERS),  # relations only
+            pa.field("geometry", pa.binary(), nullable=False),  # WKB, EPSG:4326 (lon, lat)
+            pa.field("bbox", BBOX, nullable=False),  # GeoParquet 1.1 bbox covering column
+            pa.field("geometry_fix", pa.string()),  # null, or how the geometry was repaired
+        ]
+    ),
+    geometry=(("geometry", "EPSG:4326"),),
+    doc="One row per tagged OSM node, way and relation; rows sorted along a Hilbert curve.",
+)
+
+TILES = Contract(
+    name="tiles",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("group_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),  # train | val | test
+            pa.field("crs", pa.string(), nullable=False),  # metric CRS of the grid, e.g. EPSG:32635
+            pa.field("col", pa.int64(), nullable=False),
+            pa.field("row", pa.int64(), nullable=False),
+            pa.field("origin_x", pa.float64(), nullable=False),  # lower-left corner in `crs`
+            pa.field("origin_y", pa.float64(), nullable=False),
+            pa.field("size_m", pa.float64(), nullable=False),
+            pa.field("n_entities", pa.int32(), nullable=False),
+            pa.field("geometry", pa.binary(), nullable=False),  # footprint, WKB EPSG:4326
+            pa.field("bbox", BBOX, nullable=False),
+        ]
+    ),
+    geometry=(("geometry", "EPSG:4326"),),
+)
+
+TILE_ENTITIES = Contract(
+    name="tile_entities",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("entity_id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("tags", TAGS, nullable=False),
+            pa.field("geometry", pa.binary(), nullable=False),  # WKB in tile coordinates [0, 1]
+            pa.field("vertices", VECTOR, nullable=False),  # simplified (x, y) pairs, tile coordinates
+            pa.field("position", POSITION, nullable=False),
+        ]
+    ),
+    geometry=(("geometry", "tile"),),
+)
+
+TILE_IMAGES = Contract(
+    name="tile_images",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("pixels", pa.binary()),  # H x W x C uint8, row-major; null when missing
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("bands", pa.list_(pa.string()), nullable=False),  # e.g. [R, G, B, NIR]
+            pa.field("coverage", pa.float32(), nullable=False),  # share of pixels with data
+            pa.field("source", pa.string(), nullable=False),  # file/STAC id, "render (synthetic)", "missing"
+            pa.field("acquired", pa.string()),  # ISO date, null when unknown
+        ]
+    ),
+)
+
+TAG_VOCAB = Contract(
+    name="tag_vocab",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("value", pa.string()),  # null: the key-only entry
+            pa.field("text", pa.string(), nullable=False),  # what was embedded
+            pa.field("embedding", VECTOR, nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+        ]
+    ),
+)
+
+TOKENS = Contract(
+    name="tokens",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("length", pa.int32(), nullable=False),
+            pa.field("modality", pa.list_(pa.int8()), nullable=False),  # per token
+            pa.field("position", pa.list_(POSITION), nullable=False),  # per token
+            pa.field("entity_id", pa.list_(pa.string()), nullable=False),  # per token; null for patches
+            pa.field("features", pa.list_(VECTOR), nullable=False),  # per token, width by modality
+        ]
+    ),
+    doc="Token shards W/tokens/{split}-NNNNN.parquet, one row per tile.",
+)
+
+EMBEDDINGS = Contract(
+    name="embeddings",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("level", pa.string(), nullable=False),  # tile | entity
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("entity_id", pa.string()),  # null for tile rows
+            pa.field("embedding", VECTOR, nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+        ]
+    ),
+)
+
+TASK_LABELS = Contract(
+    name="task_labels",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("label", pa.float64(), nullable=False),
+        ]
+    ),
+)
+
+ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS)}

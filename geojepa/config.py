@@ -1,0 +1,112 @@
+"""One typed, frozen configuration with a section per stage.
+
+Loaded from YAML (``configs/default.yaml`` unless another file is given) with
+``section.key=value`` overrides from the command line. Unknown keys are errors
+that name the key; every stage function receives only its own section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from geojepa.errors import GeoJepaError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExtractConfig(Section):
+    """OSM PBF -> entities GeoParquet."""
+
+    # Keys dropped when they start with any of these prefixes (reference cleaning).
+    drop_key_prefixes: tuple[str, ...] = ("tiger:", "source", "import", "yh:", "created_by")
+    # Node-location index: in memory, on disk, or chosen from the PBF size.
+    node_index: Literal["auto", "memory", "disk"] = "auto"
+    disk_index_above_mb: float = Field(1024.0, gt=0)
+    # Optional clip box (min_lon, min_lat, max_lon, max_lat), WGS84.
+    bbox: tuple[float, float, float, float] | None = None
+    # Keep only entities with one of these tags: "key" or "key=value".
+    tag_filter: tuple[str, ...] | None = None
+    batch_rows: int = Field(50_000, gt=0)
+    row_group_rows: int = Field(25_000, gt=0)
+
+
+class TileConfig(Section):
+    """entities -> tiles (reference settings from the thesis)."""
+
+    size_m: float = Field(300.0, gt=0)
+    min_entities: int = Field(5, ge=0)
+    max_entities: int = Field(1250, gt=0)
+    group_size: int = Field(4, gt=0)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 42
+
+
+class SynthConfig(Section):
+    """Synthetic city generator (benchmarks and tests only)."""
+
+    centre_lon: float = -98.5
+    centre_lat: float = 39.5
+    block_m: float = Field(110.0, gt=20)
+
+
+class TrackingConfig(Section):
+    """MLflow. ``uri`` None: SQLite store beside the work directories
+    (``W/../mlruns.db``); the ``MLFLOW_TRACKING_URI`` variable wins over both."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "geojepa"
+
+
+class Config(Section):
+    extract: ExtractConfig = ExtractConfig()
+    tile: TileConfig = TileConfig()
+    synth: SynthConfig = SynthConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise GeoJepaError(f"config override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML, apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise GeoJepaError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise GeoJepaError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise GeoJepaError(f"{path}: expected a mapping of sections at top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GeoJepaError(f"config override {item!r}: expected section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown config key {where!r}")
+            else:
+                problems.append(f"{where}: {err['msg']}")
+        raise GeoJepaError(f"{path}: " + "; ".join(problems)) from None

@@ -1,0 +1,160 @@
+"""The extract stage: ``*.osm.pbf`` -> ``W/entities.parquet`` (GeoParquet, EPSG:4326).
+
+Batches stream from the PBF into a temporary Arrow IPC file; the final
+GeoParquet is written in Hilbert order of the entities' bbox centres, so each
+row group covers a compact area and bbox statistics prune spatial reads. The
+sort reads only the key column and gathers rows from the memory-mapped
+temporary file, so peak memory stays bounded by the row group size (plus 16
+bytes per entity for keys and the permutation).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from data_contracts import ENTITIES, ArtifactWriter
+from geojepa import manifest
+from geojepa.config import Config
+from geojepa.errors import GeoJepaError
+from geojepa.extract.reader import BATCH_SCHEMA, check_pbf, node_index_spec, read_entities
+from geojepa.extract.tags import TagFilter
+from geojepa.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+ENTITIES_FILE = "entities.parquet"
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work_dir):
+            pass
+    except OSError as e:
+        raise GeoJepaError(f"{work_dir}: work directory is not writable: {e.strerror or e}") from None
+
+
+def _check_bbox(pbf: Path, header_box, bbox: tuple[float, float, float, float]) -> None:
+    min_lon, min_lat, max_lon, max_lat = bbox
+    if not (min_lon < max_lon and min_lat < max_lat):
+        raise GeoJepaError(f"bbox {bbox}: expected min_lon < max_lon and min_lat < max_lat")
+    if header_box.valid():
+        bl, tr = header_box.bottom_left, header_box.top_right
+        if max_lon < bl.lon or min_lon > tr.lon or max_lat < bl.lat or min_lat > tr.lat:
+            raise GeoJepaError(
+                f"{pbf}: its bbox ({bl.lon}, {bl.lat}, {tr.lon}, {tr.lat}) does not overlap the requested "
+                f"clip {bbox}")
+
+
+def _progress(pbf: Path):
+    """A rich progress counter on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return nullcontext(None)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]extract[/] {task.description}"),
+                        TextColumn("{task.completed:,.0f} tagged objects"), TimeElapsedColumn(), transient=True)
+
+    class _Ctx:
+        def __enter__(self):
+            progress.start()
+            task = progress.add_task(pbf.name, total=None)
+            return lambda n: progress.advance(task, n)
+
+        def __exit__(self, *exc):
+            progress.stop()
+
+    return _Ctx()
+
+
+def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = False) -> dict:
+    """Extract tagged entities of ``pbf`` into ``work_dir/entities.parquet``; returns a summary.
+
+    Skips the work when the PBF, the config section and the code are unchanged
+    since the last successful run (``force`` re-runs). On any failure the
+    previous ``entities.parquet`` is left as it was.
+    """
+    pbf, work_dir = Path(pbf), Path(work_dir)
+    section = cfg.extract
+    header_box = check_pbf(pbf)
+    if section.bbox is not None:
+        _check_bbox(pbf, header_box, section.bbox)
+    _check_work_dir(work_dir)
+    out = work_dir / ENTITIES_FILE
+
+    expected = manifest.expected_manifest("extract", {"pbf": pbf}, section.model_dump(mode="json"),
+                                          manifest.code_version("geojepa.extract", "data_contracts"))
+    if not force and manifest.is_fresh(work_dir, expected):
+        log.info("extract: %s is up to date with %s, skipping", out, pbf)
+        return {"skipped": True, "output": str(out)}
+
+    stats: Counter = Counter()
+    t0 = time.perf_counter()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".extract-", dir=work_dir))
+    try:
+        with stage_run("extract", work_dir, cfg, section="extract", inputs=expected["inputs"]) as run:
+            spec = node_index_spec(pbf, section.node_index, section.disk_index_above_mb, tmp_dir)
+            tag_filter = TagFilter(section.tag_filter) if section.tag_filter else None
+            staged = tmp_dir / "unsorted.arrow"
+            rows = 0
+            try:
+                with _progress(pbf) as progress, ipc.new_file(staged, BATCH_SCHEMA) as sink:
+                    for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
+                                               batch_rows=section.batch_rows, clip=section.bbox,
+                                               tag_filter=tag_filter, stats=stats, progress=progress):
+                        sink.write_batch(batch)
+                        rows += batch.num_rows
+            except RuntimeError as e:  # libosmium read errors: truncated or corrupt blocks
+                raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
+            if rows == 0:
+                where = f" inside bbox {section.bbox}" if section.bbox else ""
+                raise GeoJepaError(f"{pbf}: no tagged entities{where}; nothing written")
+            t_read = time.perf_counter() - t0
+            counts = _write_sorted(staged, out, section.row_group_rows)
+            seconds = time.perf_counter() - t0
+            summary = {
+                "entities": rows,
+                **{f"kind_{k}": v for k, v in counts.items()},
+                **dict(sorted(stats.items())),
+                "seconds": round(seconds, 3),
+                "seconds_read": round(t_read, 3),
+                "entities_per_s": round(rows / seconds, 1),
+                "input_mb_per_s": round(pbf.stat().st_size / 1e6 / seconds, 3),
+                "node_index_on_disk": int(spec != "flex_mem"),
+            }
+            manifest.write_manifest(work_dir, expected, [ENTITIES_FILE], summary=summary)
+            run.metrics(summary)
+            run.dict(summary, "extract_summary.json")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    repaired = {k: v for k, v in stats.items() if k.startswith(("fixed_", "skipped_"))}
+    if repaired:
+        log.info("extract: repaired or skipped geometries: %s", repaired)
+    log.info("extract: %d entities from %s in %.1fs -> %s", rows, pbf, seconds, out)
+    return {"skipped": False, "output": str(out), **summary}
+
+
+def _write_sorted(staged: Path, out: Path, row_group_rows: int) -> dict[str, int]:
+    """Write the staged batches to the GeoParquet artifact in Hilbert order."""
+    with pa.memory_map(str(staged)) as source:
+        table = ipc.open_file(source).read_all()
+        order = np.argsort(table.column("_sort_key").to_numpy(), kind="stable")
+        kinds = {d["values"]: d["counts"] for d in pc.value_counts(table.column("kind")).to_pylist()}
+        table = table.drop_columns(["_sort_key"])
+        with ArtifactWriter(out, ENTITIES, row_group_rows=row_group_rows,
+                            metadata={"geojepa:source": "OpenStreetMap contributors, ODbL 1.0"}) as writer:
+            for start in range(0, len(order), row_group_rows):
+                writer.write(table.take(order[start : start + row_group_rows]))
+    return kinds
