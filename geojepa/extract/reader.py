@@ -271,7 +271,8 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
                 member_geoms[obj.id] = line
             if not wanted:
                 continue
-            closed = fix is None and obj.is_closed() and len(obj.nodes) >= 4
+            # Closed by node ids; a ring cut by the extract border closes over its remaining nodes.
+            closed = obj.is_closed() and len(obj.nodes) >= 4
             area = closed and is_area(dict(zip(keys, values, strict=True)))
             batcher.add("way", obj.id, keys, values, line, "line", fix=fix, wkb=isinstance(line, str), want_area=area)
         if batcher.full():
@@ -288,7 +289,9 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
             node_geoms[ref] = shapely.Point(loc.lon, loc.lat)
         except (KeyError, osmium.InvalidLocationError):
             pass
-    way_geoms = {k: shapely.from_wkb(v) if isinstance(v, str) else v for k, v in member_geoms.items()}
+    hex_ids = [k for k, v in member_geoms.items() if isinstance(v, str)]
+    way_geoms = dict(zip(hex_ids, shapely.from_wkb([member_geoms[k] for k in hex_ids]), strict=True))
+    way_geoms.update((k, v) for k, v in member_geoms.items() if not isinstance(v, str))
     del member_geoms
     for rel_id, keys, values, members, geometry, kind, fix in _assemble_relations(relations, node_geoms, way_geoms, stats):
         batcher.add("relation", rel_id, keys, values, geometry, kind, fix=fix, members=members)
