@@ -107,5 +107,16 @@ def fetch_osm(
     typer.echo(str(path))
 
 
+@app.command()
+def demo() -> None:
+    """Run the pipeline on the bundled sample regions into ./work (offline, embedded MLflow)."""
+    from geojepa.demo import main
+
+    try:
+        main()
+    except (GeoJepaError, ContractError) as e:
+        _fail(e)
+
+
 if __name__ == "__main__":
     app()
