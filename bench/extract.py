@@ -67,10 +67,12 @@ def inputs(sizes: list[float], helsinki: bool) -> list[tuple[str, Path]]:
     for km2 in sizes:
         path = DATA / f"synth-{km2:g}km2-seed1.osm.pbf"
         if not path.exists():
-            from geojepa.synth import generate
-
+            # In a child: a large parent would inflate the children's peak RSS (Linux keeps
+            # ru_maxrss across fork and exec).
             t0 = time.perf_counter()
-            summary = generate(path, km2=km2, seed=1)
+            out = subprocess.run([sys.executable, "-m", "geojepa.cli", "synth", str(path), "--km2", str(km2),
+                                  "--seed", "1"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            summary = json.loads(out)
             print(f"  generated {path.name}: {summary['nodes']:,} nodes, {summary['ways']:,} ways "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
         files.append((f"synthetic {km2:g} km2", path))

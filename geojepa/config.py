@@ -34,7 +34,8 @@ class ExtractConfig(Section):
     bbox: tuple[float, float, float, float] | None = None
     # Keep only entities with one of these tags: "key" or "key=value".
     tag_filter: tuple[str, ...] | None = None
-    batch_rows: int = Field(50_000, gt=0)
+    # Size of the blocks of decoded OSM text parsed at a time (memory vs. overhead).
+    read_block_mb: int = Field(16, gt=0, le=1024)
     row_group_rows: int = Field(25_000, gt=0)
 
 

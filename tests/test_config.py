@@ -14,16 +14,16 @@ def test_defaults_match_the_reference():
 
 
 def test_overrides_are_typed_and_config_is_frozen():
-    cfg = load_config(overrides=["extract.batch_rows=7", "extract.bbox=[1, 2, 3, 4]", "tracking.enabled=false"])
-    assert cfg.extract.batch_rows == 7 and cfg.extract.bbox == (1.0, 2.0, 3.0, 4.0) and not cfg.tracking.enabled
+    cfg = load_config(overrides=["extract.read_block_mb=7", "extract.bbox=[1, 2, 3, 4]", "tracking.enabled=false"])
+    assert cfg.extract.read_block_mb == 7 and cfg.extract.bbox == (1.0, 2.0, 3.0, 4.0) and not cfg.tracking.enabled
     with pytest.raises(Exception):
-        cfg.extract.batch_rows = 8
+        cfg.extract.read_block_mb = 8
 
 
 @pytest.mark.parametrize("override,needle", [
     ("extract.nope=1", "unknown config key 'extract.nope'"),
     ("nosection.x=1", "unknown config key 'nosection'"),
-    ("extract.batch_rows=-1", "extract.batch_rows"),
+    ("extract.read_block_mb=-1", "extract.read_block_mb"),
     ("extract.node_index=ssd", "extract.node_index"),
     ("extract", "expected section.key=value"),
 ])
@@ -34,6 +34,6 @@ def test_bad_overrides_name_the_key(override, needle):
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("extract:\n  batch_rows: 10\n  colour: red\n")
+    path.write_text("extract:\n  read_block_mb: 10\n  colour: red\n")
     with pytest.raises(GeoJepaError, match=r"mine.yaml: unknown config key 'extract.colour'"):
         load_config(path)

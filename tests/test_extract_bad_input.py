@@ -80,7 +80,7 @@ def test_unwritable_work_dir(tmp_path):
 
 
 def test_bad_config_key_is_named(tmp_path):
-    _fails(["extract", str(KOTKA), str(tmp_path / "w"), "--set", "extract.batch_rowz=5"], "extract.batch_rowz")
+    _fails(["extract", str(KOTKA), str(tmp_path / "w"), "--set", "extract.read_block_mbz=5"], "extract.read_block_mbz")
 
 
 def test_interrupted_run_leaves_no_temporary_files(good_w, tmp_path):

@@ -8,28 +8,33 @@ import shapely
 MULTI = {"Point": shapely.MultiPoint, "LineString": shapely.MultiLineString, "Polygon": shapely.MultiPolygon}
 
 
-def rings_to_polygons(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Polygons from closed linestrings, repaired where invalid.
+def polygons_from_rings(coords: np.ndarray, owner: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons from one ring per object (``coords`` rows grouped by ``owner`` in 0..n-1), repaired.
 
     Returns (geometries, fix) where fix is None, "make_valid", or
-    "collapsed_area_as_line" (a ring too thin or short to enclose anything,
+    "collapsed_area_as_line" (a ring too short or thin to enclose anything,
     kept as its line).
     """
-    out = lines.copy()
-    fix = np.full(len(lines), None, dtype=object)
-    ok = shapely.get_num_coordinates(lines) >= 4
-    if ok.any():
-        coords, idx = shapely.get_coordinates(lines[ok], return_index=True)
-        out[ok] = shapely.polygons(shapely.linearrings(coords, indices=idx))
-    fix[~ok] = "collapsed_area_as_line"
-    bad = np.flatnonzero(ok & ~shapely.is_valid(out))
+    counts = np.bincount(owner, minlength=n)
+    out = np.empty(n, dtype=object)
+    fix = np.full(n, None, dtype=object)
+    ring = counts >= 3  # closed by linearrings when the last point differs from the first
+    keep = ring[owner]
+    compact = np.cumsum(ring) - 1
+    if ring.any():
+        out[ring] = shapely.polygons(shapely.linearrings(coords[keep], indices=compact[owner[keep]]))
+    bad = np.flatnonzero(ring)[~shapely.is_valid(out[ring])] if ring.any() else np.array([], int)
     if len(bad):
         repaired = shapely.make_valid(out[bad], method="structure", keep_collapsed=False)
         empty = shapely.is_empty(repaired)
         out[bad[~empty]] = repaired[~empty]
         fix[bad[~empty]] = "make_valid"
-        out[bad[empty]] = lines[bad[empty]]
-        fix[bad[empty]] = "collapsed_area_as_line"
+        ring[bad[empty]] = False
+    lines = ~ring & (counts >= 2)
+    if lines.any():
+        keep = lines[owner]
+        out[lines] = shapely.linestrings(coords[keep], indices=(np.cumsum(lines) - 1)[owner[keep]])
+        fix[lines] = "collapsed_area_as_line"
     return out, fix
 
 
@@ -37,9 +42,15 @@ def assemble_multipolygon(outer: list, inner: list) -> shapely.Geometry | None:
     """(Multi)polygon from member ways: rings may be split over several ways; inners are holes.
 
     Returns None when the outer ways close no ring (members missing from the extract).
+    The result may be invalid; callers repair in bulk.
     """
     if not outer:
         return None
+    if len(outer) == 1 and outer[0].is_closed and all(g.is_closed for g in inner):
+        # The common case: one closed outer way, closed inner ways.
+        if len(outer[0].coords) < 4:
+            return None
+        return shapely.Polygon(outer[0].coords, [g.coords for g in inner if len(g.coords) >= 4])
     outer_faces = shapely.get_parts(shapely.polygonize(outer))
     if len(outer_faces) == 0:
         return None
@@ -51,8 +62,6 @@ def assemble_multipolygon(outer: list, inner: list) -> shapely.Geometry | None:
         holes = shapely.get_parts(shapely.polygonize(inner))
         if len(holes):
             shell = shapely.difference(shell, shapely.union_all(holes))
-    if not shapely.is_valid(shell):
-        shell = shapely.make_valid(shell, method="structure", keep_collapsed=False)
     return None if shell.is_empty else shell
 
 

@@ -1,24 +1,25 @@
-"""Streaming PBF reading with pyosmium: tagged objects out as Arrow batches.
+"""Streaming PBF reading: tagged objects out as Arrow batches of entities.
 
-Two passes over the file, both streamed:
+1. Relations (a Python pass over relation blocks only; relations are few):
+   tagged relations and the ids of their members.
+2. Nodes and ways: a child process decodes the PBF in C++ and streams OPL
+   lines with coordinates inline (``geojepa.extract.opl``); this process parses
+   them in bulk with Arrow and builds geometries with shapely 2, a block of
+   lines at a time. Tagged nodes become points, tagged ways lines or polygons;
+   the geometries of relation members (tagged or not) are kept for step 3.
+3. Relations are assembled from their members' geometries.
 
-1. relations only: tagged relations and the ids of their members;
-2. nodes and ways with a node-location index: tagged nodes become points,
-   tagged ways lines or polygons; the geometries of relation members (tagged
-   or not) are kept for step 3. Untagged objects never reach Python except
-   untagged member ways (a C++ filter drops the rest).
-3. relations are assembled from their members' geometries.
-
-Python touches each tagged object once to clean its tags; geometry building,
-repair and encoding are vectorised per batch (shapely 2, pyarrow).
+No Python code runs per node or way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ import shapely
 from data_contracts import ENTITIES
 from geojepa.errors import GeoJepaError
 from geojepa.extract import geometry as geom
-from geojepa.extract.tags import TagFilter, is_area
+from geojepa.extract import opl
+from geojepa.extract.tags import TagFilter, area_mask
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ MEMBER_TYPE = {"n": "node", "w": "way", "r": "relation"}
 AREA_RELATIONS = frozenset({"multipolygon", "boundary"})
 # Batches carry the contract's columns plus the spatial sort key.
 BATCH_SCHEMA = ENTITIES.schema.append(pa.field("_sort_key", pa.int64(), nullable=False))
+Clip = tuple[float, float, float, float] | None
 
 
 def check_pbf(path: Path) -> osmium.osm.Box:
@@ -55,141 +58,6 @@ def check_pbf(path: Path) -> osmium.osm.Box:
         raise GeoJepaError(f"{path}: unreadable PBF header: {e}") from None
 
 
-@dataclass
-class _Buffer:
-    """Column buffers for one batch of entities (Python lists, converted per batch)."""
-
-    osm_type: list[str] = field(default_factory=list)
-    osm_id: list[int] = field(default_factory=list)
-    tag_offsets: list[int] = field(default_factory=lambda: [0])
-    keys: list[str] = field(default_factory=list)
-    values: list[str] = field(default_factory=list)
-
-    def add_tags(self, keys: list[str], values: list[str]) -> None:
-        self.keys += keys
-        self.values += values
-        self.tag_offsets.append(len(self.keys))
-
-    def __len__(self) -> int:
-        return len(self.osm_id)
-
-
-class _Batcher:
-    """Accumulates points and ways, emitting Arrow batches of ``rows`` entities."""
-
-    def __init__(self, rows: int, clip: tuple[float, float, float, float] | None, stats: Counter):
-        self.rows, self.clip, self.stats = rows, clip, stats
-        self._reset()
-
-    def _reset(self) -> None:
-        self.buf = _Buffer()
-        self.geoms: list = []  # shapely geometries for points/relations, WKB (hex) for ways
-        self.kinds: list[str] = []
-        self.fix: list[str | None] = []
-        self.members: list = []
-        self.is_wkb: list[bool] = []
-        self.want_area: list[bool] = []
-
-    def add(self, osm_type: str, osm_id: int, keys, values, geometry, kind: str, fix=None, members=None,
-            wkb=False, want_area=False) -> None:
-        self.buf.osm_type.append(osm_type)
-        self.buf.osm_id.append(osm_id)
-        self.buf.add_tags(keys, values)
-        self.geoms.append(geometry)
-        self.kinds.append(kind)
-        self.fix.append(fix)
-        self.members.append(members)
-        self.is_wkb.append(wkb)
-        self.want_area.append(want_area)
-
-    def full(self) -> bool:
-        return len(self.buf) >= self.rows
-
-    def flush(self) -> pa.RecordBatch | None:
-        if not len(self.buf):
-            return None
-        geoms = np.empty(len(self.geoms), dtype=object)
-        wkb = np.asarray(self.is_wkb)
-        geoms[~wkb] = [g for g, w in zip(self.geoms, self.is_wkb, strict=True) if not w]
-        if wkb.any():
-            geoms[wkb] = shapely.from_wkb([g for g, w in zip(self.geoms, self.is_wkb, strict=True) if w])
-        kinds = np.asarray(self.kinds, dtype=object)
-        fix = np.asarray(self.fix, dtype=object)
-        areas = np.flatnonzero(np.asarray(self.want_area))
-        if len(areas):
-            polys, area_fix = geom.rings_to_polygons(geoms[areas])
-            geoms[areas] = polys
-            kinds[areas] = np.where(area_fix == "collapsed_area_as_line", "line", "polygon")
-            set_fix = area_fix != None  # noqa: E711 (elementwise)
-            fix[areas[set_fix]] = area_fix[set_fix]
-        self.stats.update(f"fixed_{f}" for f in fix if f is not None)
-        keep = np.ones(len(geoms), dtype=bool)
-        if self.clip is not None:
-            geoms, keep = self._clip(geoms)
-        batch = self._to_arrow(geoms, kinds, fix, keep)
-        self._reset()
-        return batch
-
-    def _clip(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        box = shapely.box(*self.clip)
-        inside = shapely.intersects(geoms, box)
-        clipped = geoms.copy()
-        partial = inside & ~shapely.within(geoms, box)
-        clipped[partial] = shapely.intersection(geoms[partial], box)
-        keep = inside & ~shapely.is_empty(clipped)
-        self.stats["outside_bbox"] += int((~keep).sum())
-        return clipped, keep
-
-    def _to_arrow(self, geoms, kinds, fix, keep) -> pa.RecordBatch:
-        b = self.buf
-        osm_type = pa.array(b.osm_type, pa.string())
-        osm_id = pa.array(b.osm_id, pa.int64())
-        tags = pa.MapArray.from_arrays(pa.array(b.tag_offsets, pa.int32()), pa.array(b.keys, pa.string()),
-                                       pa.array(b.values, pa.string()))
-        bounds = shapely.bounds(geoms)
-        bbox = pa.StructArray.from_arrays([pa.array(bounds[:, i]) for i in range(4)], names=["xmin", "ymin", "xmax", "ymax"])
-        key = geom.hilbert_key((bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2)
-        arrays = [
-            pc.binary_join_element_wise(osm_type, pc.cast(osm_id, pa.string()), "/"),
-            osm_type,
-            osm_id,
-            pa.array(kinds.tolist(), pa.string()),
-            tags,
-            pa.array(self.members, ENTITIES.schema.field("members").type),
-            pa.array(shapely.to_wkb(geoms), pa.binary()),
-            bbox,
-            pa.array(fix.tolist(), pa.string()),
-            pa.array(key, pa.int64()),
-        ]
-        batch = pa.RecordBatch.from_arrays(arrays, schema=BATCH_SCHEMA)
-        return batch if keep.all() else batch.filter(pa.array(keep))
-
-
-class _MemberWays:
-    """Keeps the geometry of untagged ways that are relation members (C++ filter hands them over)."""
-
-    def __init__(self, wanted: set[int], store: dict[int, object], stats: Counter):
-        self.wanted, self.store, self.stats = wanted, store, stats
-        self.factory = osmium.geom.WKBFactory()
-
-    def way(self, w) -> None:
-        if w.id in self.wanted:
-            self.store[w.id] = _way_wkb(w, self.factory, self.stats)[0]
-
-
-def _way_wkb(w, factory, stats: Counter) -> tuple[object | None, str | None]:
-    """A way's linestring (hex WKB, or a shapely line when nodes were missing) and its fix."""
-    try:
-        return factory.create_linestring(w), None
-    except (osmium.InvalidLocationError, RuntimeError):  # nodes outside the extract, or < 2 distinct points
-        coords = [(n.lon, n.lat) for n in w.nodes if n.location.valid()]
-    distinct = len(set(coords))
-    if distinct >= 2:
-        return shapely.LineString(coords), "missing_nodes" if len(coords) < len(w.nodes) else None
-    stats["skipped_no_location" if len(coords) < len(w.nodes) else "skipped_degenerate"] += 1
-    return None, None
-
-
 def node_index_spec(pbf: Path, mode: str, disk_above_mb: float, tmp_dir: Path) -> str:
     """The osmium location-index spec: in memory for small files, on disk (sparse) for large ones."""
     on_disk = mode == "disk" or (mode == "auto" and pbf.stat().st_size > disk_above_mb * 1e6)
@@ -198,26 +66,132 @@ def node_index_spec(pbf: Path, mode: str, disk_above_mb: float, tmp_dir: Path) -
     return "flex_mem"
 
 
-def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str, batch_rows: int,
-                  clip: tuple[float, float, float, float] | None = None, tag_filter: TagFilter | None = None,
-                  stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
-    path = str(pbf)
+def entity_batch(osm_type: str, ids: np.ndarray, tags: pa.MapArray, geoms: np.ndarray, kinds: np.ndarray,
+                 fix: np.ndarray, clip: Clip, stats: Counter, members: list | None = None) -> pa.RecordBatch:
+    """One Arrow batch of entities (contract columns plus the Hilbert sort key), clipped to ``clip``."""
+    stats.update(f"fixed_{f}" for f in fix.tolist() if f is not None)
+    keep = np.ones(len(ids), dtype=bool)
+    if clip is not None and len(ids):
+        box = shapely.box(*clip)
+        inside = shapely.intersects(geoms, box)
+        partial = inside & ~shapely.within(geoms, box)
+        geoms = geoms.copy()
+        geoms[partial] = shapely.intersection(geoms[partial], box)
+        keep = inside & ~shapely.is_empty(geoms)
+        stats["outside_bbox"] += int((~keep).sum())
+    bounds = shapely.bounds(geoms)
+    id_arr = pa.array(ids, pa.int64())
+    arrays = [
+        pc.binary_join_element_wise(pa.array([osm_type] * len(ids), pa.string()), pc.cast(id_arr, pa.string()), "/"),
+        pa.array([osm_type] * len(ids), pa.string()),
+        id_arr,
+        pa.array(kinds.tolist(), pa.string()),
+        tags,
+        pa.array(members if members is not None else [None] * len(ids), ENTITIES.schema.field("members").type),
+        pa.array(shapely.to_wkb(geoms), pa.binary()),
+        pa.StructArray.from_arrays([pa.array(bounds[:, i]) for i in range(4)], names=["xmin", "ymin", "xmax", "ymax"]),
+        pa.array(fix.tolist(), pa.string()),
+        pa.array(geom.hilbert_key((bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2), pa.int64()),
+    ]
+    batch = pa.RecordBatch.from_arrays(arrays, schema=BATCH_SCHEMA)
+    return batch if keep.all() else batch.filter(pa.array(keep))
 
-    def clean(tag_list) -> tuple[list[str], list[str]]:
-        keys, values = [], []
-        for k, v in tag_list:
-            if not k.startswith(drop_prefixes):
-                keys.append(k)
-                values.append(v)
-        return keys, values
 
-    # Pass 1: relations.
+class _Lines:
+    """Parses blocks of OPL lines into entity batches, keeping relation members' geometries."""
+
+    def __init__(self, drop_prefixes, tag_filter: TagFilter | None, clip: Clip, member_nodes: set[int],
+                 member_ways: set[int], stats: Counter):
+        self.drop_prefixes, self.tag_filter, self.clip, self.stats = drop_prefixes, tag_filter, clip, stats
+        self.member_nodes = np.fromiter(member_nodes, np.int64, len(member_nodes))
+        self.member_ways = np.fromiter(member_ways, np.int64, len(member_ways))
+        self.node_geoms: dict[int, shapely.Point] = {}
+        self.way_geoms: dict[int, shapely.LineString] = {}
+
+    def parse(self, lines: pa.Array) -> Iterator[pa.RecordBatch]:
+        parts = pc.split_pattern(lines, " ")
+        head = pc.list_element(parts, 0)
+        ids = pc.cast(pc.utf8_slice_codeunits(head, 1, 64), pa.int64()).to_numpy()
+        is_node = pc.starts_with(head, "n").to_numpy(zero_copy_only=False)
+        tag_field = pc.list_element(parts, 1)
+        tags = opl.parse_tags(tag_field, self.drop_prefixes)
+        tagged = tags.count() > 0
+        raw_tagged = pc.not_equal(tag_field, "T").to_numpy(zero_copy_only=False)
+        self.stats["dropped_tags_all_cleaned"] += int((raw_tagged & ~tagged).sum())
+        wanted = tagged
+        if self.tag_filter is not None:
+            wanted = tagged & self.tag_filter.mask(tags)
+            self.stats["filtered_out"] += int((tagged & ~wanted).sum())
+        nodes, ways = np.flatnonzero(is_node), np.flatnonzero(~is_node)
+        if len(nodes):
+            yield from self._nodes(nodes, ids, parts, tags, wanted)
+        if len(ways):
+            yield from self._ways(ways, ids, parts, tags, wanted)
+
+    def _nodes(self, rows, ids, parts, tags, wanted) -> Iterator[pa.RecordBatch]:
+        rows_arr = pa.array(rows)
+        x = pc.utf8_slice_codeunits(pc.list_element(pc.take(parts, rows_arr), 2), 1, 64)
+        y = pc.utf8_slice_codeunits(pc.list_element(pc.take(parts, rows_arr), 3), 1, 64)
+        located = pc.and_(pc.not_equal(x, ""), pc.not_equal(y, "")).to_numpy(zero_copy_only=False)
+        rows, x, y = rows[located], pc.filter(x, located), pc.filter(y, located)
+        points = shapely.points(pc.cast(x, pa.float64()).to_numpy(), pc.cast(y, pa.float64()).to_numpy())
+        self.stats["skipped_no_location"] += int((~located & wanted[rows_arr.to_numpy()]).sum())
+        members = np.isin(ids[rows], self.member_nodes)
+        self.node_geoms.update(zip(ids[rows][members].tolist(), points[members], strict=True))
+        keep = wanted[rows]
+        if keep.any():
+            rows, points = rows[keep], points[keep]
+            n = len(rows)
+            yield entity_batch("node", ids[rows], tags.take(rows), points, np.full(n, "point", object),
+                               np.full(n, None, object), self.clip, self.stats)
+
+    def _ways(self, rows, ids, parts, tags, wanted) -> Iterator[pa.RecordBatch]:
+        members = np.isin(ids[rows], self.member_ways)
+        needed = wanted[rows] | members
+        rows, members = rows[needed], members[needed]
+        if not len(rows):
+            return
+        ways = opl.parse_way_nodes(ids[rows], pc.list_element(pc.take(parts, pa.array(rows)), 2))
+        n_coords = np.bincount(ways.coord_owner, minlength=len(rows))
+        ok = n_coords >= 2
+        bad = ~ok & wanted[rows]
+        self.stats["skipped_no_location"] += int((bad & (ways.missing > 0)).sum())
+        self.stats["skipped_degenerate"] += int((bad & (ways.missing == 0)).sum())
+        keep = ok & wanted[rows]
+        area = keep & ways.closed & area_mask(tags)[rows]
+        geoms = np.full(len(rows), None, dtype=object)
+        fix = np.where(ways.missing > 0, "missing_nodes", None).astype(object)
+        kinds = np.full(len(rows), "line", dtype=object)
+        # Lines for non-area ways and for relation members; polygons straight from the rings.
+        line = ok & (members | (keep & ~area))
+        sel = line[ways.coord_owner]
+        geoms[line] = shapely.linestrings(ways.coords[sel], indices=(np.cumsum(line) - 1)[ways.coord_owner[sel]])
+        self.way_geoms.update(zip(ids[rows][members & ok].tolist(), geoms[members & ok], strict=True))
+        if area.any():
+            sel = area[ways.coord_owner]
+            polys, area_fix = geom.polygons_from_rings(ways.coords[sel], (np.cumsum(area) - 1)[ways.coord_owner[sel]],
+                                                       int(area.sum()))
+            geoms[area] = polys
+            kinds[area] = np.where(area_fix == "collapsed_area_as_line", "line", "polygon")
+            idx = np.flatnonzero(area)
+            changed = area_fix != None  # noqa: E711 (elementwise)
+            fix[idx[changed]] = area_fix[changed]
+        if keep.any():
+            yield entity_batch("way", ids[rows[keep]], tags.take(rows[keep]), geoms[keep], kinds[keep], fix[keep],
+                               self.clip, self.stats)
+
+
+def _read_relations(pbf: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFilter | None, stats: Counter):
+    """Tagged relations (after cleaning and filtering) and the ids of their node and way members."""
     relations: list[tuple[int, list[str], list[str], list[tuple[str, int, str]]]] = []
     member_nodes: set[int] = set()
     member_ways: set[int] = set()
-    for r in osmium.FileProcessor(path, osmium.osm.RELATION).with_filter(osmium.filter.EmptyTagFilter()):
-        keys, values = clean(r.tags)
+    for r in osmium.FileProcessor(str(pbf), osmium.osm.RELATION).with_filter(osmium.filter.EmptyTagFilter()):
+        keys, values = [], []
+        for k, v in r.tags:
+            if not k.startswith(drop_prefixes):
+                keys.append(k)
+                values.append(v)
         if not keys:
             stats["dropped_tags_all_cleaned"] += 1
             continue
@@ -225,86 +199,64 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
             stats["filtered_out"] += 1
             continue
         members = [(MEMBER_TYPE[m.type], m.ref, m.role) for m in r.members]
-        for mtype, ref, _ in members:
-            if mtype == "node":
-                member_nodes.add(ref)
-            elif mtype == "way":
-                member_ways.add(ref)
+        member_nodes.update(ref for t, ref, _ in members if t == "node")
+        member_ways.update(ref for t, ref, _ in members if t == "way")
         relations.append((r.id, keys, values, members))
+    return relations, member_nodes, member_ways
 
-    # Pass 2: nodes and ways.
-    batcher = _Batcher(batch_rows, clip, stats)
-    member_geoms: dict[int, object] = {}  # way id -> hex WKB or shapely line
-    factory = osmium.geom.WKBFactory()
-    fp = (osmium.FileProcessor(path, osmium.osm.NODE | osmium.osm.WAY).with_locations(node_index)
-          .with_filter(osmium.filter.EmptyTagFilter()))
-    if member_ways:
-        fp.handler_for_filtered(_MemberWays(member_ways, member_geoms, stats))
-    seen = 0
-    for obj in fp:
-        seen += 1
-        if progress and seen % 20_000 == 0:
-            progress(20_000)
-        keys, values = clean(obj.tags)
-        is_node = obj.is_node()
-        if is_node:
-            if not keys:
-                stats["dropped_tags_all_cleaned"] += 1
+
+def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str, tmp_dir: Path,
+                  block_mb: int = 16, clip: Clip = None, tag_filter: TagFilter | None = None,
+                  stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
+    try:
+        relations, member_nodes, member_ways = _read_relations(pbf, drop_prefixes, tag_filter, stats)
+    except RuntimeError as e:
+        raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
+    members_file = tmp_dir / "member_nodes.npy"
+    np.save(members_file, np.fromiter(member_nodes, np.int64, len(member_nodes)))
+    lines = _Lines(drop_prefixes, tag_filter, clip, member_nodes, member_ways, stats)
+
+    read_fd, write_fd = os.pipe()
+    errors = tmp_dir / "producer.err"
+    with open(errors, "wb") as err:
+        child = subprocess.Popen([sys.executable, "-m", "geojepa.extract.opl", str(pbf), str(write_fd), node_index,
+                                  str(members_file)], pass_fds=(write_fd,), stderr=err)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as stream:
+            for block in opl.read_lines(stream, block_size=block_mb << 20):
+                yield from lines.parse(block)
+                if progress:
+                    progress(len(block))
+    finally:
+        if child.poll() is None and sys.exc_info()[0] is not None:
+            child.kill()
+        code = child.wait()
+    if code != 0:
+        message = errors.read_text().strip().splitlines()
+        raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {message[-1] if message else f'exit code {code}'}")
+
+    rows = list(_assemble_relations(relations, lines.node_geoms, lines.way_geoms, stats))
+    # Repair invalid relation geometries in bulk (assembled polygons, collections holding them).
+    shapes = np.array([r[4] for r in rows], dtype=object)
+    for i in np.flatnonzero(~shapely.is_valid(shapes)).tolist() if len(rows) else []:
+        rel_id, keys, values, members, g, kind, _ = rows[i]
+        if kind == "polygon":
+            fixed = shapely.make_valid(g, method="structure", keep_collapsed=False)
+            if fixed.is_empty:  # nothing enclosed: keep its rings as lines
+                rows[i] = (rel_id, keys, values, members, shapely.boundary(g), "relation", "collapsed_area_as_line")
                 continue
-            if tag_filter and not tag_filter(keys, values):
-                stats["filtered_out"] += 1
-                continue
-            loc = obj.location
-            if not loc.valid():
-                stats["skipped_no_location"] += 1
-                continue
-            batcher.add("node", obj.id, keys, values, shapely.Point(loc.lon, loc.lat), "point")
         else:
-            wanted = bool(keys) and not (tag_filter and not tag_filter(keys, values))
-            if not wanted and obj.id not in member_ways:
-                stats["dropped_tags_all_cleaned" if not keys else "filtered_out"] += 1
-                continue
-            line, fix = _way_wkb(obj, factory, stats)
-            if line is None:
-                continue
-            if obj.id in member_ways:
-                member_geoms[obj.id] = line
-            if not wanted:
-                continue
-            # Closed by node ids; a ring cut by the extract border closes over its remaining nodes.
-            closed = obj.is_closed() and len(obj.nodes) >= 4
-            area = closed and is_area(dict(zip(keys, values, strict=True)))
-            batcher.add("way", obj.id, keys, values, line, "line", fix=fix, wkb=isinstance(line, str), want_area=area)
-        if batcher.full():
-            yield from _nonempty(batcher.flush())
-    if progress:
-        progress(seen % 20_000)
-
-    # Pass 3: relations from their members.
-    locations = fp.node_location_storage
-    node_geoms = {}
-    for ref in member_nodes:
-        try:
-            loc = locations.get(ref)
-            node_geoms[ref] = shapely.Point(loc.lon, loc.lat)
-        except (KeyError, osmium.InvalidLocationError):
-            pass
-    hex_ids = [k for k, v in member_geoms.items() if isinstance(v, str)]
-    way_geoms = dict(zip(hex_ids, shapely.from_wkb([member_geoms[k] for k in hex_ids]), strict=True))
-    way_geoms.update((k, v) for k, v in member_geoms.items() if not isinstance(v, str))
-    del member_geoms
-    for rel_id, keys, values, members, geometry, kind, fix in _assemble_relations(relations, node_geoms, way_geoms, stats):
-        batcher.add("relation", rel_id, keys, values, geometry, kind, fix=fix, members=members)
-        if batcher.full():
-            yield from _nonempty(batcher.flush())
-    yield from _nonempty(batcher.flush())
-
-
-def _nonempty(batch: pa.RecordBatch | None) -> Iterator[pa.RecordBatch]:
-    if batch is not None and batch.num_rows:
-        yield batch
-
-
+            fixed = shapely.make_valid(g)
+        rows[i] = (rel_id, keys, values, members, fixed, kind, "make_valid")
+    for start in range(0, len(rows), 50_000):
+        chunk = rows[start : start + 50_000]
+        ids, keys, values, members, geoms, kinds, fix = (list(col) for col in zip(*chunk, strict=True))
+        tags = pa.array([list(zip(k, v, strict=True)) for k, v in zip(keys, values, strict=True)],
+                        ENTITIES.schema.field("tags").type)
+        yield entity_batch("relation", np.array(ids, np.int64), tags, np.array(geoms, dtype=object),
+                           np.array(kinds, dtype=object), np.array(fix, dtype=object), clip, stats, members=members)
 def _assemble_relations(relations, node_geoms, way_geoms, stats: Counter):
     """Geometry per relation: (multi)polygons for multipolygon/boundary, else the members' union.
 

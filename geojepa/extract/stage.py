@@ -65,7 +65,7 @@ def _progress(pbf: Path):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("[bold]extract[/] {task.description}"),
-                        TextColumn("{task.completed:,.0f} tagged objects"), TimeElapsedColumn(), transient=True)
+                        TextColumn("{task.completed:,.0f} nodes and ways"), TimeElapsedColumn(), transient=True)
 
     class _Ctx:
         def __enter__(self):
@@ -109,15 +109,12 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
             tag_filter = TagFilter(section.tag_filter) if section.tag_filter else None
             staged = tmp_dir / "unsorted.arrow"
             rows = 0
-            try:
-                with _progress(pbf) as progress, ipc.new_file(staged, BATCH_SCHEMA) as sink:
-                    for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
-                                               batch_rows=section.batch_rows, clip=section.bbox,
-                                               tag_filter=tag_filter, stats=stats, progress=progress):
-                        sink.write_batch(batch)
-                        rows += batch.num_rows
-            except RuntimeError as e:  # libosmium read errors: truncated or corrupt blocks
-                raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
+            with _progress(pbf) as progress, ipc.new_file(staged, BATCH_SCHEMA) as sink:
+                for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
+                                           tmp_dir=tmp_dir, block_mb=section.read_block_mb, clip=section.bbox,
+                                           tag_filter=tag_filter, stats=stats, progress=progress):
+                    sink.write_batch(batch)
+                    rows += batch.num_rows
             if rows == 0:
                 where = f" inside bbox {section.bbox}" if section.bbox else ""
                 raise GeoJepaError(f"{pbf}: no tagged entities{where}; nothing written")

@@ -9,6 +9,12 @@ feature. ``highway`` and ``barrier`` are never areas by themselves (only with
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from geojepa.extract.opl import Tags
+
 # Keys whose closed ways are areas unless the value is one of the listed linear ones.
 AREA_UNLESS: dict[str, frozenset[str]] = {
     k: frozenset(v)
@@ -39,21 +45,20 @@ AREA_ONLY: dict[str, frozenset[str]] = {
 }
 
 
-def is_area(tags: dict[str, str]) -> bool:
-    """Whether a closed way with these (cleaned) tags is a polygon rather than a ring-shaped line."""
-    area = tags.get("area")
-    if area == "no":
-        return False
-    if area == "yes":
-        return True
-    for k, v in tags.items():
-        linear = AREA_UNLESS.get(k)
-        if linear is not None and v not in linear and v != "no":
-            return True
-        only = AREA_ONLY.get(k)
-        if only is not None and v in only:
-            return True
-    return False
+_UNLESS_KEYS = pa.array(sorted(AREA_UNLESS))
+_UNLESS_LINEAR = pa.array(sorted({f"{k}={v}" for k, vs in AREA_UNLESS.items() for v in (*vs, "no")}))
+_ONLY_KV = pa.array(sorted(f"{k}={v}" for k, vs in AREA_ONLY.items() for v in vs))
+
+
+def area_mask(tags: Tags) -> np.ndarray:
+    """Per object: whether a closed way with these (cleaned) tags is a polygon rather than a ring-shaped line."""
+    kv = tags.kv()
+    is_area_key = pc.equal(tags.keys, "area")
+    area_yes = tags.any(pc.and_(is_area_key, pc.equal(tags.values, "yes")).to_numpy(zero_copy_only=False))
+    area_no = tags.any(pc.and_(is_area_key, pc.equal(tags.values, "no")).to_numpy(zero_copy_only=False))
+    feature = pc.or_(pc.and_(pc.is_in(tags.keys, _UNLESS_KEYS), pc.invert(pc.is_in(kv, _UNLESS_LINEAR))),
+                     pc.is_in(kv, _ONLY_KV))
+    return area_yes | (~area_no & tags.any(feature.to_numpy(zero_copy_only=False)))
 
 
 class TagFilter:
@@ -61,9 +66,15 @@ class TagFilter:
 
     def __init__(self, spec: tuple[str, ...] | list[str]):
         self.keys = frozenset(s for s in spec if "=" not in s)
-        self.pairs = frozenset(tuple(s.split("=", 1)) for s in spec if "=" in s)
+        self.pairs = frozenset(s for s in spec if "=" in s)
         if not self.keys and not self.pairs:
             raise ValueError("tag filter is empty")
 
     def __call__(self, keys: list[str], values: list[str]) -> bool:
-        return any(k in self.keys or (k, v) in self.pairs for k, v in zip(keys, values, strict=True))
+        return any(k in self.keys or f"{k}={v}" in self.pairs for k, v in zip(keys, values, strict=True))
+
+    def mask(self, tags: Tags) -> np.ndarray:
+        """Per object: whether it carries one of the filter's tags."""
+        hit = pc.or_(pc.is_in(tags.keys, pa.array(sorted(self.keys), pa.string())),
+                     pc.is_in(tags.kv(), pa.array(sorted(self.pairs), pa.string())))
+        return tags.any(hit.to_numpy(zero_copy_only=False))
