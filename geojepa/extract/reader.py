@@ -18,8 +18,10 @@ import logging
 import os
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,18 +99,28 @@ def entity_batch(osm_type: str, ids: np.ndarray, tags: pa.MapArray, geoms: np.nd
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
-class _Lines:
-    """Parses blocks of OPL lines into entity batches, keeping relation members' geometries."""
+@dataclass
+class _Parsed:
+    """What one block of OPL lines gave: entity batches, counts, relation members' geometries."""
+
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    stats: Counter = field(default_factory=Counter)
+    node_geoms: dict[int, shapely.Point] = field(default_factory=dict)
+    way_geoms: dict[int, shapely.LineString] = field(default_factory=dict)
+
+
+class _BlockParser:
+    """Parses blocks of OPL lines into entity batches; no shared state, so blocks parse in parallel threads
+    (Arrow, shapely and numpy release the GIL in their kernels)."""
 
     def __init__(self, drop_prefixes, tag_filter: TagFilter | None, clip: Clip, member_nodes: set[int],
-                 member_ways: set[int], stats: Counter):
-        self.drop_prefixes, self.tag_filter, self.clip, self.stats = drop_prefixes, tag_filter, clip, stats
+                 member_ways: set[int]):
+        self.drop_prefixes, self.tag_filter, self.clip = drop_prefixes, tag_filter, clip
         self.member_nodes = np.fromiter(member_nodes, np.int64, len(member_nodes))
         self.member_ways = np.fromiter(member_ways, np.int64, len(member_ways))
-        self.node_geoms: dict[int, shapely.Point] = {}
-        self.way_geoms: dict[int, shapely.LineString] = {}
 
-    def parse(self, lines: pa.Array) -> Iterator[pa.RecordBatch]:
+    def parse(self, lines: pa.Array) -> _Parsed:
+        out = _Parsed()
         parts = pc.split_pattern(lines, " ")
         head = pc.list_element(parts, 0)
         ids = pc.cast(pc.utf8_slice_codeunits(head, 1, 64), pa.int64()).to_numpy()
@@ -117,35 +129,36 @@ class _Lines:
         tags = opl.parse_tags(tag_field, self.drop_prefixes)
         tagged = tags.count() > 0
         raw_tagged = pc.not_equal(tag_field, "T").to_numpy(zero_copy_only=False)
-        self.stats["dropped_tags_all_cleaned"] += int((raw_tagged & ~tagged).sum())
+        out.stats["dropped_tags_all_cleaned"] += int((raw_tagged & ~tagged).sum())
         wanted = tagged
         if self.tag_filter is not None:
             wanted = tagged & self.tag_filter.mask(tags)
-            self.stats["filtered_out"] += int((tagged & ~wanted).sum())
+            out.stats["filtered_out"] += int((tagged & ~wanted).sum())
         nodes, ways = np.flatnonzero(is_node), np.flatnonzero(~is_node)
         if len(nodes):
-            yield from self._nodes(nodes, ids, parts, tags, wanted)
+            self._nodes(out, nodes, ids, parts, tags, wanted)
         if len(ways):
-            yield from self._ways(ways, ids, parts, tags, wanted)
+            self._ways(out, ways, ids, parts, tags, wanted)
+        return out
 
-    def _nodes(self, rows, ids, parts, tags, wanted) -> Iterator[pa.RecordBatch]:
+    def _nodes(self, out: _Parsed, rows, ids, parts, tags, wanted) -> None:
         rows_arr = pa.array(rows)
         x = pc.utf8_slice_codeunits(pc.list_element(pc.take(parts, rows_arr), 2), 1, 64)
         y = pc.utf8_slice_codeunits(pc.list_element(pc.take(parts, rows_arr), 3), 1, 64)
         located = pc.and_(pc.not_equal(x, ""), pc.not_equal(y, "")).to_numpy(zero_copy_only=False)
+        out.stats["skipped_no_location"] += int((~located & wanted[rows]).sum())
         rows, x, y = rows[located], pc.filter(x, located), pc.filter(y, located)
         points = shapely.points(pc.cast(x, pa.float64()).to_numpy(), pc.cast(y, pa.float64()).to_numpy())
-        self.stats["skipped_no_location"] += int((~located & wanted[rows_arr.to_numpy()]).sum())
         members = np.isin(ids[rows], self.member_nodes)
-        self.node_geoms.update(zip(ids[rows][members].tolist(), points[members], strict=True))
+        out.node_geoms.update(zip(ids[rows][members].tolist(), points[members], strict=True))
         keep = wanted[rows]
         if keep.any():
             rows, points = rows[keep], points[keep]
             n = len(rows)
-            yield entity_batch("node", ids[rows], tags.take(rows), points, np.full(n, "point", object),
-                               np.full(n, None, object), self.clip, self.stats)
+            out.batches.append(entity_batch("node", ids[rows], tags.take(rows), points, np.full(n, "point", object),
+                                            np.full(n, None, object), self.clip, out.stats))
 
-    def _ways(self, rows, ids, parts, tags, wanted) -> Iterator[pa.RecordBatch]:
+    def _ways(self, out: _Parsed, rows, ids, parts, tags, wanted) -> None:
         members = np.isin(ids[rows], self.member_ways)
         needed = wanted[rows] | members
         rows, members = rows[needed], members[needed]
@@ -155,8 +168,8 @@ class _Lines:
         n_coords = np.bincount(ways.coord_owner, minlength=len(rows))
         ok = n_coords >= 2
         bad = ~ok & wanted[rows]
-        self.stats["skipped_no_location"] += int((bad & (ways.missing > 0)).sum())
-        self.stats["skipped_degenerate"] += int((bad & (ways.missing == 0)).sum())
+        out.stats["skipped_no_location"] += int((bad & (ways.missing > 0)).sum())
+        out.stats["skipped_degenerate"] += int((bad & (ways.missing == 0)).sum())
         keep = ok & wanted[rows]
         area = keep & ways.closed & area_mask(tags)[rows]
         geoms = np.full(len(rows), None, dtype=object)
@@ -166,7 +179,7 @@ class _Lines:
         line = ok & (members | (keep & ~area))
         sel = line[ways.coord_owner]
         geoms[line] = shapely.linestrings(ways.coords[sel], indices=(np.cumsum(line) - 1)[ways.coord_owner[sel]])
-        self.way_geoms.update(zip(ids[rows][members & ok].tolist(), geoms[members & ok], strict=True))
+        out.way_geoms.update(zip(ids[rows][members & ok].tolist(), geoms[members & ok], strict=True))
         if area.any():
             sel = area[ways.coord_owner]
             polys, area_fix = geom.polygons_from_rings(ways.coords[sel], (np.cumsum(area) - 1)[ways.coord_owner[sel]],
@@ -177,8 +190,8 @@ class _Lines:
             changed = area_fix != None  # noqa: E711 (elementwise)
             fix[idx[changed]] = area_fix[changed]
         if keep.any():
-            yield entity_batch("way", ids[rows[keep]], tags.take(rows[keep]), geoms[keep], kinds[keep], fix[keep],
-                               self.clip, self.stats)
+            out.batches.append(entity_batch("way", ids[rows[keep]], tags.take(rows[keep]), geoms[keep],
+                                            kinds[keep], fix[keep], self.clip, out.stats))
 
 
 def _read_relations(pbf: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFilter | None, stats: Counter):
@@ -206,7 +219,7 @@ def _read_relations(pbf: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFi
 
 
 def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str, tmp_dir: Path,
-                  block_mb: int = 16, clip: Clip = None, tag_filter: TagFilter | None = None,
+                  block_mb: int = 16, threads: int = 2, clip: Clip = None, tag_filter: TagFilter | None = None,
                   stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
     try:
@@ -215,7 +228,9 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
         raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
     members_file = tmp_dir / "member_nodes.npy"
     np.save(members_file, np.fromiter(member_nodes, np.int64, len(member_nodes)))
-    lines = _Lines(drop_prefixes, tag_filter, clip, member_nodes, member_ways, stats)
+    parser = _BlockParser(drop_prefixes, tag_filter, clip, member_nodes, member_ways)
+    node_geoms: dict[int, shapely.Point] = {}
+    way_geoms: dict[int, shapely.LineString] = {}
 
     read_fd, write_fd = os.pipe()
     errors = tmp_dir / "producer.err"
@@ -223,21 +238,34 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
         child = subprocess.Popen([sys.executable, "-m", "geojepa.extract.opl", str(pbf), str(write_fd), node_index,
                                   str(members_file)], pass_fds=(write_fd,), stderr=err)
     os.close(write_fd)
+    ok = False
     try:
-        with os.fdopen(read_fd, "rb") as stream:
-            for block in opl.read_lines(stream, block_size=block_mb << 20):
-                yield from lines.parse(block)
+        # Blocks parse on `threads` threads, at most 2 blocks ahead of the writer; results in file order.
+        with os.fdopen(read_fd, "rb") as stream, ThreadPoolExecutor(threads) as pool:
+            pending: deque[Future[_Parsed]] = deque()
+            blocks = opl.read_lines(stream, block_size=block_mb << 20)
+            while True:
+                while len(pending) < threads + 1 and (block := next(blocks, None)) is not None:
+                    pending.append(pool.submit(parser.parse, block))
+                if not pending:
+                    break
+                parsed = pending.popleft().result()
+                stats.update(parsed.stats)
+                node_geoms.update(parsed.node_geoms)
+                way_geoms.update(parsed.way_geoms)
+                yield from parsed.batches
                 if progress:
-                    progress(len(block))
+                    progress(sum(b.num_rows for b in parsed.batches))
+        ok = True
     finally:
-        if child.poll() is None and sys.exc_info()[0] is not None:
+        if not ok and child.poll() is None:
             child.kill()
         code = child.wait()
     if code != 0:
         message = errors.read_text().strip().splitlines()
         raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {message[-1] if message else f'exit code {code}'}")
 
-    rows = list(_assemble_relations(relations, lines.node_geoms, lines.way_geoms, stats))
+    rows = list(_assemble_relations(relations, node_geoms, way_geoms, stats))
     # Repair invalid relation geometries in bulk (assembled polygons, collections holding them).
     shapes = np.array([r[4] for r in rows], dtype=object)
     for i in np.flatnonzero(~shapely.is_valid(shapes)).tolist() if len(rows) else []:
@@ -263,7 +291,7 @@ def _assemble_relations(relations, node_geoms, way_geoms, stats: Counter):
     Relations that are members of other relations are resolved first (cycles are cut).
     """
     by_id = {r[0]: r for r in relations}
-    done: dict[int, tuple] = {}
+    done: dict[int, tuple] = {rel_id: (g, "polygon", None) for rel_id, g in _simple_multipolygons(relations, way_geoms)}
     visiting: set[int] = set()
 
     def resolve(rel_id: int):
@@ -306,3 +334,28 @@ def _assemble_relations(relations, node_geoms, way_geoms, stats: Counter):
             stats["skipped_relation_no_member_geometry"] += 1
             continue
         yield rel_id, keys, values, members, geometry, kind, fix
+
+
+def _simple_multipolygons(relations, way_geoms) -> Iterator[tuple[int, shapely.Polygon]]:
+    """Polygons of the common multipolygons, built in bulk: all members are present closed ways, one outer."""
+    rel_ids, rings, owner = [], [], []
+    for rel_id, keys, values, members in relations:
+        if "type" not in keys or values[keys.index("type")] not in AREA_RELATIONS:
+            continue
+        found = [(way_geoms.get(ref), role) for t, ref, role in members if t == "way"]
+        outer = [g for g, role in found if role != "inner"]
+        if len(found) != len(members) or len(outer) != 1 or any(g is None for g, _ in found):
+            continue
+        rel_ids.append(rel_id)
+        rings += outer + [g for g, role in found if role == "inner"]  # the shell first
+        owner += [len(rel_ids) - 1] * len(found)
+    if not rel_ids:
+        return
+    rings_arr, owner_arr = np.array(rings, dtype=object), np.array(owner)
+    good = np.ones(len(rel_ids), dtype=bool)
+    good[owner_arr[~(shapely.is_closed(rings_arr) & (shapely.get_num_coordinates(rings_arr) >= 4))]] = False
+    sel = good[owner_arr]
+    coords, ring_idx = shapely.get_coordinates(rings_arr[sel], return_index=True)
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_idx),
+                                indices=(np.cumsum(good) - 1)[owner_arr[sel]])
+    yield from zip(np.array(rel_ids)[good].tolist(), polygons, strict=True)

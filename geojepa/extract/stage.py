@@ -65,7 +65,7 @@ def _progress(pbf: Path):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("[bold]extract[/] {task.description}"),
-                        TextColumn("{task.completed:,.0f} nodes and ways"), TimeElapsedColumn(), transient=True)
+                        TextColumn("{task.completed:,.0f} entities"), TimeElapsedColumn(), transient=True)
 
     class _Ctx:
         def __enter__(self):
@@ -111,7 +111,8 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
             rows = 0
             with _progress(pbf) as progress, ipc.new_file(staged, BATCH_SCHEMA) as sink:
                 for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
-                                           tmp_dir=tmp_dir, block_mb=section.read_block_mb, clip=section.bbox,
+                                           tmp_dir=tmp_dir, block_mb=section.read_block_mb, threads=section.threads,
+                                           clip=section.bbox,
                                            tag_filter=tag_filter, stats=stats, progress=progress):
                     sink.write_batch(batch)
                     rows += batch.num_rows
