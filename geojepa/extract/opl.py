@@ -124,6 +124,19 @@ def parse_way_nodes(ids: np.ndarray, field: pa.Array) -> Ways:
     return Ways(ids, np.column_stack([x[keep], y[keep]]), owner[keep], closed, missing)
 
 
+def parse_members(field: pa.Array) -> tuple[pa.Array, np.ndarray, pa.Array, np.ndarray]:
+    """``Mw12@outer,n3@`` -> member type letters, refs, roles, and the owning relation of each."""
+    lists = pc.split_pattern(pc.ascii_ltrim(field, "M"), ",")
+    owner = pc.list_parent_indices(lists).to_numpy()
+    flat = pc.list_flatten(lists)
+    nonempty = pc.not_equal(flat, "")
+    flat, owner = flat.filter(nonempty), owner[nonempty.to_numpy(zero_copy_only=False)]
+    ref_role = pc.split_pattern(flat, "@", max_splits=1)
+    ref = pc.list_element(ref_role, 0)
+    refs = pc.cast(pc.utf8_slice_codeunits(ref, 1, 64), pa.int64()).to_numpy()
+    return pc.utf8_slice_codeunits(ref, 0, 1), refs, unescape(pc.list_element(ref_role, 1)), owner
+
+
 def read_lines(stream, block_size: int = 1 << 24):
     """Arrow string arrays of whole OPL lines from a binary stream."""
     import pyarrow.csv as csv
@@ -137,6 +150,14 @@ def read_lines(stream, block_size: int = 1 << 24):
     )
     for batch in reader:
         yield batch.column(0)
+
+
+def write_relations(pbf: str, out: str) -> None:
+    """OPL of the tagged relations (relation blocks only; C++ throughout)."""
+    import osmium
+
+    with osmium.SimpleWriter(osmium.io.File(out, "opl,add_metadata=false"), overwrite=True) as writer:
+        osmium.apply(osmium.io.Reader(pbf, osmium.osm.RELATION), osmium.filter.EmptyTagFilter(), writer)
 
 
 def produce(pbf: str, fd: int, node_index: str, member_nodes_file: str) -> None:

@@ -194,27 +194,35 @@ class _BlockParser:
                                             kinds[keep], fix[keep], self.clip, out.stats))
 
 
-def _read_relations(pbf: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFilter | None, stats: Counter):
+def _read_relations(pbf: Path, tmp_dir: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFilter | None,
+                    stats: Counter):
     """Tagged relations (after cleaning and filtering) and the ids of their node and way members."""
+    path = tmp_dir / "relations.opl"
+    opl.write_relations(str(pbf), str(path))
     relations: list[tuple[int, list[str], list[str], list[tuple[str, int, str]]]] = []
-    member_nodes: set[int] = set()
-    member_ways: set[int] = set()
-    for r in osmium.FileProcessor(str(pbf), osmium.osm.RELATION).with_filter(osmium.filter.EmptyTagFilter()):
-        keys, values = [], []
-        for k, v in r.tags:
-            if not k.startswith(drop_prefixes):
-                keys.append(k)
-                values.append(v)
-        if not keys:
-            stats["dropped_tags_all_cleaned"] += 1
-            continue
-        if tag_filter and not tag_filter(keys, values):
-            stats["filtered_out"] += 1
-            continue
-        members = [(MEMBER_TYPE[m.type], m.ref, m.role) for m in r.members]
-        member_nodes.update(ref for t, ref, _ in members if t == "node")
-        member_ways.update(ref for t, ref, _ in members if t == "way")
-        relations.append((r.id, keys, values, members))
+    with open(path, "rb") as stream:
+        for lines in opl.read_lines(stream):
+            parts = pc.split_pattern(lines, " ")
+            ids = pc.cast(pc.utf8_slice_codeunits(pc.list_element(parts, 0), 1, 64), pa.int64()).to_numpy()
+            tags = opl.parse_tags(pc.list_element(parts, 1), drop_prefixes)
+            tagged = tags.count() > 0
+            stats["dropped_tags_all_cleaned"] += int((~tagged).sum())
+            wanted = tagged
+            if tag_filter is not None:
+                wanted = tagged & tag_filter.mask(tags)
+                stats["filtered_out"] += int((tagged & ~wanted).sum())
+            mtype, mref, mrole, mowner = opl.parse_members(pc.list_element(parts, 2))
+            t_off = np.concatenate([[0], np.cumsum(tags.count())])
+            m_off = np.concatenate([[0], np.cumsum(np.bincount(mowner, minlength=len(ids)))])
+            keys, values = tags.keys.to_pylist(), tags.values.to_pylist()
+            members = list(zip((MEMBER_TYPE[t] for t in mtype.to_pylist()), mref.tolist(), mrole.to_pylist(),
+                               strict=True))
+            for i in np.flatnonzero(wanted).tolist():
+                relations.append((int(ids[i]), keys[t_off[i]:t_off[i + 1]], values[t_off[i]:t_off[i + 1]],
+                                  members[m_off[i]:m_off[i + 1]]))
+    path.unlink()
+    member_nodes = {ref for r in relations for t, ref, _ in r[3] if t == "node"}
+    member_ways = {ref for r in relations for t, ref, _ in r[3] if t == "way"}
     return relations, member_nodes, member_ways
 
 
@@ -223,7 +231,7 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
                   stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
     try:
-        relations, member_nodes, member_ways = _read_relations(pbf, drop_prefixes, tag_filter, stats)
+        relations, member_nodes, member_ways = _read_relations(pbf, tmp_dir, drop_prefixes, tag_filter, stats)
     except RuntimeError as e:
         raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
     members_file = tmp_dir / "member_nodes.npy"
