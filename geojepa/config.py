@@ -35,7 +35,7 @@ class ExtractConfig(Section):
     # Keep only entities with one of these tags: "key" or "key=value".
     tag_filter: tuple[str, ...] | None = None
     # Size of the blocks of decoded OSM text parsed at a time (memory vs. overhead).
-    read_block_mb: int = Field(16, gt=0, le=1024)
+    read_block_mb: int = Field(4, gt=0, le=1024)
     # Threads parsing blocks (the PBF itself is decoded by a separate process).
     threads: int = Field(2, ge=1, le=64)
     row_group_rows: int = Field(25_000, gt=0)

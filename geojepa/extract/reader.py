@@ -227,7 +227,7 @@ def _read_relations(pbf: Path, tmp_dir: Path, drop_prefixes: tuple[str, ...], ta
 
 
 def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str, tmp_dir: Path,
-                  block_mb: int = 16, threads: int = 2, clip: Clip = None, tag_filter: TagFilter | None = None,
+                  block_mb: int = 4, threads: int = 2, clip: Clip = None, tag_filter: TagFilter | None = None,
                   stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
     try:

@@ -1,11 +1,9 @@
 """The extract stage: ``*.osm.pbf`` -> ``W/entities.parquet`` (GeoParquet, EPSG:4326).
 
-Batches stream from the PBF into a temporary Arrow IPC file; the final
-GeoParquet is written in Hilbert order of the entities' bbox centres, so each
-row group covers a compact area and bbox statistics prune spatial reads. The
-sort reads only the key column and gathers rows from the memory-mapped
-temporary file, so peak memory stays bounded by the row group size (plus 16
-bytes per entity for keys and the permutation).
+Entity batches stream from the PBF (``reader``) into an external sort
+(``sort``) and out to the GeoParquet artifact in Hilbert order of the
+entities' bbox centres, so each row group covers a compact area and bbox
+statistics prune spatial reads. Memory stays bounded whatever the input size.
 """
 
 from __future__ import annotations
@@ -19,16 +17,13 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from data_contracts import ENTITIES, ArtifactWriter
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.extract.reader import BATCH_SCHEMA, check_pbf, node_index_spec, read_entities
+from geojepa.extract.sort import SpatialSorter
 from geojepa.extract.tags import TagFilter
 from geojepa.tracking import stage_run
 
@@ -107,20 +102,21 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
         with stage_run("extract", work_dir, cfg, section="extract", inputs=expected["inputs"]) as run:
             spec = node_index_spec(pbf, section.node_index, section.disk_index_above_mb, tmp_dir)
             tag_filter = TagFilter(section.tag_filter) if section.tag_filter else None
-            staged = tmp_dir / "unsorted.arrow"
-            rows = 0
-            with _progress(pbf) as progress, ipc.new_file(staged, BATCH_SCHEMA) as sink:
+            sorter = SpatialSorter(tmp_dir, BATCH_SCHEMA)
+            with _progress(pbf) as progress:
                 for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
                                            tmp_dir=tmp_dir, block_mb=section.read_block_mb, threads=section.threads,
-                                           clip=section.bbox,
-                                           tag_filter=tag_filter, stats=stats, progress=progress):
-                    sink.write_batch(batch)
-                    rows += batch.num_rows
+                                           clip=section.bbox, tag_filter=tag_filter, stats=stats, progress=progress):
+                    sorter.add(batch)
+            rows = sorter.rows
             if rows == 0:
                 where = f" inside bbox {section.bbox}" if section.bbox else ""
                 raise GeoJepaError(f"{pbf}: no tagged entities{where}; nothing written")
             t_read = time.perf_counter() - t0
-            counts = _write_sorted(staged, out, section.row_group_rows)
+            with ArtifactWriter(out, ENTITIES, row_group_rows=section.row_group_rows,
+                                metadata={"geojepa:source": "OpenStreetMap contributors, ODbL 1.0"}) as writer:
+                sorter.write(writer.write, section.row_group_rows)
+            counts = dict(sorter.kinds)
             seconds = time.perf_counter() - t0
             summary = {
                 "entities": rows,
@@ -142,17 +138,3 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
         log.info("extract: repaired or skipped geometries: %s", repaired)
     log.info("extract: %d entities from %s in %.1fs -> %s", rows, pbf, seconds, out)
     return {"skipped": False, "output": str(out), **summary}
-
-
-def _write_sorted(staged: Path, out: Path, row_group_rows: int) -> dict[str, int]:
-    """Write the staged batches to the GeoParquet artifact in Hilbert order."""
-    with pa.memory_map(str(staged)) as source:
-        table = ipc.open_file(source).read_all()
-        order = np.argsort(table.column("_sort_key").to_numpy(), kind="stable")
-        kinds = {d["values"]: d["counts"] for d in pc.value_counts(table.column("kind")).to_pylist()}
-        table = table.drop_columns(["_sort_key"])
-        with ArtifactWriter(out, ENTITIES, row_group_rows=row_group_rows,
-                            metadata={"geojepa:source": "OpenStreetMap contributors, ODbL 1.0"}) as writer:
-            for start in range(0, len(order), row_group_rows):
-                writer.write(table.take(order[start : start + row_group_rows]))
-    return kinds
