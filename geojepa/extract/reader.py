@@ -262,6 +262,7 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
                 node_geoms.update(parsed.node_geoms)
                 way_geoms.update(parsed.way_geoms)
                 yield from parsed.batches
+                pa.default_memory_pool().release_unused()
                 if progress:
                     progress(sum(b.num_rows for b in parsed.batches))
         ok = True

@@ -24,7 +24,7 @@ KEY = "_sort_key"
 
 
 class SpatialSorter:
-    def __init__(self, tmp_dir: Path, schema: pa.Schema, bucket_rows: int = 100_000):
+    def __init__(self, tmp_dir: Path, schema: pa.Schema, bucket_rows: int = 50_000):
         self.tmp_dir, self.schema, self.bucket_rows = tmp_dir, schema, bucket_rows
         self._staged = tmp_dir / "staged.arrow"
         self._sink = ipc.new_file(self._staged, schema)
