@@ -168,27 +168,38 @@ def write_table(table: pa.Table, path: Path | str, contract: Contract, **kwargs)
     return Path(path)
 
 
-def open_artifact(path: Path | str, contract: Contract) -> pq.ParquetFile:
-    """Open an artifact after checking it exists, is Parquet, and matches ``contract``."""
+def _files(path: Path) -> list[Path]:
+    """The Parquet files of an artifact: the file itself, or a folder's shards (a Parquet dataset)."""
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    return [path]
+
+
+def open_artifact(path: Path | str, contract: Contract) -> list[pq.ParquetFile]:
+    """Open an artifact (a file, or a folder of shards) after checking that it exists, is Parquet,
+    and matches ``contract``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or (path.is_dir() and not _files(path)):
         raise ContractError(f"{path}: {contract.name} artifact not found")
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ContractError(f"{path}: not a readable Parquet file: {e}") from None
-    meta = pf.schema_arrow.metadata or {}
-    name = meta.get(ARTIFACT_KEY, b"").decode()
-    if name and name != contract.name:
-        raise ContractError(f"{path}: is a {name!r} artifact, expected {contract.name!r}")
-    version = meta.get(VERSION_KEY, b"").decode()
-    if version != str(contract.version):
-        found = version or "none"
-        raise ContractError(f"{path}: {contract.name} schema_version {found}, expected {contract.version}")
-    problems = schema_diff(contract.schema, pf.schema_arrow)
-    if problems:
-        raise ContractError(f"{path}: does not match the {contract.name!r} contract: " + "; ".join(problems))
-    return pf
+    opened = []
+    for f in _files(path):
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ContractError(f"{f}: not a readable Parquet file: {e}") from None
+        meta = pf.schema_arrow.metadata or {}
+        name = meta.get(ARTIFACT_KEY, b"").decode()
+        if name and name != contract.name:
+            raise ContractError(f"{f}: is a {name!r} artifact, expected {contract.name!r}")
+        version = meta.get(VERSION_KEY, b"").decode()
+        if version != str(contract.version):
+            found = version or "none"
+            raise ContractError(f"{f}: {contract.name} schema_version {found}, expected {contract.version}")
+        problems = schema_diff(contract.schema, pf.schema_arrow)
+        if problems:
+            raise ContractError(f"{f}: does not match the {contract.name!r} contract: " + "; ".join(problems))
+        opened.append(pf)
+    return opened
 
 
 def read_table(path: Path | str, contract: Contract, columns: list[str] | None = None, **kwargs) -> pa.Table:

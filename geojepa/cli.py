@@ -72,6 +72,31 @@ def extract(
 
 
 @app.command()
+def tile(
+    work_dir: Annotated[Path, typer.Argument(help="work directory W holding entities.parquet")],
+    imagery: Annotated[list[str] | None, typer.Option(
+        help="GeoTIFF/COG file(s) or folder, 'render' (synthetic, from OSM), 'naip' (Planetary Computer STAC), "
+             "or stac+URL#collection; repeatable")] = None,
+    force: Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Cut W/entities.parquet into 300 m tiles with their entities and imagery (W/tiles.parquet, ...)."""
+    from geojepa.tile import tile as run_tile
+
+    source: str | list[str] | None = None
+    if imagery:
+        source = imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
+    try:
+        cfg = _setup(config, set_, verbose)
+        summary = run_tile(work_dir, cfg, imagery=source, force=force)
+    except (GeoJepaError, ContractError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],
     km2: Annotated[float, typer.Option(help="area in square kilometres")] = 4.0,

@@ -50,6 +50,11 @@ class TileConfig(Section):
     group_size: int = Field(4, gt=0)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 42
+    # Partitions (the unit of work) are blocks of partition_groups x partition_groups groups.
+    partition_groups: int = Field(8, gt=0)
+    simplify_m: float = Field(0.3, ge=0)
+    min_side_m: float = Field(1.5, ge=0)  # smallest side of an entity's rotated bbox
+    image_px: int = Field(224, gt=0)
 
 
 class SynthConfig(Section):

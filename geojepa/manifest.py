@@ -17,7 +17,14 @@ from data_contracts import atomic_path
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 23) -> str:
+    """Content hash of a file, or of a folder's files (names and contents)."""
+    path = Path(path)
     h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(file_sha256(f).encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -60,7 +67,7 @@ def is_fresh(work_dir: Path, expected: dict[str, Any]) -> bool:
         return False
     outputs = found.get("outputs", {})
     return bool(outputs) and all(
-        (work_dir / name).is_file() and file_sha256(work_dir / name) == digest for name, digest in outputs.items()
+        (work_dir / name).exists() and file_sha256(work_dir / name) == digest for name, digest in outputs.items()
     )
 
 

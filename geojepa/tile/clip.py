@@ -1,0 +1,110 @@
+"""Entities of one partition -> their pieces in each tile, in tile-normalised coordinates.
+
+Vectorised throughout (shapely 2, numpy): entities are projected to UTM once,
+simplified, paired with every tile their bbox overlaps, cut at tile borders
+only where they cross one, normalised to [0, 1] over the tile (origin at the
+tile's lower-left corner, y up), and given their minimum rotated bounding box
+(smallest side at least ``min_side`` metres) as 8 numbers: the corners
+(c - u - v, c + u - v, c + u + v, c - u + v), u along the longer side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+
+
+@dataclass
+class Pieces:
+    """One row per (tile, entity) piece."""
+
+    entity: np.ndarray  # index into the partition's entities
+    col: np.ndarray
+    row: np.ndarray
+    geometry: np.ndarray  # tile-normalised shapely geometries
+    vertices: list[np.ndarray]  # float32 (x, y) pairs, flattened
+    position: np.ndarray  # (n, 8) float32
+
+
+def project(geoms: np.ndarray, transformer) -> np.ndarray:
+    """Vectorised reprojection of shapely geometries with a pyproj transformer (always_xy)."""
+    return shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_range: tuple[int, int],
+           simplify_m: float, min_side: float) -> Pieces:
+    """Cut UTM geometries into tile pieces for the tiles with col in [c0, c1) and row in [r0, r1).
+
+    Geometries are simplified once, before cutting, so the pieces of an entity tile it exactly.
+    """
+    geoms_utm = shapely.simplify(geoms_utm, simplify_m, preserve_topology=True)
+    b = shapely.bounds(geoms_utm)
+    c_lo = np.floor(b[:, 0] / size).astype(np.int64)
+    c_hi = np.floor(b[:, 2] / size).astype(np.int64)
+    r_lo = np.floor(b[:, 1] / size).astype(np.int64)
+    r_hi = np.floor(b[:, 3] / size).astype(np.int64)
+    c_lo, c_hi = np.maximum(c_lo, col_range[0]), np.minimum(c_hi, col_range[1] - 1)
+    r_lo, r_hi = np.maximum(r_lo, row_range[0]), np.minimum(r_hi, row_range[1] - 1)
+    nc, nr = np.maximum(c_hi - c_lo + 1, 0), np.maximum(r_hi - r_lo + 1, 0)
+    count = nc * nr
+    # Explode (entity, tile) pairs over each bbox's tile range.
+    entity = np.repeat(np.arange(len(geoms_utm)), count)
+    k = np.arange(len(entity)) - np.repeat(np.cumsum(count) - count, count)
+    col = c_lo[entity] + k % np.repeat(np.maximum(nc, 1), count)
+    row = r_lo[entity] + k // np.repeat(np.maximum(nc, 1), count)
+    x0, y0 = col * size, row * size
+    inside = (b[entity, 0] >= x0) & (b[entity, 2] <= x0 + size) & (b[entity, 1] >= y0) & (b[entity, 3] <= y0 + size)
+    geom = geoms_utm[entity].copy()
+    cross = np.flatnonzero(~inside)
+    if len(cross):
+        boxes = shapely.box(x0[cross], y0[cross], x0[cross] + size, y0[cross] + size)
+        geom[cross] = shapely.intersection(geom[cross], boxes)
+        # Keep the part of each type that the entity is: a polygon cut by a border may touch it with a line.
+        geom[cross] = _drop_lower_dimensions(geom[cross], shapely.get_dimensions(geoms_utm[entity[cross]]))
+    keep = ~shapely.is_empty(geom)
+    entity, col, row, geom, x0, y0 = entity[keep], col[keep], row[keep], geom[keep], x0[keep], y0[keep]
+    position = rotated_bbox(geom, min_side)
+    position[:, 0::2] = (position[:, 0::2] - x0[:, None]) / size
+    position[:, 1::2] = (position[:, 1::2] - y0[:, None]) / size
+    coords, idx = shapely.get_coordinates(geom, return_index=True)
+    coords = np.clip((coords - np.column_stack([x0, y0])[idx]) / size, 0.0, 1.0)
+    geom = shapely.set_coordinates(geom.copy(), coords)
+    split = np.cumsum(np.bincount(idx, minlength=len(geom)))[:-1]
+    vertices = [v.ravel() for v in np.split(coords.astype(np.float32), split)]
+    return Pieces(entity, col, row, geom, vertices, position.astype(np.float32))
+
+
+def _drop_lower_dimensions(geom: np.ndarray, dim: np.ndarray) -> np.ndarray:
+    out = geom.copy()
+    mixed = np.flatnonzero(shapely.get_type_id(geom) == 7)  # GeometryCollection from the intersection
+    for i in mixed.tolist():
+        parts = [p for p in shapely.get_parts(geom[i]) if shapely.get_dimensions(p) >= dim[i]]
+        out[i] = shapely.union_all(parts) if parts else shapely.GeometryCollection()
+    return out
+
+
+def rotated_bbox(geoms: np.ndarray, min_side: float) -> np.ndarray:
+    """(n, 8) corners of each geometry's minimum rotated rectangle, both sides at least ``min_side``."""
+    env = shapely.oriented_envelope(geoms)
+    coords, idx = shapely.get_coordinates(env, return_index=True)
+    first = np.searchsorted(idx, np.arange(len(geoms)))
+    n = np.bincount(idx, minlength=len(geoms))
+    p0 = coords[first]
+    p1 = np.where((n >= 2)[:, None], coords[np.minimum(first + 1, len(coords) - 1)], p0)
+    p2 = np.where((n >= 4)[:, None], coords[np.minimum(first + 2, len(coords) - 1)], p1)
+    e1, e2 = p1 - p0, p2 - p1
+    centre = np.where((n >= 4)[:, None], (p0 + p2) / 2, (p0 + p1) / 2)
+    l1, l2 = np.hypot(*e1.T), np.hypot(*e2.T)
+    swap = l2 > l1
+    u_vec = np.where(swap[:, None], e2, e1)
+    u_len = np.maximum(l1, l2)
+    v_len = np.minimum(l1, l2)
+    u_dir = np.where((u_len > 0)[:, None], u_vec / np.maximum(u_len, 1e-12)[:, None], [1.0, 0.0])
+    u_dir = np.where((u_dir[:, 1] < 0) | ((u_dir[:, 1] == 0) & (u_dir[:, 0] < 0)), -1, 1)[:, None] * u_dir
+    v_dir = np.column_stack([-u_dir[:, 1], u_dir[:, 0]])
+    u = u_dir * (np.maximum(u_len, min_side) / 2)[:, None]
+    v = v_dir * (np.maximum(v_len, min_side) / 2)[:, None]
+    corners = [centre - u - v, centre + u - v, centre + u + v, centre - u + v]
+    return np.column_stack([c for corner in corners for c in corner.T])

@@ -1,0 +1,285 @@
+"""The tile stage: ``W/entities.parquet`` -> ``W/tiles.parquet``, ``W/tile_entities.parquet/``,
+``W/tile_images.parquet/``.
+
+The region is cut into partitions (blocks of tile groups, ``tile.partition_groups``
+groups a side); each partition reads only the entities whose bbox meets it
+(row groups pruned by the bbox statistics of the Hilbert-sorted entities),
+cuts them into tiles, drops tiles with too few or too many entities, attaches
+imagery and writes one Parquet shard per artifact. Memory is bounded by one
+partition. ``tile_entities.parquet`` and ``tile_images.parquet`` are Parquet
+datasets (folders of shards, readable as one table by pyarrow, DuckDB and
+geopandas); ``tiles.parquet`` is one file with the split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import shapely
+
+from data_contracts import ENTITIES, TILE_ENTITIES, TILE_IMAGES, TILES, ArtifactWriter, open_artifact, write_table
+from geojepa import manifest
+from geojepa.config import Config, TileConfig
+from geojepa.errors import GeoJepaError
+from geojepa.tile import render as renderer
+from geojepa.tile.clip import pieces, project
+from geojepa.tile.grid import Grid, assign_splits, utm_epsg
+from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
+from geojepa.tracking import stage_run
+
+log = logging.getLogger(__name__)
+TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR = "tiles.parquet", "tile_entities.parquet", "tile_images.parquet"
+
+
+@dataclass
+class Region:
+    grid: Grid
+    cols: tuple[int, int]  # [first, last + 1)
+    rows: tuple[int, int]
+    lonlat: tuple[float, float, float, float]
+
+
+def plan_region(entities: Path, cfg: TileConfig) -> Region:
+    """The grid and the tile ranges covering the entities' extent."""
+    pf = open_artifact(entities, ENTITIES)[0]
+    geo = json.loads((pf.metadata.metadata or {}).get(b"geo", b"{}"))
+    bbox = geo.get("columns", {}).get("geometry", {}).get("bbox")
+    if not bbox or pf.metadata.num_rows == 0:
+        raise GeoJepaError(f"{entities}: no entities (or no GeoParquet bbox); run `geojepa extract` first")
+    lon0, lat0, lon1, lat1 = bbox
+    grid = Grid(utm_epsg((lon0 + lon1) / 2, (lat0 + lat1) / 2), cfg.size_m, cfg.group_size, cfg.partition_groups)
+    lon = np.array([lon0, lon1, lon1, lon0, (lon0 + lon1) / 2, (lon0 + lon1) / 2])
+    lat = np.array([lat0, lat0, lat1, lat1, lat0, lat1])
+    x, y = grid.to_utm().transform(lon, lat)
+    width, height = x.max() - x.min(), y.max() - y.min()
+    if width < cfg.size_m and height < cfg.size_m:
+        raise GeoJepaError(f"{entities}: the region is {width:.0f} x {height:.0f} m, smaller than one "
+                           f"{cfg.size_m:g} m tile")
+    cols = (int(np.floor(x.min() / cfg.size_m)), int(np.floor(x.max() / cfg.size_m)) + 1)
+    rows = (int(np.floor(y.min() / cfg.size_m)), int(np.floor(y.max() / cfg.size_m)) + 1)
+    return Region(grid, cols, rows, (lon0, lat0, lon1, lat1))
+
+
+def partitions(region: Region) -> list[tuple[int, int]]:
+    span = region.grid.partition_span()
+    return [(pc, pr) for pc in range(region.cols[0] // span, (region.cols[1] - 1) // span + 1)
+            for pr in range(region.rows[0] // span, (region.rows[1] - 1) // span + 1)]
+
+
+def _check_overlap(source, region: Region) -> None:
+    if not isinstance(source, Mosaic):
+        return
+    lon0, lat0, lon1, lat1 = region.lonlat
+    boxes = source.lonlat_bounds()
+    if not any(b[0] < lon1 and b[2] > lon0 and b[1] < lat1 and b[3] > lat0 for _, b in boxes):
+        names = ", ".join(label for label, _ in boxes)
+        raise GeoJepaError(f"{names}: imagery does not overlap the region ({lon0:.5f}, {lat0:.5f}, {lon1:.5f}, "
+                           f"{lat1:.5f})")
+
+
+def tile_partition(entities: Path, region: Region, part: tuple[int, int], cfg: TileConfig, imagery,
+                   out_entities: Path, out_images: Path, stats: Counter) -> list[dict]:
+    """Cut one partition into tiles; write its two shards; return its kept tiles (rows of tiles.parquet)."""
+    grid, size = region.grid, cfg.size_m
+    span = grid.partition_span()
+    c0, r0 = max(part[0] * span, region.cols[0]), max(part[1] * span, region.rows[0])
+    c1, r1 = min((part[0] + 1) * span, region.cols[1]), min((part[1] + 1) * span, region.rows[1])
+    lon0, lat0, lon1, lat1 = grid.lonlat_bounds(c0 * size, r0 * size, c1 * size, r1 * size)
+    flt = ((ds.field("bbox", "xmax") >= lon0) & (ds.field("bbox", "xmin") <= lon1)
+           & (ds.field("bbox", "ymax") >= lat0) & (ds.field("bbox", "ymin") <= lat1))
+    table = ds.dataset(entities).to_table(columns=["entity_id", "kind", "tags", "geometry"], filter=flt)
+    if table.num_rows == 0:
+        return []
+    geoms = project(shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False)), grid.to_utm())
+    p = pieces(geoms, size, (c0, c1), (r0, r1), cfg.simplify_m, cfg.min_side_m)
+    key = (p.col - c0) * (r1 - r0) + (p.row - r0)
+    counts = np.bincount(key, minlength=(c1 - c0) * (r1 - r0))
+    occupied = counts > 0
+    keep_tile = occupied & (counts >= cfg.min_entities) & (counts <= cfg.max_entities)
+    stats["tiles_with_entities"] += int(occupied.sum())
+    stats["dropped_too_few"] += int((occupied & (counts < cfg.min_entities)).sum())
+    stats["dropped_too_many"] += int((counts > cfg.max_entities).sum())
+    kept = keep_tile[key]
+    if not kept.any():
+        return []
+    order = np.lexsort((p.entity[kept], key[kept]))  # by tile, then entity
+    sel = np.flatnonzero(kept)[order]
+    ent = p.entity[sel]
+    tile_ids = grid.tile_id(p.col[sel], p.row[sel])
+    stats["pieces"] += len(sel)
+    stats["entities_in_tiles"] += len(np.unique(ent))
+    tags_col = table.column("tags").take(pa.array(ent))
+    te = pa.table({
+        "tile_id": pa.array(tile_ids, pa.string()),
+        "entity_id": table.column("entity_id").take(pa.array(ent)),
+        "kind": table.column("kind").take(pa.array(ent)),
+        "tags": tags_col,
+        "geometry": pa.array(shapely.to_wkb(p.geometry[sel]), pa.binary()),
+        "vertices": pa.array([p.vertices[i] for i in sel.tolist()], pa.list_(pa.float32())),
+        "position": pa.FixedSizeListArray.from_arrays(pa.array(p.position[sel].ravel()), 8),
+    })
+    write_table(te, out_entities, TILE_ENTITIES, row_group_rows=50_000)
+
+    # One row per kept tile.
+    cells = np.flatnonzero(keep_tile)
+    cols, rows = c0 + cells // (r1 - r0), r0 + cells % (r1 - r0)
+    ids = grid.tile_id(cols, rows)
+    images = _images(ids, cols, rows, size, grid, cfg, imagery, te, stats, (lon0, lat0, lon1, lat1))
+    write_table(images, out_images, TILE_IMAGES)
+    return [{"tile_id": t, "col": int(c), "row": int(r), "n_entities": int(counts[k])}
+            for t, c, r, k in zip(ids, cols, rows, cells, strict=True)]
+
+
+def _images(ids, cols, rows, size, grid: Grid, cfg: TileConfig, imagery, te: pa.Table, stats: Counter,
+            lonlat) -> pa.Table:
+    px = cfg.image_px
+    out: list[TileImage] = []
+    if imagery == "render":
+        te_ids = te.column("tile_id").to_numpy(zero_copy_only=False)
+        starts = np.searchsorted(te_ids, ids)
+        ends = np.searchsorted(te_ids, ids, side="right")
+        geoms = shapely.from_wkb(te.column("geometry").to_numpy(zero_copy_only=False))
+        tags = te.column("tags").to_pylist()
+        for t, a, b in zip(ids, starts, ends, strict=True):
+            pixels = renderer.render(t, list(geoms[a:b]), [dict(x) for x in tags[a:b]], px, size)
+            out.append(TileImage(pixels, ["R", "G", "B"], 1.0, renderer.SOURCE, None))
+    elif imagery is None:
+        out = [TileImage(None, [], 0.0, "missing", None) for _ in ids]
+    else:
+        if isinstance(imagery, StacNaip):
+            imagery.prepare(lonlat)
+        for c, r in zip(cols, rows, strict=True):
+            out.append(imagery.read((c * size, r * size, (c + 1) * size, (r + 1) * size), grid.crs, px))
+    stats["images_missing"] += sum(i.pixels is None for i in out)
+    stats["images_partial"] += sum(i.pixels is not None and i.coverage < 1 for i in out)
+    return pa.table({
+        "tile_id": pa.array(ids, pa.string()),
+        "pixels": pa.array([i.pixels.tobytes() if i.pixels is not None else None for i in out], pa.binary()),
+        "height": pa.array([px] * len(out), pa.int32()),
+        "width": pa.array([px] * len(out), pa.int32()),
+        "bands": pa.array([i.bands for i in out], pa.list_(pa.string())),
+        "coverage": pa.array([i.coverage for i in out], pa.float32()),
+        "source": pa.array([i.source for i in out], pa.string()),
+        "acquired": pa.array([i.acquired for i in out], pa.string()),
+    })
+
+
+def _tiles_table(region: Region, rows: list[dict], cfg: TileConfig) -> pa.Table:
+    grid, size = region.grid, cfg.size_m
+    col = np.array([r["col"] for r in rows], np.int64)
+    row = np.array([r["row"] for r in rows], np.int64)
+    split = assign_splits(col, row, cfg.group_size, cfg.split, cfg.seed)
+    t = np.linspace(0, 1, 5)
+    footprints = []
+    to_ll = grid.to_lonlat()
+    for c, r in zip(col.tolist(), row.tolist(), strict=True):
+        x0, y0 = c * size, r * size
+        xs = np.concatenate([x0 + size * t, np.full(5, x0 + size), x0 + size - size * t, np.full(5, x0)])
+        ys = np.concatenate([np.full(5, y0), y0 + size * t, np.full(5, y0 + size), y0 + size - size * t])
+        footprints.append(np.column_stack(to_ll.transform(xs, ys)))
+    polys = shapely.polygons(footprints) if footprints else np.array([], dtype=object)
+    bounds = shapely.bounds(polys) if len(polys) else np.zeros((0, 4))
+    return pa.table({
+        "tile_id": pa.array(grid.tile_id(col, row), pa.string()),
+        "group_id": pa.array(grid.group_id(col, row), pa.string()),
+        "split": pa.array(split, pa.string()),
+        "crs": pa.array([grid.crs] * len(col), pa.string()),
+        "col": pa.array(col), "row": pa.array(row),
+        "origin_x": pa.array(col * size, pa.float64()), "origin_y": pa.array(row * size, pa.float64()),
+        "size_m": pa.array([size] * len(col), pa.float64()),
+        "n_entities": pa.array([r["n_entities"] for r in rows], pa.int32()),
+        "geometry": pa.array(shapely.to_wkb(polys), pa.binary()),
+        "bbox": pa.StructArray.from_arrays([pa.array(bounds[:, i]) for i in range(4)],
+                                           names=["xmin", "ymin", "xmax", "ymax"]),
+    })
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``tmp`` (the old one is removed only after the new one is in place)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _imagery_spec(imagery) -> dict:
+    """What identifies the imagery for the manifest: files by name, size and mtime (not hashed: too big)."""
+    if imagery is None or imagery in ("render", "naip") or (isinstance(imagery, str) and imagery.startswith("stac+")):
+        return {"imagery": imagery}
+    items = imagery if isinstance(imagery, list | tuple) else [imagery]
+    files = []
+    for item in map(Path, items):
+        for f in sorted(item.rglob("*")) if item.is_dir() else [item]:
+            if f.is_file():
+                st = f.stat()
+                files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {"imagery": [str(i) for i in items], "files": files}
+
+
+def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, force: bool = False) -> dict:
+    """Tile ``work_dir/entities.parquet``; ``imagery``: None, "render", "naip", "stac+URL#collection",
+    or GeoTIFF path(s) / a folder."""
+    work_dir = Path(work_dir)
+    section = cfg.tile
+    entities = work_dir / "entities.parquet"
+    region = plan_region(entities, section)
+    source = None if imagery in (None, "render") else open_source(imagery)
+    if source is not None:
+        _check_overlap(source, region)
+    expected = manifest.expected_manifest(
+        "tile", {"entities": entities}, {**section.model_dump(mode="json"), **_imagery_spec(imagery)},
+        manifest.code_version("geojepa.tile", "data_contracts"))
+    if not force and manifest.is_fresh(work_dir, expected):
+        log.info("tile: %s is up to date, skipping", work_dir)
+        return {"skipped": True}
+
+    stats: Counter = Counter()
+    t0 = time.perf_counter()
+    tmp_e = work_dir / f".{TILE_ENTITIES_DIR}.tmp-{os.getpid()}"
+    tmp_i = work_dir / f".{TILE_IMAGES_DIR}.tmp-{os.getpid()}"
+    try:
+        with stage_run("tile", work_dir, cfg, section="tile", inputs=expected["inputs"]) as run:
+            for d in (tmp_e, tmp_i):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir()
+            tiles: list[dict] = []
+            parts = partitions(region)
+            for part in parts:
+                name = f"part-{part[0]}-{part[1]}.parquet"
+                tiles += tile_partition(entities, region, part, section, source if source else imagery,
+                                        tmp_e / name, tmp_i / name, stats)
+            if not tiles:
+                raise GeoJepaError(f"{entities}: no tile has between {section.min_entities} and "
+                                   f"{section.max_entities} entities; nothing written")
+            table = _tiles_table(region, tiles, section)
+            write_table(table, work_dir / TILES_FILE, TILES)
+            _swap_in(tmp_e, work_dir / TILE_ENTITIES_DIR)
+            _swap_in(tmp_i, work_dir / TILE_IMAGES_DIR)
+            seconds = time.perf_counter() - t0
+            splits = Counter(table.column("split").to_pylist())
+            summary = {"tiles": len(tiles), "partitions": len(parts), "crs": region.grid.crs,
+                       **{f"split_{k}": v for k, v in sorted(splits.items())}, **dict(sorted(stats.items())),
+                       "seconds": round(seconds, 3), "tiles_per_s": round(len(tiles) / seconds, 1),
+                       "pieces_per_s": round(stats["pieces"] / seconds, 1)}
+            manifest.write_manifest(work_dir, expected, [TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR],
+                                    summary=summary)
+            run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+            run.dict(summary, "tile_summary.json")
+    finally:
+        for d in (tmp_e, tmp_i):
+            shutil.rmtree(d, ignore_errors=True)
+    log.info("tile: %d tiles (%s) in %.1fs; dropped %d with < %d and %d with > %d entities", len(tiles),
+             dict(splits), seconds, stats["dropped_too_few"], section.min_entities, stats["dropped_too_many"],
+             section.max_entities)
+    return {"skipped": False, **summary}
