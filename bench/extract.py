@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "bench" / ".data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, run_child, synth_pbf  # noqa: E402
 
 OURS = """
 import json, sys
@@ -43,40 +41,9 @@ print(json.dumps({"entities": pq.read_metadata(out).num_rows}))
 """
 
 
-def run_child(code: str, pbf: Path, work: Path) -> dict:
-    """Run one conversion in a child process; wall time and that child's own peak RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(pbf), str(work)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise RuntimeError(f"child failed on {pbf}:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    mb = pbf.stat().st_size / 1e6
-    return {"seconds": seconds, "entities": result["entities"], "entities_per_s": result["entities"] / seconds,
-            "mb_per_s": mb / seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
-
-
 def inputs(sizes: list[float], helsinki: bool) -> list[tuple[str, Path]]:
-    files = []
-    if helsinki:
-        files.append(("helsinki (real)", ROOT / "data" / "samples" / "helsinki.osm.pbf"))
-    DATA.mkdir(parents=True, exist_ok=True)
-    for km2 in sizes:
-        path = DATA / f"synth-{km2:g}km2-seed1.osm.pbf"
-        if not path.exists():
-            # In a child: a large parent would inflate the children's peak RSS (Linux keeps
-            # ru_maxrss across fork and exec).
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "geojepa.cli", "synth", str(path), "--km2", str(km2),
-                                  "--seed", "1"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
-            summary = json.loads(out)
-            print(f"  generated {path.name}: {summary['nodes']:,} nodes, {summary['ways']:,} ways "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        files.append((f"synthetic {km2:g} km2", path))
-    return files
+    files = [("helsinki (real)", ROOT / "data" / "samples" / "helsinki.osm.pbf")] if helsinki else []
+    return files + [(f"synthetic {km2:g} km2", synth_pbf(km2)) for km2 in sizes]
 
 
 def main() -> None:
@@ -94,7 +61,9 @@ def main() -> None:
         for tool, code in tools:
             with tempfile.TemporaryDirectory(dir=DATA) as tmp:
                 r = run_child(code, pbf, Path(tmp))
-            rows.append({"input": label, "mb": pbf.stat().st_size / 1e6, "tool": tool, **r})
+            mb = pbf.stat().st_size / 1e6
+            r.update(entities_per_s=r["entities"] / r["seconds"], mb_per_s=mb / r["seconds"])
+            rows.append({"input": label, "mb": mb, "tool": tool, **r})
             print(f"{label:22s} {pbf.stat().st_size / 1e6:8.1f} MB  {tool:9s} {r['entities']:>10,} entities "
                   f"{r['seconds']:8.2f} s {r['entities_per_s']:>11,.0f} ent/s {r['mb_per_s']:7.2f} MB/s "
                   f"peak {r['peak_rss_mb']:7.0f} MB", flush=True)

@@ -51,10 +51,12 @@ class TileConfig(Section):
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 42
     # Partitions (the unit of work) are blocks of partition_groups x partition_groups groups.
-    partition_groups: int = Field(8, gt=0)
+    partition_groups: int = Field(4, gt=0)
     simplify_m: float = Field(0.3, ge=0)
     min_side_m: float = Field(1.5, ge=0)  # smallest side of an entity's rotated bbox
     image_px: int = Field(224, gt=0)
+    threads: int = Field(2, ge=1, le=64)  # partitions cut in parallel
+    gdal_cache_mb: int = Field(128, gt=0)  # GDAL's raster block cache while reading imagery
 
 
 class SynthConfig(Section):

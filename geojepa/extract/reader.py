@@ -18,9 +18,8 @@ import logging
 import os
 import subprocess
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from geojepa.errors import GeoJepaError
 from geojepa.extract import geometry as geom
 from geojepa.extract import opl
 from geojepa.extract.tags import TagFilter, area_mask
+from geojepa.parallel import bounded_map
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +248,8 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
     os.close(write_fd)
     ok = False
     try:
-        # Blocks parse on `threads` threads, at most 2 blocks ahead of the writer; results in file order.
-        with os.fdopen(read_fd, "rb") as stream, ThreadPoolExecutor(threads) as pool:
-            pending: deque[Future[_Parsed]] = deque()
-            blocks = opl.read_lines(stream, block_size=block_mb << 20)
-            while True:
-                while len(pending) < threads + 1 and (block := next(blocks, None)) is not None:
-                    pending.append(pool.submit(parser.parse, block))
-                if not pending:
-                    break
-                parsed = pending.popleft().result()
+        with os.fdopen(read_fd, "rb") as stream:
+            for parsed in bounded_map(parser.parse, opl.read_lines(stream, block_size=block_mb << 20), threads):
                 stats.update(parsed.stats)
                 node_geoms.update(parsed.node_geoms)
                 way_geoms.update(parsed.way_geoms)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import shapely
 
 
@@ -24,7 +25,7 @@ class Pieces:
     col: np.ndarray
     row: np.ndarray
     geometry: np.ndarray  # tile-normalised shapely geometries
-    vertices: list[np.ndarray]  # float32 (x, y) pairs, flattened
+    vertices: pa.ListArray  # float32 (x, y) pairs per piece, flattened
     position: np.ndarray  # (n, 8) float32
 
 
@@ -57,12 +58,20 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     x0, y0 = col * size, row * size
     inside = (b[entity, 0] >= x0) & (b[entity, 2] <= x0 + size) & (b[entity, 1] >= y0) & (b[entity, 3] <= y0 + size)
     geom = geoms_utm[entity].copy()
-    cross = np.flatnonzero(~inside)
+    dims = shapely.get_dimensions(geom)
+    # Lines are cut with GEOS's fast rectangle clipping; polygons (and collections) with a robust
+    # intersection, keeping the entity's own dimension (a cut polygon may also touch the border with a line).
+    lines = np.flatnonzero(~inside & (dims == 1) & (shapely.get_type_id(geom) != 7))
+    if len(lines):  # clip_by_rect takes one rectangle: one vectorised call per tile
+        lines = lines[np.lexsort((row[lines], col[lines]))]
+        starts = np.flatnonzero(np.diff(col[lines], prepend=-1 << 62) | np.diff(row[lines], prepend=-1 << 62))
+        for a, b in zip(starts, [*starts[1:], len(lines)], strict=True):
+            at = lines[a:b]
+            geom[at] = shapely.clip_by_rect(geom[at], x0[at[0]], y0[at[0]], x0[at[0]] + size, y0[at[0]] + size)
+    cross = np.flatnonzero(~inside & ((dims != 1) | (shapely.get_type_id(geom) == 7)))
     if len(cross):
         boxes = shapely.box(x0[cross], y0[cross], x0[cross] + size, y0[cross] + size)
-        geom[cross] = shapely.intersection(geom[cross], boxes)
-        # Keep the part of each type that the entity is: a polygon cut by a border may touch it with a line.
-        geom[cross] = _drop_lower_dimensions(geom[cross], shapely.get_dimensions(geoms_utm[entity[cross]]))
+        geom[cross] = _drop_lower_dimensions(shapely.intersection(geom[cross], boxes), dims[cross])
     keep = ~shapely.is_empty(geom)
     entity, col, row, geom, x0, y0 = entity[keep], col[keep], row[keep], geom[keep], x0[keep], y0[keep]
     position = rotated_bbox(geom, min_side)
@@ -71,14 +80,15 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     coords, idx = shapely.get_coordinates(geom, return_index=True)
     coords = np.clip((coords - np.column_stack([x0, y0])[idx]) / size, 0.0, 1.0)
     geom = shapely.set_coordinates(geom.copy(), coords)
-    split = np.cumsum(np.bincount(idx, minlength=len(geom)))[:-1]
-    vertices = [v.ravel() for v in np.split(coords.astype(np.float32), split)]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=len(geom)) * 2)]).astype(np.int32)
+    vertices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(coords.astype(np.float32).ravel()))
     return Pieces(entity, col, row, geom, vertices, position.astype(np.float32))
 
 
 def _drop_lower_dimensions(geom: np.ndarray, dim: np.ndarray) -> np.ndarray:
     out = geom.copy()
-    mixed = np.flatnonzero(shapely.get_type_id(geom) == 7)  # GeometryCollection from the intersection
+    # GeometryCollections from the intersection (rare: a polygon that also touches the border)
+    mixed = np.flatnonzero((shapely.get_type_id(geom) == 7) & ~shapely.is_empty(geom))
     for i in mixed.tolist():
         parts = [p for p in shapely.get_parts(geom[i]) if shapely.get_dimensions(p) >= dim[i]]
         out[i] = shapely.union_all(parts) if parts else shapely.GeometryCollection()
@@ -87,7 +97,9 @@ def _drop_lower_dimensions(geom: np.ndarray, dim: np.ndarray) -> np.ndarray:
 
 def rotated_bbox(geoms: np.ndarray, min_side: float) -> np.ndarray:
     """(n, 8) corners of each geometry's minimum rotated rectangle, both sides at least ``min_side``."""
-    env = shapely.oriented_envelope(geoms)
+    env = geoms.copy()
+    shaped = shapely.get_type_id(geoms) != 0  # a point is its own envelope
+    env[shaped] = shapely.oriented_envelope(geoms[shaped])
     coords, idx = shapely.get_coordinates(env, return_index=True)
     first = np.searchsorted(idx, np.arange(len(geoms)))
     n = np.bincount(idx, minlength=len(geoms))

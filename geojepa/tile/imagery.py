@@ -21,8 +21,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.transform import from_bounds
-from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
+from rasterio.warp import reproject, transform_bounds
 
 from geojepa.errors import GeoJepaError
 
@@ -97,10 +96,12 @@ class Mosaic:
             db = ds.bounds
             if sb[0] >= db.right or sb[2] <= db.left or sb[1] >= db.top or sb[3] <= db.bottom:
                 continue
+            # GDAL's warper reads only the source blocks under the tile; the extra band receives
+            # validity (255 where a source pixel, not nodata, mapped). src_alpha=0: a 4th band is NIR.
+            data = np.zeros((self.channels + 1, size, size), dtype=np.uint8)
             try:
-                with WarpedVRT(ds, crs=crs, transform=transform, width=size, height=size,
-                               resampling=Resampling.bilinear, add_alpha=True) as vrt:
-                    data = vrt.read(list(range(1, self.channels + 1)) + [vrt.count])
+                reproject(rasterio.band(ds, list(range(1, self.channels + 1))), data, dst_transform=transform,
+                          dst_crs=crs, resampling=Resampling.bilinear, src_alpha=0, dst_alpha=self.channels + 1)
             except RasterioError as e:
                 raise GeoJepaError(f"{label}: corrupt raster data: {e}") from None
             valid = (data[-1] > 0) & ~filled
@@ -131,7 +132,6 @@ class StacNaip:
                  asset: str = "image", timeout: float = 60.0):
         self.api, self.collection, self.sign_url, self.asset, self.timeout = api.rstrip("/"), collection, sign_url, asset, timeout
         self._token: str | None = None
-        self._mosaic: Mosaic | None = None
 
     def _get(self, url: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
@@ -149,8 +149,8 @@ class StacNaip:
             self._token = self._get(f"{self.sign_url}/{self.collection}")["token"]
         return f"{href}{'&' if '?' in href else '?'}{self._token}"
 
-    def prepare(self, lonlat_bbox: tuple[float, float, float, float]) -> None:
-        """Search the items over an area (a partition); newest first."""
+    def for_area(self, lonlat_bbox: tuple[float, float, float, float]) -> Mosaic:
+        """The items over an area (a partition) as a mosaic, newest first."""
         body = {"collections": [self.collection], "bbox": list(lonlat_bbox), "limit": 100,
                 "sortby": [{"field": "properties.datetime", "direction": "desc"}]}
         items = self._get(f"{self.api}/search", body).get("features", [])
@@ -160,12 +160,7 @@ class StacNaip:
             href = it["assets"][self.asset]["href"]
             ds = _open(self._sign(href), f"{it['id']} ({href})")
             datasets.append((ds, f"{self.collection}:{it['id']}", (it["properties"].get("datetime") or "")[:10] or None))
-        self._mosaic = Mosaic(datasets)
-
-    def read(self, bounds, crs, size) -> TileImage:
-        if self._mosaic is None:
-            raise RuntimeError("StacNaip.prepare() must be called for the area first")
-        return self._mosaic.read(bounds, crs, size)
+        return Mosaic(datasets)
 
 
 def open_source(source: str | Path | list) -> Mosaic | StacNaip:

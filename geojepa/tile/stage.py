@@ -20,11 +20,13 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import rasterio
 import shapely
 
 from data_contracts import ENTITIES, TILE_ENTITIES, TILE_IMAGES, TILES, ArtifactWriter, open_artifact, write_table
@@ -35,6 +37,7 @@ from geojepa.tile import render as renderer
 from geojepa.tile.clip import pieces, project
 from geojepa.tile.grid import Grid, assign_splits, utm_epsg
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
+from geojepa.parallel import bounded_map
 from geojepa.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -87,10 +90,19 @@ def _check_overlap(source, region: Region) -> None:
                            f"{lat1:.5f})")
 
 
-def tile_partition(entities: Path, region: Region, part: tuple[int, int], cfg: TileConfig, imagery,
-                   out_entities: Path, out_images: Path, stats: Counter) -> list[dict]:
-    """Cut one partition into tiles; write its two shards; return its kept tiles (rows of tiles.parquet)."""
-    grid, size = region.grid, cfg.size_m
+@dataclass
+class Cut:
+    """One partition cut into tiles: its tile_entities rows and its kept tiles."""
+
+    part: tuple[int, int]
+    entities: pa.Table | None
+    tiles: list[dict]
+    stats: Counter
+
+
+def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: TileConfig) -> Cut:
+    """Cut one partition's entities into tiles and drop tiles with too few or too many (thread-safe)."""
+    grid, size, stats = region.grid, cfg.size_m, Counter()
     span = grid.partition_span()
     c0, r0 = max(part[0] * span, region.cols[0]), max(part[1] * span, region.rows[0])
     c1, r1 = min((part[0] + 1) * span, region.cols[1]), min((part[1] + 1) * span, region.rows[1])
@@ -99,7 +111,7 @@ def tile_partition(entities: Path, region: Region, part: tuple[int, int], cfg: T
            & (ds.field("bbox", "ymax") >= lat0) & (ds.field("bbox", "ymin") <= lat1))
     table = ds.dataset(entities).to_table(columns=["entity_id", "kind", "tags", "geometry"], filter=flt)
     if table.num_rows == 0:
-        return []
+        return Cut(part, None, [], stats)
     geoms = project(shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False)), grid.to_utm())
     p = pieces(geoms, size, (c0, c1), (r0, r1), cfg.simplify_m, cfg.min_side_m)
     key = (p.col - c0) * (r1 - r0) + (p.row - r0)
@@ -111,59 +123,60 @@ def tile_partition(entities: Path, region: Region, part: tuple[int, int], cfg: T
     stats["dropped_too_many"] += int((counts > cfg.max_entities).sum())
     kept = keep_tile[key]
     if not kept.any():
-        return []
-    order = np.lexsort((p.entity[kept], key[kept]))  # by tile, then entity
-    sel = np.flatnonzero(kept)[order]
-    ent = p.entity[sel]
-    tile_ids = grid.tile_id(p.col[sel], p.row[sel])
-    stats["pieces"] += len(sel)
-    stats["entities_in_tiles"] += len(np.unique(ent))
-    tags_col = table.column("tags").take(pa.array(ent))
-    te = pa.table({
-        "tile_id": pa.array(tile_ids, pa.string()),
-        "entity_id": table.column("entity_id").take(pa.array(ent)),
-        "kind": table.column("kind").take(pa.array(ent)),
-        "tags": tags_col,
-        "geometry": pa.array(shapely.to_wkb(p.geometry[sel]), pa.binary()),
-        "vertices": pa.array([p.vertices[i] for i in sel.tolist()], pa.list_(pa.float32())),
-        "position": pa.FixedSizeListArray.from_arrays(pa.array(p.position[sel].ravel()), 8),
-    })
-    write_table(te, out_entities, TILE_ENTITIES, row_group_rows=50_000)
-
-    # One row per kept tile.
+        return Cut(part, None, [], stats)
+    sel = np.flatnonzero(kept)[np.lexsort((p.entity[kept], key[kept]))]  # by tile, then entity
     cells = np.flatnonzero(keep_tile)
     cols, rows = c0 + cells // (r1 - r0), r0 + cells % (r1 - r0)
     ids = grid.tile_id(cols, rows)
-    images = _images(ids, cols, rows, size, grid, cfg, imagery, te, stats, (lon0, lat0, lon1, lat1))
-    write_table(images, out_images, TILE_IMAGES)
-    return [{"tile_id": t, "col": int(c), "row": int(r), "n_entities": int(counts[k])}
-            for t, c, r, k in zip(ids, cols, rows, cells, strict=True)]
+    tile_of_cell = np.full(len(counts), -1)
+    tile_of_cell[cells] = np.arange(len(cells))
+    ent = pa.array(p.entity[sel])
+    stats["pieces"] += len(sel)
+    te = pa.table({
+        "tile_id": pa.array(ids, pa.string()).take(pa.array(tile_of_cell[key[sel]])),
+        "entity_id": table.column("entity_id").take(ent),
+        "kind": table.column("kind").take(ent),
+        "tags": table.column("tags").take(ent),
+        "geometry": pa.array(shapely.to_wkb(p.geometry[sel]), pa.binary()),
+        "vertices": p.vertices.take(pa.array(sel)),
+        "position": pa.FixedSizeListArray.from_arrays(pa.array(p.position[sel].ravel()), 8),
+    })
+    tiles = [{"tile_id": t, "col": int(c), "row": int(r), "n_entities": int(counts[k])}
+             for t, c, r, k in zip(ids, cols, rows, cells, strict=True)]
+    return Cut(part, te, tiles, stats)
 
 
-def _images(ids, cols, rows, size, grid: Grid, cfg: TileConfig, imagery, te: pa.Table, stats: Counter,
-            lonlat) -> pa.Table:
-    px = cfg.image_px
-    out: list[TileImage] = []
+def partition_lonlat(region: Region, part: tuple[int, int]) -> tuple[float, float, float, float]:
+    span, size = region.grid.partition_span(), region.grid.size
+    return region.grid.lonlat_bounds(part[0] * span * size, part[1] * span * size,
+                                     (part[0] + 1) * span * size, (part[1] + 1) * span * size)
+
+
+def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.Table, lonlat) -> list[TileImage]:
+    px, size, grid = cfg.image_px, cfg.size_m, region.grid
+    if imagery is None:
+        return [TileImage(None, [], 0.0, "missing", None) for _ in tiles]
     if imagery == "render":
         te_ids = te.column("tile_id").to_numpy(zero_copy_only=False)
-        starts = np.searchsorted(te_ids, ids)
-        ends = np.searchsorted(te_ids, ids, side="right")
         geoms = shapely.from_wkb(te.column("geometry").to_numpy(zero_copy_only=False))
         tags = te.column("tags").to_pylist()
-        for t, a, b in zip(ids, starts, ends, strict=True):
-            pixels = renderer.render(t, list(geoms[a:b]), [dict(x) for x in tags[a:b]], px, size)
+        out = []
+        for t in tiles:
+            a, b = np.searchsorted(te_ids, t["tile_id"]), np.searchsorted(te_ids, t["tile_id"], side="right")
+            pixels = renderer.render(t["tile_id"], list(geoms[a:b]), [dict(x) for x in tags[a:b]], px, size)
             out.append(TileImage(pixels, ["R", "G", "B"], 1.0, renderer.SOURCE, None))
-    elif imagery is None:
-        out = [TileImage(None, [], 0.0, "missing", None) for _ in ids]
-    else:
-        if isinstance(imagery, StacNaip):
-            imagery.prepare(lonlat)
-        for c, r in zip(cols, rows, strict=True):
-            out.append(imagery.read((c * size, r * size, (c + 1) * size, (r + 1) * size), grid.crs, px))
+        return out
+    mosaic = imagery.for_area(lonlat) if isinstance(imagery, StacNaip) else imagery
+    with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):
+        return [mosaic.read((t["col"] * size, t["row"] * size, (t["col"] + 1) * size, (t["row"] + 1) * size),
+                            grid.crs, px) for t in tiles]
+
+
+def _images_table(tiles: list[dict], out: list[TileImage], px: int, stats: Counter) -> pa.Table:
     stats["images_missing"] += sum(i.pixels is None for i in out)
     stats["images_partial"] += sum(i.pixels is not None and i.coverage < 1 for i in out)
     return pa.table({
-        "tile_id": pa.array(ids, pa.string()),
+        "tile_id": pa.array([t["tile_id"] for t in tiles], pa.string()),
         "pixels": pa.array([i.pixels.tobytes() if i.pixels is not None else None for i in out], pa.binary()),
         "height": pa.array([px] * len(out), pa.int32()),
         "width": pa.array([px] * len(out), pa.int32()),
@@ -255,10 +268,17 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                 d.mkdir()
             tiles: list[dict] = []
             parts = partitions(region)
-            for part in parts:
-                name = f"part-{part[0]}-{part[1]}.parquet"
-                tiles += tile_partition(entities, region, part, section, source if source else imagery,
-                                        tmp_e / name, tmp_i / name, stats)
+            cut = partial(cut_partition, entities, region, cfg=section)
+            for c in bounded_map(cut, parts, section.threads):
+                stats.update(c.stats)
+                if c.entities is None:
+                    continue
+                name = f"part-{c.part[0]}-{c.part[1]}.parquet"
+                write_table(c.entities, tmp_e / name, TILE_ENTITIES, row_group_rows=50_000)
+                images = _images(c.tiles, region, section, source if source else imagery, c.entities,
+                                 partition_lonlat(region, c.part))
+                write_table(_images_table(c.tiles, images, section.image_px, stats), tmp_i / name, TILE_IMAGES)
+                tiles += c.tiles
             if not tiles:
                 raise GeoJepaError(f"{entities}: no tile has between {section.min_entities} and "
                                    f"{section.max_entities} entities; nothing written")
