@@ -89,7 +89,9 @@ print(json.dumps({"tiles": len(sample), "pieces": pieces, "seconds_loop": second
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=float, nargs="*", default=[10, 100])
+    ap.add_argument("--sizes", type=float, nargs="*", default=[10, 100, 1000])
+    ap.add_argument("--imagery-sizes", type=float, nargs="*", default=[10, 100],
+                    help="sizes that also get a GeoTIFF mosaic (1 m pixels: 1,000 km2 would be 3 GB)")
     ap.add_argument("--baseline-tiles", type=int, default=100)
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
@@ -98,20 +100,23 @@ def main() -> None:
         w = DATA / f"tile-{km2:g}km2"
         run_child(EXTRACT, synth_pbf(km2), w)
         plain = run_child(TILE, w)
-        mosaic = DATA / f"mosaic-{km2:g}km2"
-        if not mosaic.exists():
-            run_child(MOSAIC, w, mosaic)
-        imaged = run_child(TILE, w, mosaic)
+        imaged = None
+        if km2 in args.imagery_sizes:
+            mosaic = DATA / f"mosaic-{km2:g}km2"
+            if not mosaic.exists():
+                run_child(MOSAIC, w, mosaic)
+            imaged = run_child(TILE, w, mosaic)
         base = run_child(BASELINE, w, args.baseline_tiles)
         ours_rate = plain["tiles_with_entities"] / plain["seconds"]
         base_rate = base["tiles"] / base["seconds_loop"]
-        img_rate = imaged["tiles"] / max(imaged["seconds"] - plain["seconds"], 1e-9)
         print(f"synthetic {km2:g} km2: {plain['tiles_with_entities']} occupied tiles ({plain['tiles']} kept), "
               f"{plain['pieces']:,} pieces, {plain['partitions']} partitions")
         print(f"  geojepa tile      {plain['seconds']:7.2f} s  {ours_rate:8.1f} tiles/s  "
               f"{plain['pieces'] / plain['seconds']:9,.0f} pieces/s  peak {plain['peak_rss_mb']:5.0f} MB")
-        print(f"  + imagery         {imaged['seconds']:7.2f} s  {img_rate:8.1f} image tiles/s (224 px from the mosaic)"
-              f"  peak {imaged['peak_rss_mb']:5.0f} MB")
+        if imaged:
+            img_rate = imaged["tiles"] / max(imaged["seconds"] - plain["seconds"], 1e-9)
+            print(f"  + imagery         {imaged['seconds']:7.2f} s  {img_rate:8.1f} image tiles/s (224 px from the "
+                  f"mosaic)  peak {imaged['peak_rss_mb']:5.0f} MB")
         print(f"  geopandas clip    {base['seconds_loop']:7.2f} s  {base_rate:8.1f} tiles/s  (sample of {base['tiles']} tiles)"
               f"  peak {base['peak_rss_mb']:5.0f} MB")
         print(f"  ratio geojepa/geopandas: x{ours_rate / base_rate:.1f} tiles/s", flush=True)

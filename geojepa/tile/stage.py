@@ -20,7 +20,6 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +145,10 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
     return Cut(part, te, tiles, stats)
 
 
+def _shard(part: tuple[int, int]) -> str:
+    return f"part-{part[0]}-{part[1]}.parquet"
+
+
 def partition_lonlat(region: Region, part: tuple[int, int]) -> tuple[float, float, float, float]:
     span, size = region.grid.partition_span(), region.grid.size
     return region.grid.lonlat_bounds(part[0] * span * size, part[1] * span * size,
@@ -268,16 +271,27 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                 d.mkdir()
             tiles: list[dict] = []
             parts = partitions(region)
-            cut = partial(cut_partition, entities, region, cfg=section)
-            for c in bounded_map(cut, parts, section.threads):
+            rasters = source is not None  # GDAL handles are not thread-safe: raster reads stay on this thread
+
+            def work(part: tuple[int, int]) -> Cut:
+                """Cut a partition and write its shards (images too, unless they come from rasters)."""
+                c = cut_partition(entities, region, part, section)
+                if c.entities is not None:
+                    write_table(c.entities, tmp_e / _shard(part), TILE_ENTITIES, row_group_rows=50_000)
+                    if not rasters:
+                        images = _images(c.tiles, region, section, imagery, c.entities, None)
+                        write_table(_images_table(c.tiles, images, section.image_px, c.stats), tmp_i / _shard(part),
+                                    TILE_IMAGES)
+                return c
+
+            for c in bounded_map(work, parts, section.threads):
                 stats.update(c.stats)
                 if c.entities is None:
                     continue
-                name = f"part-{c.part[0]}-{c.part[1]}.parquet"
-                write_table(c.entities, tmp_e / name, TILE_ENTITIES, row_group_rows=50_000)
-                images = _images(c.tiles, region, section, source if source else imagery, c.entities,
-                                 partition_lonlat(region, c.part))
-                write_table(_images_table(c.tiles, images, section.image_px, stats), tmp_i / name, TILE_IMAGES)
+                if rasters:
+                    images = _images(c.tiles, region, section, source, c.entities, partition_lonlat(region, c.part))
+                    write_table(_images_table(c.tiles, images, section.image_px, stats), tmp_i / _shard(c.part),
+                                TILE_IMAGES)
                 tiles += c.tiles
             if not tiles:
                 raise GeoJepaError(f"{entities}: no tile has between {section.min_entities} and "
