@@ -285,6 +285,7 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                 return c
 
             for c in bounded_map(work, parts, section.threads):
+                pa.default_memory_pool().release_unused()
                 stats.update(c.stats)
                 if c.entities is None:
                     continue
