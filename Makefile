@@ -18,6 +18,7 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/extract.py
+	$(PY) bench/tile.py
 
 clean:
 	rm -rf work/ .pytest_cache

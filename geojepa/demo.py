@@ -1,7 +1,9 @@
 """The README's main job: run the pipeline on the bundled sample regions, offline.
 
-Stages present so far: extraction. Each region gets a work directory under
-``work/``; all runs go to one MLflow store at ``work/mlruns.db``.
+Stages present so far: extraction, then tiling with pseudo-aerial imagery
+rendered from OSM (synthetic; no aerial imagery of the samples can be had
+offline). Each region gets a work directory under ``work/``; all runs go to
+one MLflow store at ``work/mlruns.db``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from geojepa.config import Config, load_config
 from geojepa.extract import extract
+from geojepa.tile import tile
 from geojepa.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,15 +22,31 @@ SAMPLES = ROOT / "data" / "samples"
 log = logging.getLogger(__name__)
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def run_demo(work: Path = ROOT / "work", cfg: Config | None = None) -> list[dict]:
     cfg = cfg or load_config()
     results = []
     for pbf in sorted(SAMPLES.glob("*.osm.pbf")):
         region = pbf.name.removesuffix(".osm.pbf")
+        w = work / region
         t0 = time.perf_counter()
-        summary = extract(pbf, work / region, cfg)
+        summary = extract(pbf, w, cfg)
         results.append({"region": region, "stage": "extract", "seconds": round(time.perf_counter() - t0, 2),
-                        **{k: summary.get(k) for k in ("skipped", "entities", "output")}})
+                        "skipped": summary["skipped"], "result": f"{summary.get('entities', '-')} entities",
+                        "output": _rel(w / "entities.parquet")})
+        t0 = time.perf_counter()
+        summary = tile(w, cfg, imagery="render")
+        splits = ", ".join(f"{k.removeprefix('split_')} {v}" for k, v in summary.items() if k.startswith("split_"))
+        results.append({"region": region, "stage": "tile", "seconds": round(time.perf_counter() - t0, 2),
+                        "skipped": summary["skipped"],
+                        "result": f"{summary['tiles']} tiles ({splits})" if not summary["skipped"] else "-",
+                        "output": _rel(w / "tiles.parquet")})
     return results
 
 
@@ -42,10 +61,11 @@ def main() -> None:
     cfg = load_config()
     results = run_demo(work, cfg)
     table = Table(title="GeoJEPA demo (bundled OSM samples)")
-    for col in ("region", "stage", "entities", "skipped", "seconds", "output"):
-        table.add_column(col)
+    columns = ("region", "stage", "result", "skipped", "seconds", "output")
+    for col in columns:
+        table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(*(str(r[c]) for c in ("region", "stage", "entities", "skipped", "seconds", "output")))
+        table.add_row(*(str(r[c]) for c in columns))
     console = Console()
     console.print(table)
     uri = tracking_uri(work / "any", cfg.tracking)

@@ -146,3 +146,22 @@ def test_splits_keep_evaluation_tiles_away_from_training():
     interior = (col[sub] > 1020) & (col[sub] < 1039) & (row[sub] > 520) & (row[sub] < 539)
     assert (split_sub[interior] == split[sub][interior]).all()
     assert (assign_splits(col, row, 4, (0.8, 0.1, 0.1), seed=7) != split).any()
+
+
+def test_cli_tile_renders_and_skips_unchanged(w):
+    from typer.testing import CliRunner
+
+    from geojepa.cli import app
+
+    args = ["tile", str(w), "--imagery", "render", "--set", "tracking.enabled=false"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    images = read_table(w / "tile_images.parquet", TILE_IMAGES).to_pylist()
+    assert images and {i["source"] for i in images} == {"render (synthetic)"}
+    assert all(len(i["pixels"]) == 224 * 224 * 3 and i["coverage"] == 1.0 for i in images)
+    mtime = (w / "tiles.parquet").stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and '"skipped": true' in again.output
+    assert (w / "tiles.parquet").stat().st_mtime_ns == mtime
+    missing = CliRunner().invoke(app, ["tile", str(w / "nowhere"), "--set", "tracking.enabled=false"])
+    assert missing.exit_code == 1 and "nowhere/entities.parquet: entities artifact not found" in missing.output
