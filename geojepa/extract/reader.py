@@ -1,7 +1,8 @@
 """Streaming PBF reading: tagged objects out as Arrow batches of entities.
 
-1. Relations (a Python pass over relation blocks only; relations are few):
-   tagged relations and the ids of their members.
+1. Relations: libosmium writes the tagged relations as OPL text (relation
+   blocks only), parsed with Arrow: their tags, members, and the ids of the
+   nodes and ways whose geometry they need.
 2. Nodes and ways: a child process decodes the PBF in C++ and streams OPL
    lines with coordinates inline (``geojepa.extract.opl``); this process parses
    them in bulk with Arrow and builds geometries with shapely 2, a block of
@@ -9,7 +10,8 @@
    the geometries of relation members (tagged or not) are kept for step 3.
 3. Relations are assembled from their members' geometries.
 
-No Python code runs per node or way.
+No Python code runs per node or way; relations are assembled one by one,
+except the common multipolygons (one closed outer way), built in bulk.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from data_contracts import ENTITIES
 from geojepa.errors import GeoJepaError
 from geojepa.extract import geometry as geom
 from geojepa.extract import opl
+from geojepa.extract.sort import KEY
 from geojepa.extract.tags import TagFilter, area_mask
 from geojepa.parallel import bounded_map
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 MEMBER_TYPE = {"n": "node", "w": "way", "r": "relation"}
 AREA_RELATIONS = frozenset({"multipolygon", "boundary"})
 # Batches carry the contract's columns plus the spatial sort key.
-BATCH_SCHEMA = ENTITIES.schema.append(pa.field("_sort_key", pa.int64(), nullable=False))
+BATCH_SCHEMA = ENTITIES.schema.append(pa.field(KEY, pa.int64(), nullable=False))
 Clip = tuple[float, float, float, float] | None
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from geojepa.errors import GeoJepaError
 from geojepa.extract.opl import Tags
 
 # Keys whose closed ways are areas unless the value is one of the listed linear ones.
@@ -68,10 +69,7 @@ class TagFilter:
         self.keys = frozenset(s for s in spec if "=" not in s)
         self.pairs = frozenset(s for s in spec if "=" in s)
         if not self.keys and not self.pairs:
-            raise ValueError("tag filter is empty")
-
-    def __call__(self, keys: list[str], values: list[str]) -> bool:
-        return any(k in self.keys or f"{k}={v}" in self.pairs for k, v in zip(keys, values, strict=True))
+            raise GeoJepaError("extract.tag_filter is empty: give key or key=value entries, or null")
 
     def mask(self, tags: Tags) -> np.ndarray:
         """Per object: whether it carries one of the filter's tags."""
