@@ -127,14 +127,18 @@ TOKENS = Contract(
         [
             pa.field("tile_id", pa.string(), nullable=False),
             pa.field("split", pa.string(), nullable=False),
-            pa.field("length", pa.int32(), nullable=False),
-            pa.field("modality", pa.list_(pa.int8()), nullable=False),  # per token
-            pa.field("position", pa.list_(POSITION), nullable=False),  # per token
-            pa.field("entity_id", pa.list_(pa.string()), nullable=False),  # per token; null for patches
-            pa.field("features", pa.list_(VECTOR), nullable=False),  # per token, width by modality
+            pa.field("length", pa.int32(), nullable=False),  # entities + image patches
+            pa.field("content_hash", pa.string(), nullable=False),  # of the inputs that made this row
+            pa.field("entity_id", pa.list_(pa.string()), nullable=False),  # n entities
+            pa.field("entity_position", VECTOR, nullable=False),  # n x 8, flattened
+            pa.field("tag", VECTOR, nullable=False),  # n x tag_dim: sum of the entity's tag vectors
+            pa.field("geometry", VECTOR, nullable=False),  # n x geometry_dim: frozen shape encoder output
+            pa.field("patch_position", VECTOR, nullable=False),  # p x 8 (p = 0 without imagery)
+            pa.field("image", VECTOR, nullable=False),  # p x image_dim
         ]
     ),
-    doc="Token shards W/tokens/{split}-NNNNN.parquet, one row per tile.",
+    doc="Token shards W/tokens/{split}-NNNNN.parquet, one row per tile, rows sorted by length. "
+        "Widths (tag_dim, geometry_dim, image_dim) are in the file metadata.",
 )
 
 EMBEDDINGS = Contract(

@@ -97,6 +97,26 @@ def tile(
 
 
 @app.command()
+def tokens(
+    work_dir: Annotated[Path, typer.Argument(help="work directory W holding the tile artifacts")],
+    train_geometry: Annotated[bool, typer.Option(help="(re)train the shape encoder before tokenising")] = False,
+    force: Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Embed the tag vocabulary, encode shapes and images, and write W/tokens/{split}-NNNNN.parquet."""
+    from geojepa.tokens import tokens as run_tokens
+
+    try:
+        cfg = _setup(config, set_, verbose)
+        summary = run_tokens(work_dir, cfg, train_geometry=train_geometry, force=force)
+    except (GeoJepaError, ContractError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2, default=float))
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],
     km2: Annotated[float, typer.Option(help="area in square kilometres")] = 4.0,

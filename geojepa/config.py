@@ -59,6 +59,24 @@ class TileConfig(Section):
     gdal_cache_mb: int = Field(128, gt=0)  # GDAL's raster block cache while reading imagery
 
 
+class TokensConfig(Section):
+    """tiles -> tag vocabulary, shape encoder, token shards."""
+
+    text_model: Literal["minilm", "voyage"] = "minilm"
+    vocab: str | None = None  # shared vocabulary path; None: W/tag_vocab.parquet
+    max_values_per_key: int = Field(100, gt=0)
+    geometry_dim: int = Field(256, gt=0)  # the reference used 1024; 256 keeps the CPU demo quick
+    geometry_epochs: int = Field(8, gt=0)
+    geometry_max_shapes: int = Field(20_000, gt=0)  # training sample
+    geometry_checkpoint: str | None = None  # None: W/geometry_encoder.pt
+    image_tokenizer: Literal["pixels", "vit_b16"] = "pixels"
+    vit_weights: str | None = None
+    vit_allow_random: bool = False
+    patch_px: int = Field(16, gt=0)
+    shard_tiles: int = Field(1024, gt=0)
+    seed: int = 0
+
+
 class SynthConfig(Section):
     """Synthetic city generator (benchmarks and tests only)."""
 
@@ -79,6 +97,7 @@ class TrackingConfig(Section):
 class Config(Section):
     extract: ExtractConfig = ExtractConfig()
     tile: TileConfig = TileConfig()
+    tokens: TokensConfig = TokensConfig()
     synth: SynthConfig = SynthConfig()
     tracking: TrackingConfig = TrackingConfig()
 

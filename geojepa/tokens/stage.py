@@ -1,0 +1,284 @@
+"""The tokens stage: tiles -> ``W/tag_vocab.parquet``, the shape encoder, ``W/tokens/{split}-NNNNN.parquet``.
+
+Per tile, one row holding its entities' tag vectors, shape-encoder outputs and
+positions, and its image patch tokens with their positions. Each row carries a
+content hash of what made it (the tile's entities and image, the vocabulary
+model, the encoder checkpoint, this stage's config), so a re-run re-tokenises
+only tiles whose hash changed and embeds only vocabulary entries not yet
+embedded. ``gap`` tiles (see the tile stage) get no tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import shapely
+
+from data_contracts import (TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, atomic_path, open_artifact,
+                            read_table, write_table)
+from geojepa import manifest
+from geojepa.config import Config, TokensConfig
+from geojepa.errors import GeoJepaError
+from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
+from geojepa.tokens.text import batches, open_embedder
+from geojepa.tokens.vocab import Vocab, entry_text, wanted_entries
+from geojepa.tracking import stage_run
+
+log = logging.getLogger(__name__)
+TOKENS_DIR = "tokens"
+
+
+def build_vocab(path: Path, tag_lists: list, cfg: TokensConfig, run=None) -> tuple[Vocab, int]:
+    """Load the vocabulary at ``path`` and embed the entries these tags need that it lacks.
+
+    Progress is saved after every request, so an interrupted run resumes where it stopped.
+    Returns the vocabulary and how many texts were embedded now.
+    """
+    keys: list[str] = []
+    values: list[str | None] = []
+    vectors = np.zeros((0, 0), np.float32)
+    model = None
+    if path.exists():
+        t = read_table(path, TAG_VOCAB)
+        keys, values = t["key"].to_pylist(), t["value"].to_pylist()
+        vectors = np.asarray(t["embedding"].to_pylist(), dtype=np.float32) if t.num_rows else vectors
+        models = set(t["model"].to_pylist())
+        model = models.pop() if len(models) == 1 else None
+        if len(models) > 1:
+            raise GeoJepaError(f"{path}: vocabulary mixes embedding models {sorted(models | {model})}")
+    have = set(zip(keys, values, strict=True))
+    missing = sorted(wanted_entries(tag_lists, cfg.max_values_per_key) - have, key=lambda e: (e[0], e[1] or ""))
+    if not missing:
+        return Vocab(keys, values, vectors), 0
+    embedder = open_embedder(cfg.text_model)
+    if model is not None and model != embedder.name:
+        raise GeoJepaError(f"{path}: vocabulary was embedded with {model}, not {embedder.name}; "
+                           f"use another --set tokens.vocab=PATH for this model")
+    log.info("tokens: embedding %d new vocabulary entries with %s", len(missing), embedder.name)
+    done = 0
+    for chunk in batches(missing, embedder.batch_size):
+        emb = embedder.embed([entry_text(k, v) for k, v in chunk])
+        vectors = emb if not len(vectors) else np.vstack([vectors, emb])
+        keys += [k for k, _ in chunk]
+        values += [v for _, v in chunk]
+        done += len(chunk)
+        write_table(pa.table({
+            "key": pa.array(keys, pa.string()), "value": pa.array(values, pa.string()),
+            "text": pa.array([entry_text(k, v) for k, v in zip(keys, values, strict=True)], pa.string()),
+            "embedding": pa.array(list(vectors), pa.list_(pa.float32())),
+            "model": pa.array([embedder.name] * len(keys), pa.string())}), path, TAG_VOCAB)
+        if run:
+            run.metrics({"vocab_embedded": done})
+    return Vocab(keys, values, vectors), done
+
+
+def _geometry_encoder(work_dir: Path, cfg: TokensConfig, geoms_m: np.ndarray, train: bool, run) -> tuple:
+    """Load the frozen shape encoder, or train it (when asked, or when there is none yet)."""
+    import torch
+
+    from geojepa.tokens import geometry as G
+
+    path = Path(cfg.geometry_checkpoint) if cfg.geometry_checkpoint else work_dir / "geometry_encoder.pt"
+    if path.exists() and not train:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["dim"] != cfg.geometry_dim:
+            raise GeoJepaError(f"{path}: encoder of width {state['dim']}, config asks {cfg.geometry_dim}; "
+                               "retrain with --train-geometry")
+        encoder = G.ShapeEncoder(state["dim"])
+        encoder.load_state_dict(state["model"])
+        return encoder.eval(), manifest.file_sha256(path), None
+    rng = np.random.default_rng(cfg.seed)
+    sample = geoms_m[rng.permutation(len(geoms_m))[: cfg.geometry_max_shapes]]
+    t0 = time.perf_counter()
+    encoder, stats, result = G.fit(sample, cfg.geometry_dim, cfg.geometry_epochs, cfg.seed)
+    z = G.encode(encoder, sample[:2000])
+    z0 = G.encode(G.ShapeEncoder(cfg.geometry_dim), sample[:2000])
+    quality = {**G.neighbour_quality(z, sample[:2000]),
+               "knn_descriptor_distance_untrained": G.neighbour_quality(z0, sample[:2000])["knn_descriptor_distance"]}
+    report = {"geometry_val_loss": result.val_loss, "geometry_val_loss_untrained": result.val_loss_untrained,
+              "geometry_train_seconds": time.perf_counter() - t0, "geometry_train_shapes": len(sample), **quality}
+    with atomic_path(path) as tmp:
+        torch.save({"dim": cfg.geometry_dim, "model": encoder.state_dict(), "descriptor_stats": stats,
+                    "report": report}, tmp)
+    if run:
+        for epoch, train_loss, val_loss in result.curve:
+            run.metrics({"geometry_train_loss": train_loss, "geometry_val_loss_curve": val_loss}, step=epoch)
+        run.metrics(report)
+    log.info("tokens: shape encoder trained on %d shapes: val loss %.4f vs %.4f untrained; %s", len(sample),
+             result.val_loss, result.val_loss_untrained, quality)
+    return encoder, manifest.file_sha256(path), report
+
+
+def _tile_hashes(te: pa.Table, images: dict[str, bytes | None], fingerprint: str) -> dict[str, str]:
+    ids = te["tile_id"].to_pylist()
+    geoms = te["geometry"].to_pylist()
+    tags = te["tags"].to_pylist()
+    pos = te["position"].to_pylist()
+    ents = te["entity_id"].to_pylist()
+    hashes: dict[str, hashlib._Hash] = {}
+    for t, e, g, tg, p in zip(ids, ents, geoms, tags, pos, strict=True):
+        h = hashes.get(t) or hashes.setdefault(t, hashlib.sha256(fingerprint.encode()))
+        h.update(e.encode())
+        h.update(g)
+        h.update(repr(tg).encode())
+        h.update(np.asarray(p, np.float32).tobytes())
+    out = {}
+    for t, h in hashes.items():
+        h.update(images.get(t) or b"")
+        out[t] = h.hexdigest()
+    return out
+
+
+def _existing_rows(folder: Path) -> dict[str, dict]:
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return {}
+    try:
+        table = read_table(folder, TOKENS)
+    except ValueError:
+        return {}
+    return {r["tile_id"]: r for r in table.to_pylist()}
+
+
+def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False) -> dict:
+    """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``."""
+    work_dir = Path(work_dir)
+    section = cfg.tokens
+    paths = {"tiles": work_dir / "tiles.parquet", "tile_entities": work_dir / "tile_entities.parquet",
+             "tile_images": work_dir / "tile_images.parquet"}
+    open_artifact(paths["tiles"], TILES)
+    open_artifact(paths["tile_entities"], TILE_ENTITIES)
+    open_artifact(paths["tile_images"], TILE_IMAGES)
+    vocab_path = Path(section.vocab) if section.vocab else work_dir / "tag_vocab.parquet"
+    expected = manifest.expected_manifest("tokens", paths, section.model_dump(mode="json"),
+                                          manifest.code_version("geojepa.tokens", "data_contracts"))
+    if not force and not train_geometry and manifest.is_fresh(work_dir, expected):
+        log.info("tokens: %s is up to date, skipping", work_dir / TOKENS_DIR)
+        return {"skipped": True}
+
+    t0 = time.perf_counter()
+    tiles = read_table(paths["tiles"], TILES, columns=["tile_id", "split"])
+    split_of = dict(zip(tiles["tile_id"].to_pylist(), tiles["split"].to_pylist(), strict=True))
+    te = read_table(paths["tile_entities"], TILE_ENTITIES).sort_by([("tile_id", "ascending"), ("entity_id", "ascending")])
+    te = te.filter(pc.is_in(te["tile_id"], pa.array([t for t, s in split_of.items() if s != "gap"], pa.string())))
+    if te.num_rows == 0:
+        raise GeoJepaError(f"{paths['tile_entities']}: no entities in non-gap tiles; nothing to tokenise")
+    img_table = read_table(paths["tile_images"], TILE_IMAGES)
+    images = {r["tile_id"]: r for r in img_table.to_pylist() if r["tile_id"] in split_of}
+
+    with stage_run("tokens", work_dir, cfg, section="tokens", inputs=expected["inputs"]) as run:
+        tag_lists = [list(t) for t in te["tags"].to_pylist()]
+        vocab, embedded = build_vocab(vocab_path, tag_lists, section, run)
+        size_m = float(read_table(paths["tiles"], TILES, columns=["size_m"])["size_m"][0].as_py())
+        geoms_m = shapely.transform(shapely.from_wkb(te["geometry"].to_numpy(zero_copy_only=False)),
+                                    lambda c: c * size_m)
+        encoder, encoder_sha, report = _geometry_encoder(work_dir, section, geoms_m, train_geometry, run)
+        vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
+        fingerprint = json.dumps([section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True)
+        hashes = _tile_hashes(te, {t: r["pixels"] for t, r in images.items()}, fingerprint)
+        old = _existing_rows(work_dir / TOKENS_DIR)
+        reused = {t: old[t] for t, h in hashes.items() if t in old and old[t]["content_hash"] == h}
+        todo = [t for t in hashes if t not in reused]
+
+        ids_np = te["tile_id"].to_numpy(zero_copy_only=False)
+        todo_mask = np.isin(ids_np, np.array(todo, dtype=object))
+        rows_idx = np.flatnonzero(todo_mask)
+        tag_vec = vocab.tag_vectors([tag_lists[i] for i in rows_idx])
+        from geojepa.tokens.geometry import encode
+
+        geo_vec = encode(encoder, geoms_m[rows_idx])
+        positions = np.asarray(te["position"].combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, 8)
+        entity_ids = te["entity_id"].to_pylist()
+        rows = list(reused.values())
+        starts = np.searchsorted(ids_np[rows_idx], todo)
+        ends = np.searchsorted(ids_np[rows_idx], todo, side="right")
+        image_dim = 0
+        for t, a, b in zip(todo, starts, ends, strict=True):
+            sel = rows_idx[a:b]
+            img = images.get(t)
+            patches, ppos = _image_tokens(img, section, vit, paths["tile_images"])
+            image_dim = patches.shape[1] if len(patches) else image_dim
+            rows.append({"tile_id": t, "split": split_of[t], "length": int(len(sel) + len(patches)),
+                         "content_hash": hashes[t], "entity_id": [entity_ids[i] for i in sel],
+                         "entity_position": positions[sel].ravel(), "tag": tag_vec[a:b].ravel(),
+                         "geometry": geo_vec[a:b].ravel(), "patch_position": ppos.ravel(), "image": patches.ravel()})
+        meta = {"tag_dim": str(vocab.vectors.shape[1]), "geometry_dim": str(section.geometry_dim),
+                "image_dim": str(image_dim or _reused_image_dim(reused, section)), "text_model": vocab_model(vocab_path),
+                "image_tokenizer": section.image_tokenizer}
+        counts = _write_shards(work_dir, rows, section.shard_tiles, meta)
+        seconds = time.perf_counter() - t0
+        n_tokens = sum(r["length"] for r in rows)
+        summary = {"tiles": len(rows), "tiles_tokenised": len(todo), "tiles_reused": len(reused),
+                   "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "tokens": n_tokens,
+                   "entities": te.num_rows, "vocab_entries": len(vocab.index), "vocab_embedded": embedded,
+                   "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),
+                   **{f"shards_{k}": v for k, v in counts.items()}, "seconds": round(seconds, 3),
+                   "tiles_per_s": round(len(todo) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
+                   **(report or {})}
+        manifest.write_manifest(work_dir, expected, [TOKENS_DIR], summary=summary)
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        run.dict(summary, "tokens_summary.json")
+    log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(rows), len(todo), len(reused),
+             n_tokens, seconds)
+    return {"skipped": False, **summary}
+
+
+def vocab_model(path: Path) -> str:
+    t = read_table(path, TAG_VOCAB, columns=["model"]) if path.exists() else None
+    return t["model"][0].as_py() if t is not None and t.num_rows else ""
+
+
+def _reused_image_dim(reused: dict, cfg: TokensConfig) -> int:
+    for r in reused.values():
+        if len(r["patch_position"]):
+            return len(r["image"]) // (len(r["patch_position"]) // 8)
+    return 0
+
+
+def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(p, dim) patch tokens and (p, 8) positions; none when the tile has no image."""
+    if img is None or img["pixels"] is None:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 8), np.float32)
+    h, w, c = img["height"], img["width"], len(img["bands"])
+    if len(img["pixels"]) != h * w * c:
+        raise GeoJepaError(f"{source}: tile {img['tile_id']}: image has {len(img['pixels'])} bytes, "
+                           f"expected {h} x {w} x {c}")
+    pixels = np.frombuffer(img["pixels"], np.uint8).reshape(h, w, c)
+    if vit is not None:
+        return vit.tokens([pixels])[0], patch_positions(h // 16, cls_token=True)
+    return pixel_patches(pixels, cfg.patch_px), patch_positions(h // cfg.patch_px)
+
+
+def _write_shards(work_dir: Path, rows: list[dict], shard_tiles: int, meta: dict[str, str]) -> dict[str, int]:
+    """Shards per split, rows sorted by length, written to a new folder swapped in at the end."""
+    final = work_dir / TOKENS_DIR
+    tmp = work_dir / f".{TOKENS_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    counts = {}
+    try:
+        for split in ("train", "val", "test"):
+            part = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["length"], r["tile_id"]))
+            counts[split] = 0
+            for i, start in enumerate(range(0, len(part), shard_tiles)):
+                chunk = part[start : start + shard_tiles]
+                table = pa.table({name: pa.array([r[name] for r in chunk], TOKENS.schema.field(name).type)
+                                  for name in TOKENS.schema.names})
+                write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256, metadata=meta)
+                counts[split] += 1
+        old = work_dir / f".{TOKENS_DIR}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
