@@ -73,7 +73,7 @@ class TokensConfig(Section):
     vit_weights: str | None = None
     vit_allow_random: bool = False
     patch_px: int = Field(16, gt=0)
-    shard_tiles: int = Field(1024, gt=0)
+    shard_tiles: int = Field(256, gt=0)  # tiles per shard (one shard is in memory at a time)
     seed: int = 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import shapely
 import torch
 from torch import nn
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 from torch_geometric.nn import GINConv, global_max_pool, global_mean_pool
 
 from geojepa.tile.clip import rotated_bbox
@@ -35,43 +35,76 @@ N_DESCRIPTORS = 8
 OCC = 16
 
 
-def graphs(geoms_m: np.ndarray) -> list[Data]:
-    """One graph per geometry (coordinates in metres)."""
-    out = []
-    for g in geoms_m:
-        parts = shapely.get_parts(g)
-        xs, edges, offset = [], [], 0
-        for part in parts:
-            if part.geom_type == "Polygon":
-                rings, closed = [part.exterior, *part.interiors], True
-            else:
-                rings, closed = [part], False
-            for ring in rings:
-                c = np.asarray(ring.coords)[:, :2]
-                if closed and len(c) > 1 and np.allclose(c[0], c[-1]):
-                    c = c[:-1]
-                n = len(c)
-                if n == 0:
-                    continue
-                prev = np.roll(c, 1, 0) if closed else np.vstack([c[:1], c[:-1]])
-                nxt = np.roll(c, -1, 0) if closed else np.vstack([c[1:], c[-1:]])
-                a, b = prev - c, nxt - c
-                la, lb = np.hypot(*a.T), np.hypot(*b.T)
-                cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-                dot = (a * b).sum(1)
-                norm = np.maximum(la * lb, 1e-9)
-                xs.append(np.column_stack([c, np.log1p(la), np.log1p(lb), dot / norm, cross / norm]))
-                i = np.arange(n) + offset
-                j = np.roll(i, -1) if closed and n > 2 else i[1:]
-                src = i if closed and n > 2 else i[:-1]
-                edges.append(np.concatenate([np.stack([src, j]), np.stack([j, src])], axis=1))
-                offset += n
-        x = np.vstack(xs) if xs else np.zeros((1, 6))
-        centre = x[:, :2].mean(0)
-        feats = np.column_stack([x[:, 2:], np.log1p(np.hypot(*(x[:, :2] - centre).T))])
-        e = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), int)
-        out.append(Data(x=torch.from_numpy(feats.astype(np.float32)), edge_index=torch.from_numpy(e.astype(np.int64))))
-    return out
+@dataclass
+class Graphs:
+    """The vertex graphs of many shapes, stored flat; shape s owns nodes node_ptr[s]:node_ptr[s+1]."""
+
+    x: np.ndarray  # (nodes, 5) float32 features
+    edges: np.ndarray  # (2, edges) global node ids, grouped by shape
+    node_ptr: np.ndarray
+    edge_ptr: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.node_ptr) - 1
+
+    def batch(self, idx: np.ndarray) -> Data:
+        """A minibatch of shapes ``idx`` as one disjoint graph (x, edge_index, batch)."""
+        n_cnt = np.diff(self.node_ptr)[idx]
+        e_cnt = np.diff(self.edge_ptr)[idx]
+        new_ptr = np.concatenate([[0], np.cumsum(n_cnt)])
+        nodes = np.arange(new_ptr[-1]) - np.repeat(new_ptr[:-1] - self.node_ptr[idx], n_cnt)
+        e_new = np.concatenate([[0], np.cumsum(e_cnt)])
+        edges = np.arange(e_new[-1]) - np.repeat(e_new[:-1] - self.edge_ptr[idx], e_cnt)
+        edge_index = self.edges[:, edges] - np.repeat(self.node_ptr[idx] - new_ptr[:-1], e_cnt)
+        return Data(x=torch.from_numpy(self.x[nodes]), edge_index=torch.from_numpy(edge_index),
+                    batch=torch.from_numpy(np.repeat(np.arange(len(idx)), n_cnt)))
+
+
+def graphs(geoms_m: np.ndarray) -> Graphs:
+    """Vertex graphs of shapes (coordinates in metres), built without a Python loop over shapes."""
+    parts, shape_of_part = shapely.get_parts(geoms_m, return_index=True)
+    is_poly = shapely.get_type_id(parts) == 3
+    rings, ring_part = shapely.get_rings(parts[is_poly], return_index=True)
+    paths = np.concatenate([rings, parts[~is_poly]])
+    shape = np.concatenate([shape_of_part[is_poly][ring_part], shape_of_part[~is_poly]])
+    closed = np.concatenate([np.ones(len(rings), bool), np.zeros(int((~is_poly).sum()), bool)])
+    order = np.argsort(shape, kind="stable")
+    paths, shape, closed = paths[order], shape[order], closed[order]
+    coords, path_of = shapely.get_coordinates(paths, return_index=True)
+    n = np.bincount(path_of, minlength=len(paths))
+    # A closed ring repeats its first vertex at the end: drop it.
+    last = np.cumsum(n) - 1
+    drop = np.zeros(len(coords), bool)
+    drop[last[closed & (n > 1)]] = True
+    coords, path_of = coords[~drop], path_of[~drop]
+    n = np.bincount(path_of, minlength=len(paths))
+    start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    i = np.arange(len(coords))
+    k = i - start[path_of]
+    m = n[path_of]
+    cyc = closed[path_of] & (m > 2)
+    prev = np.where(k > 0, i - 1, np.where(cyc, i + m - 1, i))
+    nxt = np.where(k < m - 1, i + 1, np.where(cyc, i - (m - 1), i))
+    a, b = coords[prev] - coords, coords[nxt] - coords
+    la, lb = np.hypot(*a.T), np.hypot(*b.T)
+    norm = np.maximum(la * lb, 1e-9)
+    node_shape = shape[path_of]
+    counts = np.bincount(node_shape, minlength=len(geoms_m))
+    centre = np.column_stack([np.bincount(node_shape, coords[:, j], len(geoms_m)) for j in (0, 1)])
+    centre /= np.maximum(counts, 1)[:, None]
+    x = np.column_stack([np.log1p(la), np.log1p(lb), (a * b).sum(1) / norm,
+                         (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]) / norm,
+                         np.log1p(np.hypot(*(coords - centre[node_shape]).T))]).astype(np.float32)
+    has_edge = nxt != i
+    src, dst = i[has_edge], nxt[has_edge]
+    edges = np.stack([np.concatenate([src, dst]), np.concatenate([dst, src])])
+    edge_shape = np.concatenate([node_shape[src], node_shape[src]])
+    edges = edges[:, np.argsort(edge_shape, kind="stable")]
+    node_ptr = np.concatenate([[0], np.cumsum(counts)])
+    edge_ptr = np.concatenate([[0], np.cumsum(np.bincount(edge_shape, minlength=len(geoms_m)))])
+    if (counts == 0).any():  # empty geometries: one zero node so every shape pools something
+        raise ValueError("empty geometry among the shapes")
+    return Graphs(x, edges.astype(np.int64), node_ptr, edge_ptr)
 
 
 def descriptors(geoms_m: np.ndarray) -> np.ndarray:
@@ -115,7 +148,7 @@ class ShapeEncoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
         self.out = nn.Linear(2 * hidden, dim)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Data) -> torch.Tensor:
         h = self.inp(batch.x)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = h + conv(norm(h), batch.edge_index)
@@ -140,7 +173,7 @@ def _loss(heads: Heads, z, d, o) -> torch.Tensor:
     return nn.functional.mse_loss(heads.desc(z), d) + nn.functional.binary_cross_entropy_with_logits(heads.occ(z), o)
 
 
-def _run(encoder: ShapeEncoder, heads: Heads, data: list[Data], desc: torch.Tensor, occ: torch.Tensor,
+def _run(encoder: ShapeEncoder, heads: Heads, data: Graphs, desc: torch.Tensor, occ: torch.Tensor,
          train_idx: np.ndarray, val_idx: np.ndarray, epochs: int, lr: float, batch_size: int, seed: int,
          train_encoder: bool) -> tuple[float, list]:
     gen = np.random.default_rng(seed)
@@ -153,7 +186,7 @@ def _run(encoder: ShapeEncoder, heads: Heads, data: list[Data], desc: torch.Tens
         order = gen.permutation(train_idx)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            z = encoder(Batch.from_data_list([data[i] for i in idx]))
+            z = encoder(data.batch(idx))
             if not train_encoder:
                 z = z.detach()
             loss = _loss(heads, z, desc[idx], occ[idx])
@@ -171,7 +204,7 @@ def evaluate(encoder, heads, data, desc, occ, idx, batch_size) -> float:
     total = 0.0
     for start in range(0, len(idx), batch_size):
         b = idx[start : start + batch_size]
-        total += float(_loss(heads, encoder(Batch.from_data_list([data[i] for i in b])), desc[b], occ[b])) * len(b)
+        total += float(_loss(heads, encoder(data.batch(b)), desc[b], occ[b])) * len(b)
     return total / max(len(idx), 1)
 
 
@@ -198,12 +231,13 @@ def fit(geoms_m: np.ndarray, dim: int, epochs: int, seed: int, lr: float = 2e-3,
 
 
 @torch.no_grad()
-def encode(encoder: ShapeEncoder, geoms_m: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def encode(encoder: ShapeEncoder, geoms_m: np.ndarray, batch_size: int = 2048) -> np.ndarray:
     encoder.eval()
-    out = []
-    for start in range(0, len(geoms_m), batch_size):
-        out.append(encoder(Batch.from_data_list(graphs(geoms_m[start : start + batch_size]))).numpy())
-    return np.vstack(out) if out else np.zeros((0, encoder.out.out_features), np.float32)
+    if len(geoms_m) == 0:
+        return np.zeros((0, encoder.out.out_features), np.float32)
+    g = graphs(geoms_m)
+    return np.vstack([encoder(g.batch(np.arange(s, min(s + batch_size, len(g))))).numpy()
+                      for s in range(0, len(g), batch_size)])
 
 
 def neighbour_quality(z: np.ndarray, geoms_m: np.ndarray, k: int = 5, seed: int = 0) -> dict[str, float]:

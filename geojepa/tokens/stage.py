@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import shapely
 
 from data_contracts import (TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, atomic_path, open_artifact,
@@ -28,6 +29,7 @@ from data_contracts import (TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS
 from geojepa import manifest
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
+from geojepa.tokens import geometry as G
 from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
 from geojepa.tokens.text import batches, open_embedder
 from geojepa.tokens.vocab import Vocab, entry_text, wanted_entries
@@ -85,8 +87,6 @@ def _geometry_encoder(work_dir: Path, cfg: TokensConfig, geoms_m: np.ndarray, tr
     """Load the frozen shape encoder, or train it (when asked, or when there is none yet)."""
     import torch
 
-    from geojepa.tokens import geometry as G
-
     path = Path(cfg.geometry_checkpoint) if cfg.geometry_checkpoint else work_dir / "geometry_encoder.pt"
     if path.exists() and not train:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -118,7 +118,23 @@ def _geometry_encoder(work_dir: Path, cfg: TokensConfig, geoms_m: np.ndarray, tr
     return encoder, manifest.file_sha256(path), report
 
 
-def _tile_hashes(te: pa.Table, images: dict[str, bytes | None], fingerprint: str) -> dict[str, str]:
+class _Images:
+    """Tile images by tile_id, materialised one row at a time (pixels are the bulk of the data)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.index = {t: i for i, t in enumerate(table["tile_id"].to_pylist())}
+
+    def get(self, tile_id: str) -> dict | None:
+        i = self.index.get(tile_id)
+        return None if i is None else self.table.slice(i, 1).to_pylist()[0]
+
+    def pixels(self, tile_id: str) -> bytes:
+        i = self.index.get(tile_id)
+        return (self.table["pixels"][i].as_py() or b"") if i is not None else b""
+
+
+def _tile_hashes(te: pa.Table, images: _Images, fingerprint: str) -> dict[str, str]:
     ids = te["tile_id"].to_pylist()
     geoms = te["geometry"].to_pylist()
     tags = te["tags"].to_pylist()
@@ -133,19 +149,27 @@ def _tile_hashes(te: pa.Table, images: dict[str, bytes | None], fingerprint: str
         h.update(np.asarray(p, np.float32).tobytes())
     out = {}
     for t, h in hashes.items():
-        h.update(images.get(t) or b"")
+        h.update(images.pixels(t))
         out[t] = h.hexdigest()
     return out
 
 
-def _existing_rows(folder: Path) -> dict[str, dict]:
+def _existing_hashes(folder: Path) -> dict[str, str]:
+    """tile_id -> content hash of the rows already in the shards (none if they are unreadable)."""
     if not folder.is_dir() or not any(folder.glob("*.parquet")):
         return {}
     try:
-        table = read_table(folder, TOKENS)
+        t = read_table(folder, TOKENS, columns=["tile_id", "content_hash"])
     except ValueError:
         return {}
-    return {r["tile_id"]: r for r in table.to_pylist()}
+    return dict(zip(t["tile_id"].to_pylist(), t["content_hash"].to_pylist(), strict=True))
+
+
+def _n_patches(img: dict | None, cfg: TokensConfig) -> int:
+    if img is None or img["pixels"] is None:
+        return 0
+    grid = img["height"] // (16 if cfg.image_tokenizer == "vit_b16" else cfg.patch_px)
+    return grid * grid + (cfg.image_tokenizer == "vit_b16")
 
 
 def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False) -> dict:
@@ -171,8 +195,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     te = te.filter(pc.is_in(te["tile_id"], pa.array([t for t, s in split_of.items() if s != "gap"], pa.string())))
     if te.num_rows == 0:
         raise GeoJepaError(f"{paths['tile_entities']}: no entities in non-gap tiles; nothing to tokenise")
-    img_table = read_table(paths["tile_images"], TILE_IMAGES)
-    images = {r["tile_id"]: r for r in img_table.to_pylist() if r["tile_id"] in split_of}
+    images = _Images(read_table(paths["tile_images"], TILE_IMAGES))
 
     with stage_run("tokens", work_dir, cfg, section="tokens", inputs=expected["inputs"]) as run:
         tag_lists = [list(t) for t in te["tags"].to_pylist()]
@@ -183,50 +206,52 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         encoder, encoder_sha, report = _geometry_encoder(work_dir, section, geoms_m, train_geometry, run)
         vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
         fingerprint = json.dumps([section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True)
-        hashes = _tile_hashes(te, {t: r["pixels"] for t, r in images.items()}, fingerprint)
-        old = _existing_rows(work_dir / TOKENS_DIR)
-        reused = {t: old[t] for t, h in hashes.items() if t in old and old[t]["content_hash"] == h}
-        todo = [t for t in hashes if t not in reused]
-
+        hashes = _tile_hashes(te, images, fingerprint)
+        old_hashes = _existing_hashes(work_dir / TOKENS_DIR)
+        reused = {t for t, h in hashes.items() if old_hashes.get(t) == h}
         ids_np = te["tile_id"].to_numpy(zero_copy_only=False)
-        todo_mask = np.isin(ids_np, np.array(todo, dtype=object))
-        rows_idx = np.flatnonzero(todo_mask)
-        tag_vec = vocab.tag_vectors([tag_lists[i] for i in rows_idx])
-        from geojepa.tokens.geometry import encode
-
-        geo_vec = encode(encoder, geoms_m[rows_idx])
+        n_patches = {t: _n_patches(images.get(t), section) for t in hashes}
+        length = {t: int(n) + n_patches[t] for t, n in zip(*np.unique(ids_np, return_counts=True), strict=True)}
         positions = np.asarray(te["position"].combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, 8)
         entity_ids = te["entity_id"].to_pylist()
-        rows = list(reused.values())
-        starts = np.searchsorted(ids_np[rows_idx], todo)
-        ends = np.searchsorted(ids_np[rows_idx], todo, side="right")
-        image_dim = 0
-        for t, a, b in zip(todo, starts, ends, strict=True):
-            sel = rows_idx[a:b]
-            img = images.get(t)
-            patches, ppos = _image_tokens(img, section, vit, paths["tile_images"])
-            image_dim = patches.shape[1] if len(patches) else image_dim
-            rows.append({"tile_id": t, "split": split_of[t], "length": int(len(sel) + len(patches)),
-                         "content_hash": hashes[t], "entity_id": [entity_ids[i] for i in sel],
-                         "entity_position": positions[sel].ravel(), "tag": tag_vec[a:b].ravel(),
-                         "geometry": geo_vec[a:b].ravel(), "patch_position": ppos.ravel(), "image": patches.ravel()})
+        image_dim = [0]
+
+        def compute(todo: list[str]) -> dict[str, dict]:
+            """Token rows of these tiles (te is sorted by tile, so each tile's entities are contiguous)."""
+            rows_idx = np.flatnonzero(np.isin(ids_np, np.array(todo, dtype=object)))
+            tag_vec = vocab.tag_vectors([tag_lists[i] for i in rows_idx])
+            geo_vec = G.encode(encoder, geoms_m[rows_idx])
+            starts = np.searchsorted(ids_np[rows_idx], todo)
+            ends = np.searchsorted(ids_np[rows_idx], todo, side="right")
+            out = {}
+            for t, a, b in zip(todo, starts, ends, strict=True):
+                sel = rows_idx[a:b]
+                patches, ppos = _image_tokens(images.get(t), section, vit, paths["tile_images"])
+                image_dim[0] = patches.shape[1] if len(patches) else image_dim[0]
+                out[t] = {"tile_id": t, "split": split_of[t], "length": length[t], "content_hash": hashes[t],
+                          "entity_id": [entity_ids[i] for i in sel], "entity_position": positions[sel].ravel(),
+                          "tag": tag_vec[a:b].ravel(), "geometry": geo_vec[a:b].ravel(),
+                          "patch_position": ppos.ravel(), "image": patches.ravel()}
+            return out
+
         meta = {"tag_dim": str(vocab.vectors.shape[1]), "geometry_dim": str(section.geometry_dim),
-                "image_dim": str(image_dim or _reused_image_dim(reused, section)), "text_model": vocab_model(vocab_path),
-                "image_tokenizer": section.image_tokenizer}
-        counts = _write_shards(work_dir, rows, section.shard_tiles, meta)
+                "text_model": vocab_model(vocab_path), "image_tokenizer": section.image_tokenizer}
+        counts = _write_shards(work_dir, hashes, split_of, length, reused, compute, section.shard_tiles, meta,
+                               image_dim)
+        todo_count = len(hashes) - len(reused)
+        n_tokens = sum(length.values())
         seconds = time.perf_counter() - t0
-        n_tokens = sum(r["length"] for r in rows)
-        summary = {"tiles": len(rows), "tiles_tokenised": len(todo), "tiles_reused": len(reused),
+        summary = {"tiles": len(hashes), "tiles_tokenised": todo_count, "tiles_reused": len(reused),
                    "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "tokens": n_tokens,
                    "entities": te.num_rows, "vocab_entries": len(vocab.index), "vocab_embedded": embedded,
                    "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),
                    **{f"shards_{k}": v for k, v in counts.items()}, "seconds": round(seconds, 3),
-                   "tiles_per_s": round(len(todo) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
+                   "tiles_per_s": round(todo_count / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                    **(report or {})}
         manifest.write_manifest(work_dir, expected, [TOKENS_DIR], summary=summary)
         run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         run.dict(summary, "tokens_summary.json")
-    log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(rows), len(todo), len(reused),
+    log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(hashes), todo_count, len(reused),
              n_tokens, seconds)
     return {"skipped": False, **summary}
 
@@ -234,13 +259,6 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
 def vocab_model(path: Path) -> str:
     t = read_table(path, TAG_VOCAB, columns=["model"]) if path.exists() else None
     return t["model"][0].as_py() if t is not None and t.num_rows else ""
-
-
-def _reused_image_dim(reused: dict, cfg: TokensConfig) -> int:
-    for r in reused.values():
-        if len(r["patch_position"]):
-            return len(r["image"]) // (len(r["patch_position"]) // 8)
-    return 0
 
 
 def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -257,28 +275,45 @@ def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tup
     return pixel_patches(pixels, cfg.patch_px), patch_positions(h // cfg.patch_px)
 
 
-def _write_shards(work_dir: Path, rows: list[dict], shard_tiles: int, meta: dict[str, str]) -> dict[str, int]:
-    """Shards per split, rows sorted by length, written to a new folder swapped in at the end."""
+def _write_shards(work_dir: Path, hashes: dict[str, str], split_of: dict[str, str], length: dict[str, int],
+                  reused: set[str], compute, shard_tiles: int, meta: dict[str, str], image_dim: list[int]) -> dict:
+    """Shards per split, rows sorted by length; one shard in memory at a time. Unchanged rows are copied
+    from the previous shards; the new folder replaces the old one only when complete."""
     final = work_dir / TOKENS_DIR
     tmp = work_dir / f".{TOKENS_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = ds.dataset(final, format="parquet") if reused else None
     counts = {}
     try:
         for split in ("train", "val", "test"):
-            part = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["length"], r["tile_id"]))
+            order = sorted((t for t in hashes if split_of[t] == split), key=lambda t: (length[t], t))
             counts[split] = 0
-            for i, start in enumerate(range(0, len(part), shard_tiles)):
-                chunk = part[start : start + shard_tiles]
-                table = pa.table({name: pa.array([r[name] for r in chunk], TOKENS.schema.field(name).type)
+            for i, start in enumerate(range(0, len(order), shard_tiles)):
+                chunk = order[start : start + shard_tiles]
+                rows = compute([t for t in chunk if t not in reused])
+                keep = [t for t in chunk if t in reused]
+                if keep:
+                    table = old.to_table(filter=ds.field("tile_id").isin(keep))
+                    rows.update((r["tile_id"], r) for r in table.to_pylist())
+                    image_dim[0] = image_dim[0] or _image_dim(table)
+                table = pa.table({name: pa.array([rows[t][name] for t in chunk], TOKENS.schema.field(name).type)
                                   for name in TOKENS.schema.names})
-                write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256, metadata=meta)
+                write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256,
+                            metadata={**meta, "image_dim": str(image_dim[0])})
                 counts[split] += 1
-        old = work_dir / f".{TOKENS_DIR}.old-{os.getpid()}"
+        previous = work_dir / f".{TOKENS_DIR}.old-{os.getpid()}"
         if final.exists():
-            os.replace(final, old)
+            os.replace(final, previous)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+def _image_dim(table: pa.Table) -> int:
+    for pos, img in zip(table["patch_position"].to_pylist(), table["image"].to_pylist(), strict=True):
+        if pos:
+            return len(img) // (len(pos) // 8)
+    return 0
