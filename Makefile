@@ -19,6 +19,7 @@ bench: $(VENV_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/extract.py
 	$(PY) bench/tile.py
+	$(PY) bench/tokens.py
 
 clean:
 	rm -rf work/ .pytest_cache

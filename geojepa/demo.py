@@ -1,8 +1,9 @@
 """The README's main job: run the pipeline on the bundled sample regions, offline.
 
-Stages present so far: extraction, then tiling with pseudo-aerial imagery
-rendered from OSM (synthetic; no aerial imagery of the samples can be had
-offline). Each region gets a work directory under ``work/``; all runs go to
+Stages present so far: extraction, tiling with pseudo-aerial imagery rendered
+from OSM (synthetic; no aerial imagery of the samples can be had offline), and
+tokens (offline MiniLM tag vocabulary, shape encoder trained on the region,
+pixel-patch image tokens). Each region gets a work directory under ``work/``; all runs go to
 one MLflow store at ``work/mlruns.db``.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from geojepa.config import Config, load_config
 from geojepa.extract import extract
 from geojepa.tile import tile
+from geojepa.tokens import tokens
 from geojepa.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +49,13 @@ def run_demo(work: Path = ROOT / "work", cfg: Config | None = None) -> list[dict
                         "skipped": summary["skipped"],
                         "result": f"{summary['tiles']} tiles ({splits})" if not summary["skipped"] else "-",
                         "output": _rel(w / "tiles.parquet")})
+        t0 = time.perf_counter()
+        summary = tokens(w, cfg)
+        results.append({"region": region, "stage": "tokens", "seconds": round(time.perf_counter() - t0, 2),
+                        "skipped": summary["skipped"],
+                        "result": (f"{summary['tokens']:,} tokens in {summary['tiles']} tiles; vocabulary "
+                                   f"{summary['vocab_entries']:,} texts" if not summary["skipped"] else "-"),
+                        "output": _rel(w / "tokens")})
     return results
 
 
