@@ -137,8 +137,9 @@ TOKENS = Contract(
             pa.field("image", VECTOR, nullable=False),  # p x image_dim
         ]
     ),
-    doc="Token shards W/tokens/{split}-NNNNN.parquet, one row per tile, rows sorted by length. "
-        "Widths (tag_dim, geometry_dim, image_dim) are in the file metadata.",
+    doc="Token shards W/tokens/{split}-NNNNN.parquet, one row per tile, rows sorted by length. The column is "
+        "the modality: each entity gives a tag token (modality 0) and a geometry token (1) at its position, each "
+        "patch an image token (2). Widths (tag_dim, geometry_dim, image_dim) are in the file metadata.",
 )
 
 EMBEDDINGS = Contract(

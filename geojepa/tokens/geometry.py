@@ -47,8 +47,8 @@ class Graphs:
     def __len__(self) -> int:
         return len(self.node_ptr) - 1
 
-    def batch(self, idx: np.ndarray) -> Data:
-        """A minibatch of shapes ``idx`` as one disjoint graph (x, edge_index, batch)."""
+    def batch(self, idx: np.ndarray, device: str = "cpu") -> Data:
+        """A minibatch of shapes ``idx`` as one disjoint graph (x, edge_index, batch) on ``device``."""
         n_cnt = np.diff(self.node_ptr)[idx]
         e_cnt = np.diff(self.edge_ptr)[idx]
         new_ptr = np.concatenate([[0], np.cumsum(n_cnt)])
@@ -57,7 +57,7 @@ class Graphs:
         edges = np.arange(e_new[-1]) - np.repeat(e_new[:-1] - self.edge_ptr[idx], e_cnt)
         edge_index = self.edges[:, edges] - np.repeat(self.node_ptr[idx] - new_ptr[:-1], e_cnt)
         return Data(x=torch.from_numpy(self.x[nodes]), edge_index=torch.from_numpy(edge_index),
-                    batch=torch.from_numpy(np.repeat(np.arange(len(idx)), n_cnt)))
+                    batch=torch.from_numpy(np.repeat(np.arange(len(idx)), n_cnt))).to(device)
 
 
 def graphs(geoms_m: np.ndarray) -> Graphs:
@@ -173,9 +173,18 @@ def _loss(heads: Heads, z, d, o) -> torch.Tensor:
     return nn.functional.mse_loss(heads.desc(z), d) + nn.functional.binary_cross_entropy_with_logits(heads.occ(z), o)
 
 
+def device() -> str:
+    """Batches go to the GPU when one is present."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _run(encoder: ShapeEncoder, heads: Heads, data: Graphs, desc: torch.Tensor, occ: torch.Tensor,
          train_idx: np.ndarray, val_idx: np.ndarray, epochs: int, lr: float, batch_size: int, seed: int,
          train_encoder: bool) -> tuple[float, list]:
+    dev = device()
+    encoder.to(dev)
+    heads.to(dev)
+    desc, occ = desc.to(dev), occ.to(dev)
     gen = np.random.default_rng(seed)
     params = list(heads.parameters()) + (list(encoder.parameters()) if train_encoder else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -186,7 +195,7 @@ def _run(encoder: ShapeEncoder, heads: Heads, data: Graphs, desc: torch.Tensor, 
         order = gen.permutation(train_idx)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            z = encoder(data.batch(idx))
+            z = encoder(data.batch(idx, dev))
             if not train_encoder:
                 z = z.detach()
             loss = _loss(heads, z, desc[idx], occ[idx])
@@ -204,7 +213,7 @@ def evaluate(encoder, heads, data, desc, occ, idx, batch_size) -> float:
     total = 0.0
     for start in range(0, len(idx), batch_size):
         b = idx[start : start + batch_size]
-        total += float(_loss(heads, encoder(data.batch(b)), desc[b], occ[b])) * len(b)
+        total += float(_loss(heads, encoder(data.batch(b, desc.device.type)), desc[b], occ[b])) * len(b)
     return total / max(len(idx), 1)
 
 
@@ -226,7 +235,7 @@ def fit(geoms_m: np.ndarray, dim: int, epochs: int, seed: int, lr: float = 2e-3,
     base_loss, _ = _run(untrained, Heads(dim), data, desc, occ, train_idx, val_idx, epochs, lr, batch_size, seed, False)
     val_loss, curve = _run(encoder, Heads(dim), data, desc, occ, train_idx, val_idx, epochs, lr, batch_size, seed, True)
     log.info("shape encoder: val loss %.4f (untrained encoder with trained heads: %.4f)", val_loss, base_loss)
-    encoder.eval()
+    encoder.cpu().eval()
     return encoder, stats, FitResult(val_loss, base_loss, curve)
 
 
@@ -235,9 +244,13 @@ def encode(encoder: ShapeEncoder, geoms_m: np.ndarray, batch_size: int = 2048) -
     encoder.eval()
     if len(geoms_m) == 0:
         return np.zeros((0, encoder.out.out_features), np.float32)
+    dev = device()
+    encoder.to(dev)
     g = graphs(geoms_m)
-    return np.vstack([encoder(g.batch(np.arange(s, min(s + batch_size, len(g))))).numpy()
-                      for s in range(0, len(g), batch_size)])
+    out = np.vstack([encoder(g.batch(np.arange(s, min(s + batch_size, len(g))), dev)).cpu().numpy()
+                     for s in range(0, len(g), batch_size)])
+    encoder.cpu()
+    return out
 
 
 def neighbour_quality(z: np.ndarray, geoms_m: np.ndarray, k: int = 5, seed: int = 0) -> dict[str, float]:

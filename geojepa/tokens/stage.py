@@ -241,8 +241,11 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         todo_count = len(hashes) - len(reused)
         n_tokens = sum(length.values())
         seconds = time.perf_counter() - t0
+        empty = sorted(t for t, s in split_of.items() if s != "gap" and t not in hashes)
+        if empty:
+            log.warning("tokens: %d tiles have no entities and get no tokens: %s", len(empty), empty[:5])
         summary = {"tiles": len(hashes), "tiles_tokenised": todo_count, "tiles_reused": len(reused),
-                   "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "tokens": n_tokens,
+                   "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "empty_tiles_skipped": len(empty), "tokens": n_tokens,
                    "entities": te.num_rows, "vocab_entries": len(vocab.index), "vocab_embedded": embedded,
                    "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),
                    **{f"shards_{k}": v for k, v in counts.items()}, "seconds": round(seconds, 3),
