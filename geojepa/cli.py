@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -24,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default configs/default.yaml)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable)")]
+ForceOpt = Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 
 
 def _setup(config: Path | None, overrides: list[str] | None, verbose: bool = False) -> Config:
@@ -39,9 +42,15 @@ def _setup(config: Path | None, overrides: list[str] | None, verbose: bool = Fal
     return load_config(config, overrides or [])
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code=1)
+def _run(call: Callable[[], object]) -> None:
+    """Run a stage; print its summary (JSON) or, for bad input, ``error: ...`` and exit 1."""
+    try:
+        result = call()
+    except (GeoJepaError, ContractError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=1) from None
+    if result is not None:
+        typer.echo(result if isinstance(result, str) else json.dumps(result, indent=2, default=float))
 
 
 @app.command()
@@ -50,25 +59,20 @@ def extract(
     work_dir: Annotated[Path, typer.Argument(help="work directory W; writes W/entities.parquet")],
     bbox: Annotated[str | None, typer.Option(help="clip to min_lon,min_lat,max_lon,max_lat")] = None,
     tags: Annotated[str | None, typer.Option(help="keep only entities with these tags: key or key=value, comma-separated")] = None,
-    force: Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Extract tagged OSM nodes, ways and relations into GeoParquet (W/entities.parquet)."""
     from geojepa.extract import extract as run_extract
 
     overrides = list(set_ or [])
-    try:
-        if bbox:
-            overrides.append(f"extract.bbox=[{bbox}]")
-        if tags:
-            overrides.append("extract.tag_filter=" + json.dumps([t.strip() for t in tags.split(",") if t.strip()]))
-        cfg = _setup(config, overrides, verbose)
-        summary = run_extract(pbf, work_dir, cfg, force=force)
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
+    if bbox:
+        overrides.append(f"extract.bbox=[{bbox}]")
+    if tags:
+        overrides.append("extract.tag_filter=" + json.dumps([t.strip() for t in tags.split(",") if t.strip()]))
+    _run(lambda: run_extract(pbf, work_dir, _setup(config, overrides, verbose), force=force))
 
 
 @app.command()
@@ -77,10 +81,10 @@ def tile(
     imagery: Annotated[list[str] | None, typer.Option(
         help="GeoTIFF/COG file(s) or folder, 'render' (synthetic, from OSM), 'naip' (Planetary Computer STAC), "
              "or stac+URL#collection; repeatable")] = None,
-    force: Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Cut W/entities.parquet into 300 m tiles with their entities and imagery (W/tiles.parquet, ...)."""
     from geojepa.tile import tile as run_tile
@@ -88,32 +92,22 @@ def tile(
     source: str | list[str] | None = None
     if imagery:
         source = imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
-    try:
-        cfg = _setup(config, set_, verbose)
-        summary = run_tile(work_dir, cfg, imagery=source, force=force)
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
+    _run(lambda: run_tile(work_dir, _setup(config, set_, verbose), imagery=source, force=force))
 
 
 @app.command()
 def tokens(
     work_dir: Annotated[Path, typer.Argument(help="work directory W holding the tile artifacts")],
     train_geometry: Annotated[bool, typer.Option(help="(re)train the shape encoder before tokenising")] = False,
-    force: Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed the tag vocabulary, encode shapes and images, and write W/tokens/{split}-NNNNN.parquet."""
     from geojepa.tokens import tokens as run_tokens
 
-    try:
-        cfg = _setup(config, set_, verbose)
-        summary = run_tokens(work_dir, cfg, train_geometry=train_geometry, force=force)
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
-    typer.echo(json.dumps(summary, indent=2, default=float))
+    _run(lambda: run_tokens(work_dir, _setup(config, set_, verbose), train_geometry=train_geometry, force=force))
 
 
 @app.command()
@@ -127,12 +121,7 @@ def synth(
     """Generate a deterministic synthetic city as an OSM PBF (benchmarks and tests; labelled synthetic)."""
     from geojepa.synth import generate
 
-    try:
-        cfg = _setup(config, set_)
-        summary = generate(out, km2=km2, seed=seed, cfg=cfg.synth)
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
+    _run(lambda: generate(out, km2=km2, seed=seed, cfg=_setup(config, set_).synth))
 
 
 @app.command("fetch-osm")
@@ -144,12 +133,8 @@ def fetch_osm(
     """Download a region's PBF from Geofabrik: resumable, checksum verified."""
     from geojepa.extract.fetch import fetch_region
 
-    try:
-        _setup(None, None)
-        path = fetch_region(region, work_dir, index_url=index_url)
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
-    typer.echo(str(path))
+    _setup(None, None)
+    _run(lambda: str(fetch_region(region, work_dir, index_url=index_url)))
 
 
 @app.command()
@@ -157,10 +142,7 @@ def demo() -> None:
     """Run the pipeline on the bundled sample regions into ./work (offline, embedded MLflow)."""
     from geojepa.demo import main
 
-    try:
-        main()
-    except (GeoJepaError, ContractError) as e:
-        _fail(e)
+    _run(main)
 
 
 if __name__ == "__main__":
