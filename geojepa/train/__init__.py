@@ -1,0 +1,1 @@
+"""Stage 4: JEPA training (imports only torch, numpy and pyarrow at module top)."""

@@ -1,0 +1,54 @@
+"""Mask invariants for every tile length from 2 to 1,250 tokens (property tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geojepa.train.masks import MaskConfig, make_mask
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(2, 1250), seed=st.integers(0, 2**31 - 1), modalities=st.integers(1, 3),
+       clustered=st.booleans())
+def test_mask_invariants(n, seed, modalities, clustered):
+    rng = np.random.default_rng(seed)
+    centres = rng.random((n, 2)) * (0.1 if clustered else 1.0)  # clustered: most area blocks hit nothing
+    modality = rng.integers(0, modalities, n)
+    cfg = MaskConfig()
+    m = make_mask(centres, modality, rng, cfg)
+    targets = np.unique(np.concatenate(m.targets))
+    assert len(m.context) > 0 and len(targets) > 0
+    assert not set(m.context.tolist()) & set(targets.tolist())
+    assert len(m.context) + len(targets) == n
+    assert len(m.targets) <= cfg.blocks + 1
+    minimum = {"random": cfg.random_min_context, "area": cfg.area_min_context, "modality": 0.0}[m.kind]
+    assert len(m.context) >= max(1, int(np.ceil(minimum * n)))
+
+
+def test_strategies_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    n = 1000
+    centres = rng.random((n, 2))
+    modality = np.repeat([0, 1], n // 2)
+    kinds = {"modality": 0, "random": 0, "area": 0}
+    for _ in range(400):
+        m = make_mask(centres, modality, rng)
+        kinds[m.kind] += 1
+        targets = np.unique(np.concatenate(m.targets))
+        if m.kind == "modality":
+            assert len(np.unique(modality[m.context])) == 1 and len(np.unique(modality[targets])) == 1
+        elif m.kind == "random":
+            assert len(targets) == 450
+        else:
+            assert 0.08 < len(targets) / n <= 0.36  # 4 blocks of 8.75% of the area each, which may overlap
+    # chances: modality 0.2; of the rest, random 0.25 and area 0.75
+    assert 0.13 < kinds["modality"] / 400 < 0.27
+    assert 0.12 < kinds["random"] / 400 < 0.28
+
+
+def test_tiny_tiles_are_refused():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        make_mask(np.zeros((1, 2)), np.zeros(1, int), np.random.default_rng(0))
