@@ -111,6 +111,24 @@ def tokens(
 
 
 @app.command()
+def train(
+    work_dir: Annotated[Path, typer.Argument(help="work directory W holding tokens/; writes W/checkpoints/")],
+    nproc: Annotated[int, typer.Option(help="processes per node (GPUs; CPU processes with train.device=cpu)")] = 1,
+    nnodes: Annotated[int, typer.Option(help="nodes (torchrun --nnodes)")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port for multi-node")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train GeoJEPA on W/tokens with torchrun (DDP); checkpoints in W/checkpoints."""
+    from geojepa.launch import train as run_train
+
+    _run(lambda: run_train(work_dir, _setup(config, set_, verbose), nproc=nproc, nnodes=nnodes,
+                           rdzv_endpoint=rdzv_endpoint, resume=resume))
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],
     km2: Annotated[float, typer.Option(help="area in square kilometres")] = 4.0,

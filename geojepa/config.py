@@ -77,6 +77,39 @@ class TokensConfig(Section):
     seed: int = 0
 
 
+class TrainConfig(Section):
+    """token shards -> GeoJEPA checkpoints (the reference's settings; the demo overrides the sizes)."""
+
+    modalities: tuple[Literal["tags", "geometry", "image"], ...] = ("tags", "geometry")  # T, GT, TI, GTI
+    width: int = 384
+    depth: int = 12
+    heads: int = 8
+    mlp: int = 1536
+    pred_width: int = 192
+    pred_depth: int = 4
+    pred_heads: int = 6
+    epochs: int = Field(300, gt=0)
+    max_steps: int | None = None
+    batch_tiles: int = Field(960, gt=0)  # global batch
+    accumulate: int = Field(1, gt=0)
+    lr: float = 1e-3
+    warmup: float = 0.1
+    warmup_start: float = 0.1
+    final_lr: float = 1e-6
+    wd: float = 0.04
+    final_wd: float = 0.4
+    ema: float = 0.997
+    final_ema: float = 0.99999
+    clip: float = 10.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    pad_to_max: bool = False  # the padded-attention baseline (benchmarks)
+
+
 class SynthConfig(Section):
     """Synthetic city generator (benchmarks and tests only)."""
 
@@ -98,6 +131,7 @@ class Config(Section):
     extract: ExtractConfig = ExtractConfig()
     tile: TileConfig = TileConfig()
     tokens: TokensConfig = TokensConfig()
+    train: TrainConfig = TrainConfig()
     synth: SynthConfig = SynthConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -31,3 +31,24 @@ def extracted(tmp_path_factory, cfg):
         extract(pbf, w, cfg)
         out[pbf.name.split(".")[0]] = w
     return out
+
+
+def small_tokens(cfg, **updates):
+    """Tokens settings small enough for tests."""
+    small = {"geometry_epochs": 2, "geometry_max_shapes": 1500, "geometry_dim": 64, **updates}
+    return cfg.model_copy(update={"tokens": cfg.tokens.model_copy(update=small)})
+
+
+@pytest.fixture(scope="session")
+def tokenised(tmp_path_factory, extracted, cfg):
+    """Kotka tiled with rendered imagery and tokenised (small shape encoder)."""
+    import shutil
+
+    from geojepa.tile import tile
+    from geojepa.tokens import tokens
+
+    w = tmp_path_factory.mktemp("tokens")
+    shutil.copy(extracted["kotka"] / "entities.parquet", w / "entities.parquet")
+    tile(w, cfg, imagery="render")
+    summary = tokens(w, small_tokens(cfg))
+    return w, summary

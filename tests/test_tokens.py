@@ -19,20 +19,7 @@ from geojepa.tokens.stage import build_vocab
 from geojepa.tokens.vocab import Vocab, entry_text, value_token
 
 
-def _cfg(cfg, **updates):
-    small = {"geometry_epochs": 2, "geometry_max_shapes": 1500, "geometry_dim": 64, **updates}
-    return cfg.model_copy(update={"tokens": cfg.tokens.model_copy(update=small)})
-
-
-@pytest.fixture(scope="module")
-def tokenised(tmp_path_factory, extracted, cfg):
-    from geojepa.tile import tile
-
-    w = tmp_path_factory.mktemp("tokens")
-    shutil.copy(extracted["kotka"] / "entities.parquet", w / "entities.parquet")
-    tile(w, cfg, imagery="render")
-    summary = tokens(w, _cfg(cfg))
-    return w, summary
+from tests.conftest import small_tokens as _cfg
 
 
 def test_tag_vector_is_the_sum_of_its_tags_vectors(tokenised):

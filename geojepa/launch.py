@@ -1,0 +1,106 @@
+"""``geojepa train W``: checks the inputs, writes the resolved config and runs torchrun.
+
+Everything that can be wrong is checked here, before any process starts:
+missing or empty token shards, shards of another schema version, modalities
+the shards lack, more processes than GPUs. Training itself
+(``geojepa.train``) runs as-is under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from data_contracts import TOKENS, open_artifact
+from geojepa.config import Config
+from geojepa.errors import GeoJepaError
+from geojepa.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(work_dir: Path, cfg: Config, nproc: int) -> None:
+    shards = sorted((work_dir / "tokens").glob("train-*.parquet"))
+    if not shards:
+        raise GeoJepaError(f"{work_dir / 'tokens'}: no train-*.parquet token shards; run `geojepa tokens {work_dir}`")
+    for f in shards:
+        open_artifact(f, TOKENS)
+        if pq.ParquetFile(f).metadata.num_rows == 0:
+            raise GeoJepaError(f"{f}: token shard holds no tiles")
+    meta = pq.read_schema(shards[0]).metadata
+    for m, key in (("image", b"image_dim"), ("geometry", b"geometry_dim"), ("tags", b"tag_dim")):
+        if m in cfg.train.modalities and int(meta.get(key, b"0")) == 0:
+            raise GeoJepaError(f"{shards[0]}: train.modalities asks for {m!r}, but the shards have no {m} tokens")
+    import torch
+
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise GeoJepaError("train.device=cuda, but no GPU is visible")
+    if cuda and nproc > torch.cuda.device_count():
+        raise GeoJepaError(f"--nproc {nproc} is larger than the {torch.cuda.device_count()} GPU(s) present")
+
+
+def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None,
+          resume: bool = False) -> dict:
+    work_dir = Path(work_dir)
+    check_inputs(work_dir, cfg, nproc)
+    ckpt = work_dir / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    with stage_run("train", work_dir, cfg, section="train") as run:
+        resolved = {**cfg.train.model_dump(mode="json"), "work_dir": str(work_dir.resolve()), "resume": resume}
+        if cfg.tracking.enabled:
+            import mlflow
+
+            resolved.update(tracking_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.run_id,
+                            experiment=cfg.tracking.experiment)
+        config_path = ckpt / "train_config.json"
+        config_path.write_text(json.dumps(resolved, indent=2))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+        if rdzv_endpoint:
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        else:
+            cmd += ["--standalone"]
+        cmd += ["-m", "geojepa.train", str(config_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if cfg.train.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        log.info("train: %s", " ".join(cmd))
+        tail: deque[str] = deque(maxlen=40)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log.info("%s", line.rstrip())
+        code = proc.wait()
+        if code != 0:
+            raise GeoJepaError(f"training failed (torchrun exit {code}); last lines:\n" + "\n".join(tail))
+        history = json.loads((ckpt / "history.json").read_text())
+        last = history[-1] if history else {}
+        checkpoints = sorted(ckpt.glob("step-*.pt"))
+        run.dict({"history": history}, "train_history.json")
+        if cfg.tracking.enabled and checkpoints:
+            _register(checkpoints[-1], cfg.tracking.experiment)
+    return {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1])}
+
+
+def _register(checkpoint: Path, name: str) -> None:
+    """Register the final target encoder as an MLflow model (state dict and config as artifacts)."""
+    import mlflow
+    import torch
+
+    from geojepa.model.jepa import Encoder, ModelConfig
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    c = state["config"]
+    dims = tuple(state["model"][f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in state["model"]
+                 else 0 for i in range(3))
+    encoder = Encoder(ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"]))
+    encoder.load_state_dict({k.removeprefix("target_encoder."): v for k, v in state["model"].items()
+                             if k.startswith("target_encoder.")})
+    mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder")

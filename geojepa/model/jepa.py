@@ -1,0 +1,154 @@
+"""GeoJEPA: context encoder, EMA target encoder and predictor over packed tile tokens.
+
+Modalities: 0 tags, 1 geometry, 2 image. Each has its own linear projection
+to the model width; every token adds its position (8 numbers through an MLP)
+and a modality embedding. The context encoder sees the context tokens only;
+the target encoder (an EMA copy, no gradients) sees whole tiles and its
+outputs are layer-normed; the predictor gets the context encoder's outputs
+plus a learned mask token at each target's position, one (tile, target block)
+per document, and predicts the target encoder's outputs there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from geojepa.model.layers import Block, Packing, PositionMLP
+
+MODALITIES = {"tags": 0, "geometry": 1, "image": 2}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dims: tuple[int, int, int]  # input widths of tags, geometry, image tokens
+    width: int = 384
+    depth: int = 12
+    heads: int = 8
+    mlp: int = 1536
+    pred_width: int = 192
+    pred_depth: int = 4
+    pred_heads: int = 6
+
+
+@dataclass
+class TokenBatch:
+    """Packed tokens of a batch of tiles with their JEPA masks (built by the collator)."""
+
+    features: dict[int, torch.Tensor]  # modality -> (rows, width)
+    modality: torch.Tensor  # (T,)
+    slot: torch.Tensor  # (T,) row of the token in features[modality]
+    pos: torch.Tensor  # (T, 8)
+    doc: torch.Tensor  # (T,) tile of each token
+    n_tiles: int
+    context: torch.Tensor  # (C,) token indices, grouped by tile
+    pred_src: torch.Tensor  # (Q,) token index of each predictor token
+    pred_is_target: torch.Tensor  # (Q,) bool
+    pred_doc: torch.Tensor  # (Q,) (tile, block) document of each predictor token
+    n_pred_docs: int
+    pad_to_max: bool = False
+
+    def to(self, device) -> TokenBatch:
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in vars(self).items()
+                 if k != "features"}
+        return TokenBatch(features={m: f.to(device, non_blocking=True) for m, f in self.features.items()}, **moved)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.doc)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(d, cfg.width) if d else nn.Identity() for d in cfg.dims)
+        self.pos = PositionMLP(cfg.width)
+        self.modality = nn.Embedding(len(MODALITIES), cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.width = cfg.width
+
+    def embed(self, b: TokenBatch) -> torch.Tensor:
+        x = b.pos.new_zeros(b.n_tokens, self.width)
+        for m, f in b.features.items():
+            rows = b.modality == m
+            x[rows] = self.proj[m](f)[b.slot[rows]].to(x.dtype)
+        return x + self.pos(b.pos) + self.modality(b.modality)
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, packing)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inp = nn.Linear(cfg.width, cfg.pred_width)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.pred_width))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.pos = PositionMLP(cfg.pred_width)
+        self.modality = nn.Embedding(len(MODALITIES), cfg.pred_width)
+        self.blocks = nn.ModuleList(Block(cfg.pred_width, cfg.pred_heads, 4 * cfg.pred_width)
+                                    for _ in range(cfg.pred_depth))
+        self.norm = nn.LayerNorm(cfg.pred_width)
+        self.out = nn.Linear(cfg.pred_width, cfg.width)
+
+    def forward(self, context_out: torch.Tensor, b: TokenBatch) -> torch.Tensor:
+        """Predictions (targets, width) for the target tokens, in ``pred_src[pred_is_target]`` order."""
+        rank = torch.full((b.n_tokens,), -1, dtype=torch.long, device=b.doc.device)
+        rank[b.context] = torch.arange(len(b.context), device=b.doc.device)
+        src = b.pred_src
+        x = self.pos(b.pos[src]) + self.modality(b.modality[src])
+        ctx = ~b.pred_is_target
+        x[ctx] = x[ctx] + self.inp(context_out[rank[src[ctx]]]).to(x.dtype)
+        x[b.pred_is_target] = x[b.pred_is_target] + self.mask_token.to(x.dtype)
+        packing = Packing(b.pred_doc, b.n_pred_docs, b.pad_to_max)
+        for block in self.blocks:
+            x = block(x, packing)
+        return self.out(self.norm(x[b.pred_is_target]))
+
+
+def vicreg_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variance (hinge on the per-dimension std) and covariance (off-diagonal) terms of VICReg."""
+    z = z.float()
+    z = z - z.mean(0)
+    std = torch.sqrt(z.var(0) + 1e-4)
+    var = F.relu(1 - std).mean()
+    cov = (z.T @ z) / max(len(z) - 1, 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return var, off.pow(2).sum() / z.shape[1]
+
+
+class GeoJEPA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.predictor = Predictor(cfg)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, b: TokenBatch, vicreg_scale: float = 0.02, var_weight: float = 25.0,
+                cov_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            target = self.target_encoder(self.target_encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max))
+            target = F.layer_norm(target, (target.shape[-1],))
+        x = self.encoder.embed(b)[b.context]
+        context_out = self.encoder(x, Packing(b.doc[b.context], b.n_tiles, b.pad_to_max))
+        pred = self.predictor(context_out, b)
+        jepa = F.smooth_l1_loss(pred.float(), target[b.pred_src[b.pred_is_target]].float(), beta=1.0)
+        var, cov = vicreg_terms(context_out)
+        loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
+        return {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
+                "std": context_out.detach().float().std(0).mean()}
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        for t, s in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)

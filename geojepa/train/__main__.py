@@ -1,0 +1,5 @@
+"""``torchrun -m geojepa.train CONFIG.json``."""
+
+from geojepa.train.train import main
+
+main()

@@ -1,0 +1,222 @@
+"""GeoJEPA training, run as-is under torchrun: ``torchrun --nproc_per_node N -m geojepa.train CONFIG.json``.
+
+The launcher (``geojepa train W``) resolves the config and writes it as JSON,
+so this module needs only torch, numpy and pyarrow (bare GPU hosts have no
+pydantic, mlflow or prefect); mlflow is imported lazily, on rank 0 only, and
+skipped when absent. DDP over gloo (CPU) or NCCL (GPU); rank 0 alone logs and
+writes checkpoints (atomically, every ``checkpoint_every`` steps and at the
+end, the last ``keep_last`` kept). ``resume`` continues exactly: the data order
+is a function of (seed, epoch) and the step, and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from geojepa.model.jepa import GeoJEPA, ModelConfig
+from geojepa.train.data import Collator, LengthBatches, ShardDataset
+
+log = logging.getLogger("geojepa.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def schedules(step: int, total: int, c: dict) -> tuple[float, float, float]:
+    """(learning rate, weight decay, EMA momentum) at ``step``: linear warm-up from 0.1x then cosine to
+    ``final_lr``; weight decay cosine from ``wd`` to ``final_wd``; momentum linear ``ema`` -> ``final_ema``."""
+    warm = max(1, int(c["warmup"] * total))
+    if step < warm:
+        lr = c["lr"] * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warm)
+    else:
+        t = (step - warm) / max(1, total - warm)
+        lr = c["final_lr"] + 0.5 * (c["lr"] - c["final_lr"]) * (1 + math.cos(math.pi * t))
+    t = step / max(1, total)
+    wd = c["final_wd"] + 0.5 * (c["wd"] - c["final_wd"]) * (1 + math.cos(math.pi * t))
+    momentum = c["ema"] + (c["final_ema"] - c["ema"]) * t
+    return lr, wd, momentum
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, cfg: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save({"step": step, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "config": cfg, "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+    for old in _checkpoints(folder)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def _tracker(cfg: dict, rank: int):
+    """An MLflow run on rank 0 when mlflow is installed and a tracking URI is given; else None."""
+    if rank != 0 or not cfg.get("tracking_uri"):
+        return None
+    try:
+        import mlflow
+    except ImportError:
+        log.warning("mlflow not installed: metrics are logged to stdout only")
+        return None
+    mlflow.set_tracking_uri(cfg["tracking_uri"])
+    mlflow.set_experiment(cfg.get("experiment", "geojepa"))
+    run = mlflow.start_run(run_id=cfg.get("mlflow_run_id"), run_name=f"train {Path(cfg['work_dir']).name}",
+                           nested=bool(cfg.get("parent_run_id")), tags={"stage": "train"})
+    if not cfg.get("mlflow_run_id"):
+        mlflow.log_params({k: v for k, v in cfg.items() if not isinstance(v, dict | list)})
+    cfg["mlflow_run_id"] = run.info.run_id
+    return mlflow
+
+
+def train(cfg: dict) -> dict:
+    """Train per ``cfg`` (the resolved ``train`` section plus ``work_dir``); returns the final metrics."""
+    rank, world, device = _setup_distributed()
+    torch.manual_seed(cfg["seed"])
+    work = Path(cfg["work_dir"])
+    ckpt_dir = work / "checkpoints"
+    modalities = tuple(cfg["modalities"])
+    data = ShardDataset(work / "tokens", "train", modalities)
+    if cfg["batch_tiles"] % (world * cfg["accumulate"]):
+        raise ValueError(f"train.batch_tiles={cfg['batch_tiles']} is not divisible by {world} ranks x "
+                         f"{cfg['accumulate']} accumulation steps")
+    micro = cfg["batch_tiles"] // (world * cfg["accumulate"])
+    sampler = LengthBatches(data.lengths, micro, cfg["seed"], rank, world)
+    collate = Collator(modalities, data.dims, cfg["seed"], pad_to_max=cfg.get("pad_to_max", False))
+    dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
+    model = GeoJEPA(ModelConfig(dims=dims, width=cfg["width"], depth=cfg["depth"], heads=cfg["heads"],
+                                mlp=cfg["mlp"], pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"],
+                                pred_heads=cfg["pred_heads"])).to(device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
+                            betas=(0.9, 0.95))
+    steps_per_epoch = len(sampler) // cfg["accumulate"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"{work / 'tokens'}: {len(data)} training tiles make no batch of {cfg['batch_tiles']} tiles")
+    total = cfg.get("max_steps") or cfg["epochs"] * steps_per_epoch
+    step, epoch = 0, 0
+    if cfg.get("resume") and _checkpoints(ckpt_dir):
+        state = torch.load(_checkpoints(ckpt_dir)[-1], map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch = state["step"], state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from step %d", step)
+    # DDP syncs the trained parameters (the target encoder has no gradients; its EMA update is the same on all ranks).
+    forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    tracker = _tracker(cfg, rank)
+    history: list[dict] = []
+    if step and (ckpt_dir / "history.json").exists():
+        history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total:
+        sampler.epoch = collate.epoch = epoch
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg["num_workers"], persistent_workers=False)
+        batches = iter(loader)
+        skip = (step - epoch * steps_per_epoch) * cfg["accumulate"]
+        for _ in range(skip):  # resume mid-epoch: the same batches are drawn in the same order
+            next(batches)
+        for _ in range(steps_per_epoch - skip // cfg["accumulate"]):
+            if step >= total:
+                break
+            lr, wd, momentum = schedules(step, total, cfg)
+            for g in opt.param_groups[:1]:
+                g["lr"], g["weight_decay"] = lr, wd
+            opt.param_groups[1]["lr"] = lr
+            parts: dict[str, float] = {}
+            for micro_step in range(cfg["accumulate"]):
+                batch = next(batches).to(device)
+                tokens_since += batch.n_tokens
+                sync = micro_step == cfg["accumulate"] - 1
+                no_sync = forward.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+                with no_sync:  # gradients are all-reduced on the last micro-batch only
+                    with amp:
+                        out = forward(batch)
+                    loss = out["loss"] / cfg["accumulate"]
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {step} (lr {lr:.2e}); the last good "
+                                            f"checkpoint in {ckpt_dir} is kept")
+                    loss.backward()
+                for k, v in out.items():
+                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg["accumulate"]
+            if world > 1:  # the record is of the global batch: average the parts over ranks
+                vals = torch.tensor(list(parts.values()), dtype=torch.float64, device=device)
+                dist.all_reduce(vals)
+                parts = dict(zip(parts, (vals / world).tolist(), strict=True))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_target(momentum)
+            step += 1
+            record = {"step": step, **parts, "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": float(grad_norm)}
+            history.append(record)
+            if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens_since * world / (now - t_last)
+                t_last, tokens_since = now, 0
+                if device.type == "cuda":
+                    record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                log.info("step %d/%d loss %.4f jepa %.4f var %.4f cov %.4f lr %.2e", step, total, parts["loss"],
+                         parts["jepa"], parts["var"], parts["cov"], lr)
+                if tracker:
+                    tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+            stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
+            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or step == total or stop):
+                _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, cfg["keep_last"], cfg)
+            if stop:
+                total = step
+        epoch += 1
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        (ckpt_dir / "history.json").write_text(json.dumps(history))
+        if tracker:
+            tracker.end_run()
+    return history[-1] if history else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: torchrun [...] -m geojepa.train CONFIG.json")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(message)s")
+    cfg = json.loads(Path(argv[0]).read_text())
+    try:
+        train(cfg)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        raise SystemExit(3) from None

@@ -1,0 +1,147 @@
+"""GeoJEPA model and training on the Kotka token shards: packing, DDP over gloo, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from geojepa.launch import train as launch_train
+from geojepa.model.jepa import Encoder, GeoJEPA, ModelConfig
+from geojepa.model.layers import Packing
+from geojepa.train.data import Collator, ShardDataset
+from geojepa.train.train import NonFiniteLoss, train
+
+TINY = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "pred_width": 16, "pred_depth": 1, "pred_heads": 2,
+        "batch_tiles": 8, "epochs": 1, "max_steps": 4, "num_workers": 0, "log_every": 1, "checkpoint_every": 100,
+        "keep_last": 2, "modalities": ("tags", "geometry", "image"), "device": "cpu"}
+
+
+def _cfg(cfg, **updates):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={**TINY, **updates})})
+
+
+def _resolved(cfg, w, **updates) -> dict:
+    return {**_cfg(cfg, **updates).train.model_dump(mode="json"), "work_dir": str(w)}
+
+
+@pytest.fixture()
+def w(tmp_path, tokenised):
+    src, _ = tokenised
+    shutil.copytree(src / "tokens", tmp_path / "tokens")
+    return tmp_path
+
+
+def test_a_tile_packed_with_others_encodes_as_alone(w):
+    torch.manual_seed(0)
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry", "image"))
+    enc = Encoder(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], data.dims["image"]), width=32, depth=2,
+                              heads=4, mlp=64)).eval()
+    collate = Collator(("tags", "geometry", "image"), data.dims, seed=0)
+    together = collate([data[0], data[1], data[2]])
+    alone = collate([data[1]])
+    with torch.no_grad():
+        out_together = enc(enc.embed(together), Packing(together.doc, 3))[together.doc == 1]
+        out_alone = enc(enc.embed(alone), Packing(alone.doc, 1))
+    torch.testing.assert_close(out_together, out_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_parts_and_ema(w):
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    model = GeoJEPA(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4,
+                                mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
+    batch = Collator(("tags", "geometry"), data.dims, seed=0)([data[i] for i in range(4)])
+    out = model(batch)
+    assert set(out) >= {"loss", "jepa", "var", "cov"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_target(0.9)
+    for b, t, s in zip(before, model.target_encoder.parameters(), model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, w, cfg):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(w / "tokens", d / "tokens")
+    off = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    launch_train(one, _cfg(off, accumulate=2, max_steps=3), nproc=1)
+    launch_train(two, _cfg(off, max_steps=3), nproc=2)
+    a = torch.load(one / "checkpoints" / "step-00000003.pt", weights_only=False)["model"]
+    b = torch.load(two / "checkpoints" / "step-00000003.pt", weights_only=False)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ha = json.loads((one / "checkpoints" / "history.json").read_text())
+    hb = json.loads((two / "checkpoints" / "history.json").read_text())
+    assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], rel=1e-5)
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path, w, cfg):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        shutil.copytree(w / "tokens", d / "tokens")
+    train(_resolved(cfg, whole, max_steps=6, epochs=2))
+    train({**_resolved(cfg, cut, max_steps=6, epochs=2), "stop_after": 3})
+    assert sorted(p.name for p in (cut / "checkpoints").glob("*.pt")) == ["step-00000003.pt"]
+    train({**_resolved(cfg, cut, max_steps=6, epochs=2), "resume": True})
+    a = [h["loss"] for h in json.loads((whole / "checkpoints" / "history.json").read_text())]
+    b = [h["loss"] for h in json.loads((cut / "checkpoints" / "history.json").read_text())]
+    assert len(a) == 6 and a == pytest.approx(b, rel=1e-6)
+
+
+def test_schedules_follow_the_reference():
+    from geojepa.train.train import schedules
+
+    c = {"lr": 1e-3, "warmup": 0.1, "warmup_start": 0.1, "final_lr": 1e-6, "wd": 0.04, "final_wd": 0.4,
+         "ema": 0.997, "final_ema": 0.99999}
+    assert schedules(0, 1000, c) == pytest.approx((1e-4, 0.04, 0.997))
+    assert schedules(100, 1000, c)[0] == pytest.approx(1e-3)
+    lr, wd, m = schedules(1000, 1000, c)
+    assert lr == pytest.approx(1e-6) and wd == pytest.approx(0.4) and m == pytest.approx(0.99999)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(w, cfg):
+    train(_resolved(cfg, w, max_steps=2, checkpoint_every=1))
+    good = sorted(p.name for p in (w / "checkpoints").glob("*.pt"))
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step"):
+        train({**_resolved(cfg, w, max_steps=8, checkpoint_every=1, lr=1e12, clip=1e30), "resume": True})
+    assert good[-1] in {p.name for p in (w / "checkpoints").glob("*.pt")}
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "no train-\\*.parquet token shards"),
+    ("empty", "token shard holds no tiles"),
+    ("version", "tokens schema_version 0, expected 1"),
+    ("modality", "asks for 'image', but the shards have no image tokens"),
+    ("gpu", "train.device=cuda, but no GPU is visible"),
+])
+def test_bad_input_fails_before_any_work(w, cfg, case, needle):
+    shard = sorted((w / "tokens").glob("train-*.parquet"))[0]
+    t = pq.read_table(shard)
+    meta = dict(t.schema.metadata)
+    if case == "missing":
+        shutil.rmtree(w / "tokens")
+    elif case == "empty":
+        pq.write_table(t.slice(0, 0), shard)
+    elif case == "version":
+        pq.write_table(t.replace_schema_metadata({**meta, b"geojepa:schema_version": b"0"}), shard)
+    elif case == "modality":
+        pq.write_table(t.replace_schema_metadata({**meta, b"image_dim": b"0"}), shard)
+    c = _cfg(cfg, device="cuda") if case == "gpu" and not torch.cuda.is_available() else _cfg(cfg)
+    with pytest.raises(ValueError, match=needle):
+        launch_train(w, c)
+    assert not (w / "checkpoints").exists() or not list((w / "checkpoints").glob("*.pt"))
+
+
+def test_model_has_the_reference_size():
+    model = GeoJEPA(ModelConfig(dims=(384, 256, 768)))
+    n = sum(p.numel() for p in model.encoder.blocks.parameters())
+    assert 21e6 < n < 22e6  # 12 x 384, MLP 1536: about 21M parameters
+
+
