@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data_contracts import TOKENS, open_artifact
+from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.tracking import stage_run
@@ -52,8 +53,13 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
     work_dir = Path(work_dir)
     check_inputs(work_dir, cfg, nproc)
     ckpt = work_dir / "checkpoints"
+    expected = manifest.expected_manifest("train", {"tokens": work_dir / "tokens"}, cfg.train.model_dump(mode="json"),
+                                          manifest.code_version("geojepa.model", "geojepa.train"))
+    if not resume and manifest.is_fresh(work_dir, expected):
+        log.info("train: %s is up to date with the tokens and config, skipping", ckpt)
+        return {**json.loads(manifest.manifest_path(work_dir, "train").read_text())["summary"], "skipped": True}
     ckpt.mkdir(parents=True, exist_ok=True)
-    with stage_run("train", work_dir, cfg, section="train") as run:
+    with stage_run("train", work_dir, cfg, section="train", inputs=expected["inputs"]) as run:
         resolved = {**cfg.train.model_dump(mode="json"), "work_dir": str(work_dir.resolve()), "resume": resume}
         if cfg.tracking.enabled:
             import mlflow
@@ -86,7 +92,9 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
         run.dict({"history": history}, "train_history.json")
         if cfg.tracking.enabled and checkpoints:
             _register(checkpoints[-1], cfg.tracking.experiment)
-    return {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1])}
+    summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1])}
+    manifest.write_manifest(work_dir, expected, [f"checkpoints/{checkpoints[-1].name}"], summary=summary)
+    return {**summary, "skipped": False}
 
 
 def _register(checkpoint: Path, name: str) -> None:
@@ -103,4 +111,5 @@ def _register(checkpoint: Path, name: str) -> None:
     encoder = Encoder(ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"]))
     encoder.load_state_dict({k.removeprefix("target_encoder."): v for k, v in state["model"].items()
                              if k.startswith("target_encoder.")})
-    mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder")
+    mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder",
+                             serialization_format="pickle")

@@ -145,3 +145,22 @@ def test_model_has_the_reference_size():
     assert 21e6 < n < 22e6  # 12 x 384, MLP 1536: about 21M parameters
 
 
+
+
+def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    region = tmp_path / "region"
+    shutil.copytree(w / "tokens", region / "tokens")
+    on = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True})})
+    summary = launch_train(region, _cfg(on, max_steps=2, modalities=("tags", "geometry")))
+    assert summary["steps"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["geojepa"], output_format="list")
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        assert {"loss", "jepa", "var", "cov", "std", "lr", "wd", "momentum", "tokens_per_s"} <= set(runs[0].data.metrics)
+        assert [m.name for m in mlflow.MlflowClient().search_registered_models()] == ["geojepa-encoder"]
+    finally:
+        mlflow.set_tracking_uri(None)
