@@ -20,6 +20,7 @@ bench: $(VENV_STAMP)
 	$(PY) bench/extract.py
 	$(PY) bench/tile.py
 	$(PY) bench/tokens.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf work/ .pytest_cache

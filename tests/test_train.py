@@ -164,3 +164,15 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
         assert [m.name for m in mlflow.MlflowClient().search_registered_models()] == ["geojepa-encoder"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_training_benchmark_runs_on_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "train.py"), "--tiles", "16", "--batch", "4",
+                          "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "real tokens/s" in out.stdout and "ratio packed/padded: x" in out.stdout
