@@ -10,6 +10,7 @@ from data_contracts.io import (
     atomic_path,
     open_artifact,
     read_table,
+    replace_folder,
     schema_diff,
     write_table,
 )
@@ -29,5 +30,5 @@ from data_contracts.schemas import (
 __all__ = [
     "ALL", "EMBEDDINGS", "ENTITIES", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
-    "schema_diff", "write_table",
+    "replace_folder", "schema_diff", "write_table",
 ]

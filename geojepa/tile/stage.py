@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 import rasterio
 import shapely
 
-from data_contracts import ENTITIES, TILE_ENTITIES, TILE_IMAGES, TILES, ArtifactWriter, open_artifact, write_table
+from data_contracts import ENTITIES, TILE_ENTITIES, TILE_IMAGES, TILES, open_artifact, replace_folder, write_table
 from geojepa import manifest
 from geojepa.config import Config, TileConfig
 from geojepa.errors import GeoJepaError
@@ -220,15 +220,6 @@ def _tiles_table(region: Region, rows: list[dict], cfg: TileConfig) -> pa.Table:
     })
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace the folder ``final`` by ``tmp`` (the old one is removed only after the new one is in place)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _imagery_spec(imagery) -> dict:
     """What identifies the imagery for the manifest: files by name, size and mtime (not hashed: too big)."""
     if imagery is None or imagery in ("render", "naip") or (isinstance(imagery, str) and imagery.startswith("stac+")):
@@ -299,8 +290,8 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                                    f"{section.max_entities} entities; nothing written")
             table = _tiles_table(region, tiles, section)
             write_table(table, work_dir / TILES_FILE, TILES)
-            _swap_in(tmp_e, work_dir / TILE_ENTITIES_DIR)
-            _swap_in(tmp_i, work_dir / TILE_IMAGES_DIR)
+            replace_folder(tmp_e, work_dir / TILE_ENTITIES_DIR)
+            replace_folder(tmp_i, work_dir / TILE_IMAGES_DIR)
             seconds = time.perf_counter() - t0
             splits = Counter(table.column("split").to_pylist())
             summary = {"tiles": len(tiles), "partitions": len(parts), "crs": region.grid.crs,

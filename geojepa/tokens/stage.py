@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import shapely
 
 from data_contracts import (TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, atomic_path, open_artifact,
-                            read_table, write_table)
+                            read_table, replace_folder, write_table)
 from geojepa import manifest
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
@@ -305,11 +305,7 @@ def _write_shards(work_dir: Path, hashes: dict[str, str], split_of: dict[str, st
                 write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256,
                             metadata={**meta, "image_dim": str(image_dim[0])})
                 counts[split] += 1
-        previous = work_dir / f".{TOKENS_DIR}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, previous)
-        os.replace(tmp, final)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts

@@ -12,6 +12,7 @@ is a function of (seed, epoch) and the step, and RNG states are restored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -114,9 +114,8 @@ def train(cfg: dict) -> dict:
     sampler = LengthBatches(data.lengths, micro, cfg["seed"], rank, world)
     collate = Collator(modalities, data.dims, cfg["seed"], pad_to_max=cfg.get("pad_to_max", False))
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
-    model = GeoJEPA(ModelConfig(dims=dims, width=cfg["width"], depth=cfg["depth"], heads=cfg["heads"],
-                                mlp=cfg["mlp"], pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"],
-                                pred_heads=cfg["pred_heads"])).to(device)
+    sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
+    model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
