@@ -176,3 +176,22 @@ def test_training_benchmark_runs_on_cpu():
                           "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "real tokens/s" in out.stdout and "ratio packed/padded: x" in out.stdout
+
+
+def test_training_imports_without_the_pipeline_packages():
+    """GPU hosts have torch, numpy and pyarrow only: the training modules must import there."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'pydantic', 'mlflow', 'prefect', 'osmium', 'duckdb', 'rasterio', 'geopandas',
+                                  'shapely', 'yaml', 'typer', 'pyproj'}:
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+import geojepa.model.jepa, geojepa.train.train, geojepa.train.data, geojepa.train.masks
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
