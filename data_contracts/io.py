@@ -102,7 +102,8 @@ class ArtifactWriter:
     """
 
     def __init__(self, path: Path | str, contract: Contract, row_group_rows: int = 50_000,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, compression: str = "zstd",
+                 use_dictionary: bool | list[str] = True):
         self.path = Path(path)
         self.contract = contract
         self.row_group_rows = row_group_rows
@@ -115,7 +116,8 @@ class ArtifactWriter:
         self._tmp = self._ctx.__enter__()
         try:
             self._writer = pq.ParquetWriter(self._tmp, contract.schema.with_metadata(self._metadata),
-                                            compression="zstd", write_statistics=True)
+                                            compression=compression, use_dictionary=use_dictionary,
+                                            write_statistics=True)
         except OSError as e:
             self._ctx.__exit__(type(e), e, None)
             raise ContractError(f"{self.path}: cannot write: {e}") from None

@@ -216,13 +216,16 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         entity_ids = te["entity_id"].to_pylist()
         image_dim = [0]
 
+        tile_ids, first = np.unique(ids_np, return_index=True)
+        span = dict(zip(tile_ids.tolist(), zip(first.tolist(), [*first[1:].tolist(), len(ids_np)]), strict=True))
+
         def compute(todo: list[str]) -> dict[str, dict]:
             """Token rows of these tiles (te is sorted by tile, so each tile's entities are contiguous)."""
-            rows_idx = np.flatnonzero(np.isin(ids_np, np.array(todo, dtype=object)))
+            rows_idx = np.concatenate([np.arange(*span[t]) for t in todo]) if todo else np.zeros(0, int)
             tag_vec = vocab.tag_vectors([tag_lists[i] for i in rows_idx])
             geo_vec = G.encode(encoder, geoms_m[rows_idx])
-            starts = np.searchsorted(ids_np[rows_idx], todo)
-            ends = np.searchsorted(ids_np[rows_idx], todo, side="right")
+            ends = np.cumsum([span[t][1] - span[t][0] for t in todo]).astype(int)
+            starts = ends - [span[t][1] - span[t][0] for t in todo]
             out = {}
             for t, a, b in zip(todo, starts, ends, strict=True):
                 sel = rows_idx[a:b]
@@ -300,15 +303,26 @@ def _write_shards(work_dir: Path, hashes: dict[str, str], split_of: dict[str, st
                     table = old.to_table(filter=ds.field("tile_id").isin(keep))
                     rows.update((r["tile_id"], r) for r in table.to_pylist())
                     image_dim[0] = image_dim[0] or _image_dim(table)
-                table = pa.table({name: pa.array([rows[t][name] for t in chunk], TOKENS.schema.field(name).type)
+                table = pa.table({name: _column([rows[t][name] for t in chunk], TOKENS.schema.field(name).type)
                                   for name in TOKENS.schema.names})
+                # Float tokens barely compress and never repeat: lz4, dictionaries for the strings only.
                 write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256,
-                            metadata={**meta, "image_dim": str(image_dim[0])})
+                            metadata={**meta, "image_dim": str(image_dim[0])}, compression="lz4",
+                            use_dictionary=["tile_id", "split", "content_hash"])
                 counts[split] += 1
         replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+def _column(values: list, type_: pa.DataType) -> pa.Array:
+    """An Arrow column; float vectors go in as one buffer with offsets (no per-row conversion)."""
+    if type_ == pa.list_(pa.float32()):
+        flat = [np.asarray(v, np.float32).ravel() for v in values]
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in flat])]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat) if flat else [], pa.float32()))
+    return pa.array(values, type_)
 
 
 def _image_dim(table: pa.Table) -> int:

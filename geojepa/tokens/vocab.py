@@ -16,6 +16,7 @@ no entry counting as its key's vector (the reference's rule).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -58,6 +59,7 @@ def parse_number(key: str, value: str) -> float | None:
     return x
 
 
+@functools.lru_cache(maxsize=1 << 20)
 def value_token(key: str, value: str) -> str | None:
     """The vocabulary value for a tag: the value, a numeric bucket, or None (key only)."""
     if FREE_TEXT.match(key):
@@ -125,6 +127,10 @@ class Vocab:
                     rows.append(j)
                     owners.append(i)
         out = np.zeros((len(tag_lists), self.vectors.shape[1]), dtype=np.float32)
-        if rows:
-            np.add.at(out, np.asarray(owners), self.vectors[np.asarray(rows)])
+        if rows:  # a sparse (entities x vocabulary) count matrix times the vectors
+            import torch
+
+            counts = torch.sparse_coo_tensor(np.stack([owners, rows]), np.ones(len(rows), np.float32),
+                                             (len(tag_lists), len(self.vectors)))
+            out = torch.sparse.mm(counts, torch.from_numpy(self.vectors)).numpy()
         return out
