@@ -131,6 +131,6 @@ class Vocab:
             import torch
 
             counts = torch.sparse_coo_tensor(np.stack([owners, rows]), np.ones(len(rows), np.float32),
-                                             (len(tag_lists), len(self.vectors)))
+                                             (len(tag_lists), len(self.vectors)), check_invariants=True)
             out = torch.sparse.mm(counts, torch.from_numpy(self.vectors)).numpy()
         return out
