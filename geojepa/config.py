@@ -81,6 +81,8 @@ class TrainConfig(Section):
     """token shards -> GeoJEPA checkpoints (the reference's settings; the demo overrides the sizes)."""
 
     modalities: tuple[Literal["tags", "geometry", "image"], ...] = ("tags", "geometry")  # T, GT, TI, GTI
+    # Model sizes: the fields of geojepa.model.jepa.ModelConfig, repeated here because training hosts
+    # have no pydantic (geojepa.train reads them from the resolved JSON by ModelConfig's field names).
     width: int = 384
     depth: int = 12
     heads: int = 8

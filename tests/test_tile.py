@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import shapely
@@ -41,8 +42,7 @@ def test_deterministic_and_stable_ids(tiled, tmp_path, extracted, cfg):
     tile(tmp_path, _cfg(cfg, min_entities=1, max_entities=100_000), imagery="render")
     for name, contract in [("tiles.parquet", TILES), ("tile_entities.parquet", TILE_ENTITIES),
                            ("tile_images.parquet", TILE_IMAGES)]:
-        a = read_table(w / name, contract).sort_by("tile_id") if name == "tiles.parquet" else read_table(w / name, contract)
-        b = read_table(tmp_path / name, contract).sort_by("tile_id") if name == "tiles.parquet" else read_table(tmp_path / name, contract)
+        a, b = (read_table(d / name, contract).sort_by("tile_id") for d in (w, tmp_path))
         assert a.equals(b), name
     tiles = read_table(w / "tiles.parquet", TILES).to_pylist()
     assert summary["crs"] == "EPSG:32635" == tiles[0]["crs"]  # Helsinki is in UTM 35N
@@ -70,7 +70,7 @@ def test_clipped_polygon_areas_sum_to_the_original(tiled, extracted):
     for eid, a in zip(polys["entity_id"].to_pylist(), area.tolist(), strict=True):
         pieces[eid] = pieces.get(eid, 0.0) + a
     ents = read_table(extracted["helsinki"] / "entities.parquet", ENTITIES, columns=["entity_id", "geometry"])
-    ents = ents.filter(pc.is_in(ents["entity_id"], pa_array(list(pieces))))
+    ents = ents.filter(pc.is_in(ents["entity_id"], pa.array(list(pieces), pa.string())))
     grid = Grid(utm_epsg(24.94, 60.17), 300.0, 4, 8)
     orig = project(shapely.from_wkb(ents["geometry"].to_numpy(zero_copy_only=False)), grid.to_utm())
     simple = shapely.area(shapely.simplify(orig, 0.3, preserve_topology=True))
@@ -82,12 +82,6 @@ def test_clipped_polygon_areas_sum_to_the_original(tiled, extracted):
         # Cutting is exact; simplification (0.3 m) may move each edge by at most its tolerance.
         assert total == pytest.approx(simplified, rel=1e-6, abs=1e-6), eid
         assert abs(total - area) <= 0.3 * perimeter + 1e-6, eid
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
 
 
 def test_partitions_do_not_change_the_result(tiled, w, cfg):

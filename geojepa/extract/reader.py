@@ -86,9 +86,10 @@ def entity_batch(osm_type: str, ids: np.ndarray, tags: pa.MapArray, geoms: np.nd
         stats["outside_bbox"] += int((~keep).sum())
     bounds = shapely.bounds(geoms)
     id_arr = pa.array(ids, pa.int64())
+    type_arr = pa.array([osm_type] * len(ids), pa.string())
     arrays = [
-        pc.binary_join_element_wise(pa.array([osm_type] * len(ids), pa.string()), pc.cast(id_arr, pa.string()), "/"),
-        pa.array([osm_type] * len(ids), pa.string()),
+        pc.binary_join_element_wise(type_arr, pc.cast(id_arr, pa.string()), "/"),
+        type_arr,
         id_arr,
         pa.array(kinds.tolist(), pa.string()),
         tags,

@@ -54,13 +54,17 @@ class Grid:
         """Tiles per partition side."""
         return self.group * self.partition_groups
 
-    def lonlat_bounds(self, x0: float, y0: float, x1: float, y1: float, densify: int = 8) -> tuple[float, ...]:
-        """A lon/lat box holding the UTM box (edges densified: UTM edges are curves in lon/lat)."""
+    def ring_lonlat(self, x0: float, y0: float, x1: float, y1: float, densify: int = 8) -> np.ndarray:
+        """(4 * (densify + 1), 2) lon/lat points around a UTM box, edges densified (they are curves in lon/lat)."""
         t = np.linspace(0, 1, densify + 1)
         xs = np.concatenate([x0 + (x1 - x0) * t, np.full_like(t, x1), x1 - (x1 - x0) * t, np.full_like(t, x0)])
         ys = np.concatenate([np.full_like(t, y0), y0 + (y1 - y0) * t, np.full_like(t, y1), y1 - (y1 - y0) * t])
-        lon, lat = self.to_lonlat().transform(xs, ys)
-        return float(np.min(lon)), float(np.min(lat)), float(np.max(lon)), float(np.max(lat))
+        return np.column_stack(self.to_lonlat().transform(xs, ys))
+
+    def lonlat_bounds(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, ...]:
+        """A lon/lat box holding the UTM box."""
+        ring = self.ring_lonlat(x0, y0, x1, y1)
+        return (*ring.min(0).tolist(), *ring.max(0).tolist())
 
 
 def _uniform(seed: int, gc: int, gr: int) -> float:

@@ -94,6 +94,7 @@ class Cut:
     """One partition cut into tiles: its tile_entities rows and its kept tiles."""
 
     part: tuple[int, int]
+    lonlat: tuple[float, float, float, float]  # bounds of the partition's tiles
     entities: pa.Table | None
     tiles: list[dict]
     stats: Counter
@@ -110,7 +111,7 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
            & (ds.field("bbox", "ymax") >= lat0) & (ds.field("bbox", "ymin") <= lat1))
     table = ds.dataset(entities).to_table(columns=["entity_id", "kind", "tags", "geometry"], filter=flt)
     if table.num_rows == 0:
-        return Cut(part, None, [], stats)
+        return Cut(part, (lon0, lat0, lon1, lat1), None, [], stats)
     geoms = project(shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False)), grid.to_utm())
     p = pieces(geoms, size, (c0, c1), (r0, r1), cfg.simplify_m, cfg.min_side_m)
     key = (p.col - c0) * (r1 - r0) + (p.row - r0)
@@ -122,7 +123,7 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
     stats["dropped_too_many"] += int((counts > cfg.max_entities).sum())
     kept = keep_tile[key]
     if not kept.any():
-        return Cut(part, None, [], stats)
+        return Cut(part, (lon0, lat0, lon1, lat1), None, [], stats)
     sel = np.flatnonzero(kept)[np.lexsort((p.entity[kept], key[kept]))]  # by tile, then entity
     cells = np.flatnonzero(keep_tile)
     cols, rows = c0 + cells // (r1 - r0), r0 + cells % (r1 - r0)
@@ -142,17 +143,11 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
     })
     tiles = [{"tile_id": t, "col": int(c), "row": int(r), "n_entities": int(counts[k])}
              for t, c, r, k in zip(ids, cols, rows, cells, strict=True)]
-    return Cut(part, te, tiles, stats)
+    return Cut(part, (lon0, lat0, lon1, lat1), te, tiles, stats)
 
 
 def _shard(part: tuple[int, int]) -> str:
     return f"part-{part[0]}-{part[1]}.parquet"
-
-
-def partition_lonlat(region: Region, part: tuple[int, int]) -> tuple[float, float, float, float]:
-    span, size = region.grid.partition_span(), region.grid.size
-    return region.grid.lonlat_bounds(part[0] * span * size, part[1] * span * size,
-                                     (part[0] + 1) * span * size, (part[1] + 1) * span * size)
 
 
 def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.Table, lonlat) -> list[TileImage]:
@@ -195,14 +190,8 @@ def _tiles_table(region: Region, rows: list[dict], cfg: TileConfig) -> pa.Table:
     col = np.array([r["col"] for r in rows], np.int64)
     row = np.array([r["row"] for r in rows], np.int64)
     split = assign_splits(col, row, cfg.group_size, cfg.split, cfg.seed)
-    t = np.linspace(0, 1, 5)
-    footprints = []
-    to_ll = grid.to_lonlat()
-    for c, r in zip(col.tolist(), row.tolist(), strict=True):
-        x0, y0 = c * size, r * size
-        xs = np.concatenate([x0 + size * t, np.full(5, x0 + size), x0 + size - size * t, np.full(5, x0)])
-        ys = np.concatenate([np.full(5, y0), y0 + size * t, np.full(5, y0 + size), y0 + size - size * t])
-        footprints.append(np.column_stack(to_ll.transform(xs, ys)))
+    footprints = [grid.ring_lonlat(c * size, r * size, (c + 1) * size, (r + 1) * size, densify=4)
+                  for c, r in zip(col.tolist(), row.tolist(), strict=True)]
     polys = shapely.polygons(footprints) if footprints else np.array([], dtype=object)
     bounds = shapely.bounds(polys) if len(polys) else np.zeros((0, 4))
     return pa.table({
@@ -281,7 +270,7 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                 if c.entities is None:
                     continue
                 if rasters:
-                    images = _images(c.tiles, region, section, source, c.entities, partition_lonlat(region, c.part))
+                    images = _images(c.tiles, region, section, source, c.entities, c.lonlat)
                     write_table(_images_table(c.tiles, images, section.image_px, stats), tmp_i / _shard(c.part),
                                 TILE_IMAGES)
                 tiles += c.tiles
