@@ -18,6 +18,7 @@ from data_contracts.schemas import (
     ALL,
     EMBEDDINGS,
     ENTITIES,
+    EVAL_RESULTS,
     TAG_VOCAB,
     TASK_LABELS,
     TILE_ENTITIES,
@@ -28,7 +29,7 @@ from data_contracts.schemas import (
 )
 
 __all__ = [
-    "ALL", "EMBEDDINGS", "ENTITIES", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
+    "ALL", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
     "replace_folder", "schema_diff", "write_table",
 ]

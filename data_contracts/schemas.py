@@ -144,21 +144,28 @@ TOKENS = Contract(
 
 EMBEDDINGS = Contract(
     name="embeddings",
-    version=1,
+    version=2,
     schema=pa.schema(
         [
             pa.field("level", pa.string(), nullable=False),  # tile | entity
             pa.field("tile_id", pa.string(), nullable=False),
             pa.field("entity_id", pa.string()),  # null for tile rows
+            pa.field("split", pa.string(), nullable=False),
             pa.field("embedding", VECTOR, nullable=False),
+            pa.field("pc", pa.list_(pa.float32(), 3), nullable=False),  # first 3 principal components (colours)
             pa.field("model", pa.string(), nullable=False),
+            pa.field("geometry", pa.binary(), nullable=False),  # tile footprint or whole entity, WKB EPSG:4326
+            pa.field("bbox", BBOX, nullable=False),
         ]
     ),
+    geometry=(("geometry", "EPSG:4326"),),
+    doc="W/eval/embeddings.parquet: GeoParquet (opens in QGIS), one row per tile and per entity in a tile.",
 )
 
 TASK_LABELS = Contract(
     name="task_labels",
     version=1,
+    doc="W/eval/task_labels.parquet: per task, its tiles (after zero-label subsampling) with split and label.",
     schema=pa.schema(
         [
             pa.field("task", pa.string(), nullable=False),
@@ -169,4 +176,25 @@ TASK_LABELS = Contract(
     ),
 )
 
-ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS)}
+EVAL_RESULTS = Contract(
+    name="eval_results",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("setting", pa.string(), nullable=False),  # masked (label tags removed) | unmasked
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),  # geojepa | untrained | tagpool | bag_of_tags | dummy
+            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median | knn
+            pa.field("metric", pa.string(), nullable=False),  # mae | r2 | accuracy | roc_auc
+            pa.field("mean", pa.float64()),  # over seeds; null when undefined (e.g. one class in test)
+            pa.field("std", pa.float64()),
+            pa.field("seeds", pa.int32(), nullable=False),
+            pa.field("n_train", pa.int32(), nullable=False),
+            pa.field("n_test", pa.int32(), nullable=False),
+        ]
+    ),
+    doc="W/eval/results.parquet: one row per (setting, task, model, probe, metric), test split.",
+)
+
+ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS,
+                           EVAL_RESULTS)}

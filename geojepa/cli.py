@@ -129,6 +129,25 @@ def train(
 
 
 @app.command()
+def evaluate(
+    work_dir: Annotated[Path, typer.Argument(help="work directory W holding tokens/ and checkpoints/; writes W/eval/")],
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the last in W/checkpoints)")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Probe, retrieve and report: task datasets, embeddings, baselines, galleries in W/eval."""
+    from geojepa.evaluate import evaluate as run_evaluate
+
+    def call():
+        summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force)
+        return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(work_dir / "eval" / "report.md")}
+
+    _run(call)
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],
     km2: Annotated[float, typer.Option(help="area in square kilometres")] = 4.0,

@@ -112,6 +112,32 @@ class TrainConfig(Section):
     pad_to_max: bool = False  # the padded-attention baseline (benchmarks)
 
 
+class EvaluateConfig(Section):
+    """checkpoint + token shards -> task datasets, embeddings, probe scores, retrieval, report."""
+
+    checkpoint: str | None = None  # None: the last W/checkpoints/step-*.pt
+    tasks: tuple[Literal["building_count", "traffic_signals", "max_speed", "bridge", "car_bridge"], ...] = (
+        "building_count", "traffic_signals", "max_speed", "bridge", "car_bridge")
+    zero_keep_ratio: float = Field(1.0, gt=0)  # sparse tasks: at most this many zero-label tiles per non-zero one
+    unmasked: bool = True  # also report probes on the original tiles (label tags kept), named "unmasked"
+    probes: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
+    seeds: int = Field(5, ge=1)
+    hidden: int = Field(512, gt=0)  # MLP probe: in -> hidden -> 1, GELU (the reference: 768-512-1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_epochs: int = Field(300, gt=0)
+    patience: int = Field(30, gt=0)  # epochs without a better validation MAE before stopping
+    batch: int = Field(256, gt=0)
+    bag_features: int = Field(1024, gt=0)  # bag-of-tags baseline: most frequent keys and key=value pairs
+    k: int = Field(10, gt=0)  # neighbours for kNN regression, agreement and galleries
+    gallery_queries: int = Field(4, ge=0)
+    gallery_k: int = Field(5, gt=0)
+    embed_batch_tiles: int = Field(64, gt=0)
+    map: Literal["umap", "pca"] = "umap"  # 2-D map of the tile embeddings
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class SynthConfig(Section):
     """Synthetic city generator (benchmarks and tests only)."""
 
@@ -134,6 +160,7 @@ class Config(Section):
     tile: TileConfig = TileConfig()
     tokens: TokensConfig = TokensConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     synth: SynthConfig = SynthConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -3,8 +3,9 @@
 Stages present so far: extraction, tiling with pseudo-aerial imagery rendered
 from OSM (synthetic; no aerial imagery of the samples can be had offline), and
 tokens (offline MiniLM tag vocabulary, shape encoder trained on the region,
-pixel-patch image tokens), and a short training run of a small GeoJEPA-GT on
-each region's train tiles (the reference's model is 12 x 384 trained 300 epochs
+pixel-patch image tokens), a short training run of a small GeoJEPA-GT on
+each region's train tiles, and evaluation (probes against baselines where the
+region has tiles in every split, retrieval galleries, maps, a report) (the reference's model is 12 x 384 trained 300 epochs
 on a GPU; `geojepa train W` runs that with the default config). Each region gets a work directory under ``work/``; all runs go to
 one MLflow store at ``work/mlruns.db``.
 """
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from geojepa.config import Config, load_config
+from geojepa.evaluate import evaluate
 from geojepa.extract import extract
 from geojepa.launch import train
 from geojepa.tile import tile
@@ -65,7 +67,27 @@ def run_demo(work: Path = ROOT / "work", cfg: Config | None = None) -> list[dict
                         "skipped": summary["skipped"],
                         "result": f"{summary['steps']} steps, loss {summary['final_loss']:.3f}",
                         "output": _rel(Path(summary["checkpoint"]))})
+        t0 = time.perf_counter()
+        summary = evaluate(w, cfg)
+        results.append({"region": region, "stage": "evaluate", "seconds": round(time.perf_counter() - t0, 2),
+                        "skipped": summary["skipped"], "result": headline(summary, w),
+                        "output": _rel(w / "eval" / "report.md")})
     return results
+
+
+def headline(summary: dict, w: Path) -> str:
+    """The masked building_count MAE of the MLP probes, or why there is none."""
+    from data_contracts import EVAL_RESULTS, read_table
+
+    rows = [r for r in read_table(w / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
+            if r["setting"] == "masked" and r["metric"] == "mae" and r["probe"] in ("mlp", "median")]
+    tasks = summary["tasks"]
+    done = sorted({r["task"] for r in rows})
+    if not done:
+        return f"probes skipped ({next(iter(tasks.values()))['skipped']}); retrieval and pictures only"
+    t = done[0]
+    maes = ", ".join(f"{r['model']} {r['mean']:.1f}" for r in rows if r["task"] == t)
+    return f"{t} test MAE: {maes}; {len(done)}/{len(tasks)} tasks probed"
 
 
 def demo_train_config(cfg: Config) -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections import deque
@@ -59,6 +60,8 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
         log.info("train: %s is up to date with the tokens and config, skipping", ckpt)
         return {**json.loads(manifest.manifest_path(work_dir, "train").read_text())["summary"], "skipped": True}
     ckpt.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _set_aside(ckpt)
     with stage_run("train", work_dir, cfg, section="train", inputs=expected["inputs"]) as run:
         resolved = {**cfg.train.model_dump(mode="json"), "work_dir": str(work_dir.resolve()), "resume": resume}
         if cfg.tracking.enabled:
@@ -97,19 +100,27 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
     return {**summary, "skipped": False}
 
 
+def _set_aside(ckpt: Path) -> None:
+    """A fresh run starts from an empty folder: the previous run's checkpoints move to ``previous/`` (replacing
+    the one before), so they are neither lost nor mistaken for this run's."""
+    old = [*ckpt.glob("step-*.pt"), ckpt / "history.json"]
+    old = [p for p in old if p.exists()]
+    if not old:
+        return
+    previous = ckpt / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for p in old:
+        p.rename(previous / p.name)
+    log.info("train: the previous run's %d file(s) moved to %s", len(old), previous)
+
+
 def _register(checkpoint: Path, name: str) -> None:
     """Register the final target encoder as an MLflow model (state dict and config as artifacts)."""
     import mlflow
-    import torch
 
-    from geojepa.model.jepa import Encoder, ModelConfig
+    from geojepa.model.jepa import encoder_from_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    c = state["config"]
-    dims = tuple(state["model"][f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in state["model"]
-                 else 0 for i in range(3))
-    encoder = Encoder(ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"]))
-    encoder.load_state_dict({k.removeprefix("target_encoder."): v for k, v in state["model"].items()
-                             if k.startswith("target_encoder.")})
+    encoder, _ = encoder_from_checkpoint(checkpoint)
     mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder",
                              serialization_format="pickle")

@@ -166,6 +166,15 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
         mlflow.set_tracking_uri(None)
 
 
+def test_a_fresh_run_sets_the_previous_checkpoints_aside(w, cfg):
+    first = launch_train(w, _cfg(cfg, max_steps=3, modalities=("tags", "geometry")))
+    second = launch_train(w, _cfg(cfg, max_steps=2, modalities=("tags", "geometry")))
+    assert first["checkpoint"].endswith("step-00000003.pt") and second["checkpoint"].endswith("step-00000002.pt")
+    assert [p.name for p in (w / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
+    assert (w / "checkpoints" / "previous" / "step-00000003.pt").exists()
+    assert len(json.loads((w / "checkpoints" / "history.json").read_text())) == 2
+
+
 def test_training_benchmark_runs_on_cpu():
     import subprocess
     import sys

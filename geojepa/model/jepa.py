@@ -152,3 +152,19 @@ class GeoJEPA(nn.Module):
     def update_target(self, momentum: float) -> None:
         for t, s in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0) -> tuple[Encoder, dict]:
+    """The target encoder of a training checkpoint and its resolved train config; ``untrained``: the same
+    architecture freshly initialised with ``seed`` (the baseline a trained model must beat)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    c, weights = state["config"], state["model"]
+    dims = tuple(weights[f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in weights else 0
+                 for i in range(len(MODALITIES)))
+    cfg = ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"])
+    torch.manual_seed(seed)
+    encoder = Encoder(cfg)
+    if not untrained:
+        encoder.load_state_dict({k.removeprefix("target_encoder."): v for k, v in weights.items()
+                                 if k.startswith("target_encoder.")})
+    return encoder.eval(), c

@@ -45,18 +45,22 @@ class ShardDataset(torch.utils.data.Dataset):
         return self.table.num_rows
 
     def __getitem__(self, i: int) -> dict:
-        row = self.table.slice(i, 1).to_pylist()[0]
-        n = len(row["entity_id"])
-        item = {"index": i, "epos": np.asarray(row["entity_position"], np.float32).reshape(n, 8)}
-        if "tags" in self.modalities:
-            item["tags"] = np.asarray(row["tag"], np.float32).reshape(n, -1)
-        if "geometry" in self.modalities:
-            item["geometry"] = np.asarray(row["geometry"], np.float32).reshape(n, -1)
-        if "image" in self.modalities:
-            p = len(row["patch_position"]) // 8
-            item["image"] = np.asarray(row["image"], np.float32).reshape(p, -1)
-            item["ppos"] = np.asarray(row["patch_position"], np.float32).reshape(p, 8)
-        return item
+        return {"index": i, **row_item(self.table.slice(i, 1).to_pylist()[0], self.modalities)}
+
+
+def row_item(row: dict, modalities: tuple[str, ...]) -> dict:
+    """A token-shard row as per-modality (tokens, width) arrays plus positions (``epos``, ``ppos``)."""
+    n = len(row["entity_id"])
+    item = {"epos": np.asarray(row["entity_position"], np.float32).reshape(n, 8)}
+    if "tags" in modalities:
+        item["tags"] = np.asarray(row["tag"], np.float32).reshape(n, -1)
+    if "geometry" in modalities:
+        item["geometry"] = np.asarray(row["geometry"], np.float32).reshape(n, -1)
+    if "image" in modalities:
+        p = len(row["patch_position"]) // 8
+        item["image"] = np.asarray(row["image"], np.float32).reshape(p, -1)
+        item["ppos"] = np.asarray(row["patch_position"], np.float32).reshape(p, 8)
+    return item
 
 
 class LengthBatches(torch.utils.data.Sampler):
@@ -91,40 +95,52 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> TokenBatch:
         rng = np.random.default_rng([self.seed, self.epoch, *(it["index"] for it in items)])
-        feats = {m: [] for m in self.modalities}
-        rows = {m: 0 for m in self.modalities}
-        modality, slot, pos, doc = [], [], [], []
+        packed = pack(items, self.modalities)
         context, pred_src, pred_target, pred_doc = [], [], [], []
-        offset = n_pred = 0
-        for t, it in enumerate(items):
-            tok_mod, tok_slot, tok_pos = [], [], []
-            for m in self.modalities:
-                x = it[m]
-                feats[m].append(x)
-                tok_mod.append(np.full(len(x), MODALITIES[m]))
-                tok_slot.append(rows[m] + np.arange(len(x)))
-                tok_pos.append(it["ppos"] if m == "image" else it["epos"])
-                rows[m] += len(x)
-            tok_mod, tok_slot, tok_pos = map(np.concatenate, (tok_mod, tok_slot, tok_pos))
+        n_pred = 0
+        for start, tok_mod, tok_pos in packed.pop("tiles"):
             n = len(tok_mod)
-            centres = tok_pos.reshape(n, 4, 2).mean(1)
-            mask = make_mask(centres, tok_mod, rng, self.masks)
-            modality.append(tok_mod)
-            slot.append(tok_slot)
-            pos.append(tok_pos)
-            doc.append(np.full(n, t))
-            context.append(offset + mask.context)
+            mask = make_mask(tok_pos.reshape(n, 4, 2).mean(1), tok_mod, rng, self.masks)
+            context.append(start + mask.context)
             for block in mask.targets:  # one predictor document per (tile, block): the context, then the block
-                pred_src += [offset + mask.context, offset + block]
+                pred_src += [start + mask.context, start + block]
                 pred_target += [np.zeros(len(mask.context), bool), np.ones(len(block), bool)]
                 pred_doc.append(np.full(len(mask.context) + len(block), n_pred))
                 n_pred += 1
-            offset += n
         cat = np.concatenate
-        return TokenBatch(
-            features={MODALITIES[m]: torch.from_numpy(cat(feats[m]).astype(np.float32)) for m in self.modalities},
-            modality=torch.from_numpy(cat(modality)).long(), slot=torch.from_numpy(cat(slot)).long(),
-            pos=torch.from_numpy(cat(pos).astype(np.float32)), doc=torch.from_numpy(cat(doc)).long(),
-            n_tiles=len(items), context=torch.from_numpy(cat(context)).long(),
-            pred_src=torch.from_numpy(cat(pred_src)).long(), pred_is_target=torch.from_numpy(cat(pred_target)),
-            pred_doc=torch.from_numpy(cat(pred_doc)).long(), n_pred_docs=n_pred, pad_to_max=self.pad_to_max)
+        return TokenBatch(**packed, context=torch.from_numpy(cat(context)).long(),
+                          pred_src=torch.from_numpy(cat(pred_src)).long(),
+                          pred_is_target=torch.from_numpy(cat(pred_target)),
+                          pred_doc=torch.from_numpy(cat(pred_doc)).long(), n_pred_docs=n_pred,
+                          pad_to_max=self.pad_to_max)
+
+
+def pack(items: list[dict], modalities: tuple[str, ...]) -> dict:
+    """The tiles' tokens in one sequence: per tile, its tags tokens, then geometry, then image (the order the
+    encoder's outputs come back in). Returns TokenBatch fields plus ``tiles``: (first token, modality, positions)
+    per tile."""
+    feats = {m: [] for m in modalities}
+    rows = {m: 0 for m in modalities}
+    modality, slot, pos, doc, tiles = [], [], [], [], []
+    offset = 0
+    for t, it in enumerate(items):
+        tok_mod, tok_slot, tok_pos = [], [], []
+        for m in modalities:
+            x = it[m]
+            feats[m].append(x)
+            tok_mod.append(np.full(len(x), MODALITIES[m]))
+            tok_slot.append(rows[m] + np.arange(len(x)))
+            tok_pos.append(it["ppos"] if m == "image" else it["epos"])
+            rows[m] += len(x)
+        tok_mod, tok_slot, tok_pos = map(np.concatenate, (tok_mod, tok_slot, tok_pos))
+        modality.append(tok_mod)
+        slot.append(tok_slot)
+        pos.append(tok_pos)
+        doc.append(np.full(len(tok_mod), t))
+        tiles.append((offset, tok_mod, tok_pos))
+        offset += len(tok_mod)
+    cat = np.concatenate
+    return {"features": {MODALITIES[m]: torch.from_numpy(cat(feats[m]).astype(np.float32)) for m in modalities},
+            "modality": torch.from_numpy(cat(modality)).long(), "slot": torch.from_numpy(cat(slot)).long(),
+            "pos": torch.from_numpy(cat(pos).astype(np.float32)), "doc": torch.from_numpy(cat(doc)).long(),
+            "n_tiles": len(items), "tiles": tiles}

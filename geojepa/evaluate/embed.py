@@ -1,0 +1,103 @@
+"""Tile and entity embeddings from a frozen encoder, and the baselines' tile vectors.
+
+Tile embedding = concat(mean, max) of the encoder's layer-normed outputs over
+the tile's real tokens: tiles are packed, never padded, so nothing else can be
+counted (with ``pad_to_max`` the padded path gives the same numbers, which a
+test checks). Entity embedding = the mean of the entity's tokens (its tags and
+geometry tokens).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from geojepa.evaluate.labels import Task, strip
+from geojepa.model.jepa import Encoder, TokenBatch
+from geojepa.model.layers import Packing
+from geojepa.tokens.vocab import Vocab
+from geojepa.train.data import pack
+
+ENTITY_MODALITIES = ("tags", "geometry")
+
+
+@torch.no_grad()
+def embed(encoder: Encoder, items: list[dict], modalities: tuple[str, ...], batch_tiles: int = 64,
+          pad_to_max: bool = False, device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
+    """(tiles, 2 x width) tile embeddings and, per tile, (entities, width) entity embeddings."""
+    encoder = encoder.to(device).eval()
+    width = encoder.width
+    lengths = [sum(len(it[m]) for m in modalities) for it in items]
+    order = np.argsort(lengths, kind="stable")  # similar lengths together
+    tiles = np.zeros((len(items), 2 * width), np.float32)
+    entities: list[np.ndarray] = [np.zeros((0, width), np.float32)] * len(items)
+    empty = torch.zeros(0, dtype=torch.long)
+    for start in range(0, len(items), batch_tiles):
+        chunk = order[start : start + batch_tiles]
+        packed = pack([items[i] for i in chunk], modalities)
+        spans = packed.pop("tiles")
+        b = TokenBatch(**packed, context=empty, pred_src=empty, pred_is_target=empty.bool(), pred_doc=empty,
+                       n_pred_docs=0, pad_to_max=pad_to_max).to(device)
+        out = encoder(encoder.embed(b), Packing(b.doc, b.n_tiles, pad_to_max)).float()
+        out = F.layer_norm(out, (width,))  # the space the predictor was trained to predict
+        count = torch.bincount(b.doc, minlength=b.n_tiles).clamp_min(1).unsqueeze(1)
+        mean = torch.zeros(b.n_tiles, width, device=device).index_add_(0, b.doc, out) / count
+        idx = b.doc.unsqueeze(1).expand(-1, width)
+        mx = torch.full((b.n_tiles, width), -torch.inf, device=device).scatter_reduce(0, idx, out, "amax")
+        tiles[chunk] = torch.cat([mean, mx], 1).cpu().numpy()
+        out = out.cpu().numpy()
+        for i, (first, _, _) in zip(chunk, spans, strict=True):
+            n = len(items[i]["epos"])
+            blocks = [m for m in modalities if m in ENTITY_MODALITIES]
+            if blocks:
+                parts = [out[first + j * n : first + (j + 1) * n] for j in range(len(blocks))]
+                entities[i] = np.mean(parts, axis=0)
+    return tiles, entities
+
+
+def masked_items(items: list[dict], entity_tags: list[list[list[tuple[str, str]]]], task: Task,
+                 vocab: Vocab) -> tuple[list[dict], list[list[list[tuple[str, str]]]]]:
+    """The items with the task's label-defining tags removed: changed entities get new tag vectors, entities
+    left with no tags are dropped. Returns the new items and their entities' tags."""
+    out_items, out_tags = [], []
+    for it, tags in zip(items, entity_tags, strict=True):
+        kept_tags = [strip(task, t) for t in tags]
+        keep = np.array([len(t) > 0 for t in kept_tags], bool)
+        changed = np.array([len(k) != len(t) for k, t in zip(kept_tags, tags, strict=True)], bool)
+        new = {**it, "epos": it["epos"][keep]}
+        if "tags" in it:
+            vec = it["tags"].copy()
+            if changed.any():
+                vec[changed] = vocab.tag_vectors([kept_tags[i] for i in np.flatnonzero(changed)])
+            new["tags"] = vec[keep]
+        if "geometry" in it:
+            new["geometry"] = it["geometry"][keep]
+        out_items.append(new)
+        out_tags.append([t for t, k in zip(kept_tags, keep, strict=True) if k])
+    return out_items, out_tags
+
+
+def tag_pool(items: list[dict]) -> np.ndarray:
+    """TagPool baseline: the mean of the tile's entities' tag vectors."""
+    return np.stack([it["tags"].mean(0) if len(it["tags"]) else np.zeros(it["tags"].shape[1], np.float32)
+                     for it in items]).astype(np.float32)
+
+
+def bag_of_tags(entity_tags: list[list[list[tuple[str, str]]]], fit_on: np.ndarray, n_features: int) -> np.ndarray:
+    """Bag-of-tags baseline (the count-embedder idea): log(1 + count) of each key and key=value over the tile's
+    entities, for the ``n_features`` most frequent ones among the ``fit_on`` tiles."""
+
+    def features(tile):
+        return [f for tags in tile for k, v in tags for f in (k, f"{k}={v}")]
+
+    freq = Counter(f for i in fit_on for f in set(features(entity_tags[i])))
+    vocab = {f: j for j, (f, _) in enumerate(sorted(freq.items(), key=lambda x: (-x[1], x[0]))[:n_features])}
+    out = np.zeros((len(entity_tags), max(len(vocab), 1)), np.float32)
+    for i, tile in enumerate(entity_tags):
+        for f, n in Counter(features(tile)).items():
+            if f in vocab:
+                out[i, vocab[f]] = n
+    return np.log1p(out)

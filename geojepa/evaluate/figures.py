@@ -1,0 +1,135 @@
+"""Pictures of an evaluation: kNN galleries (PNG + HTML), the embedding map, the region in PCA colours,
+training curves. Matplotlib without a display."""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import shapely  # noqa: E402
+
+from geojepa.evaluate.knn import CLASSES  # noqa: E402
+
+log = logging.getLogger(__name__)
+COLOURS = {c: plt.get_cmap("tab20")(i) for i, c in enumerate((*CLASSES, "other"))}
+
+
+def draw_tile(ax, geometries: list[bytes], classes: list[str], image: np.ndarray | None = None,
+              highlight: int | None = None) -> None:
+    """A tile as a small map: its image (north up) under its entities, coloured by tag class; with
+    ``highlight``, that entity in colour and the others grey."""
+    if image is not None:
+        ax.imshow(image[..., :3], extent=(0, 1, 0, 1), origin="upper", alpha=0.55)
+    for j, (g, c) in enumerate(zip(shapely.from_wkb(geometries), classes, strict=True)):
+        colour = COLOURS[c] if highlight is None or j == highlight else (0.75, 0.75, 0.75, 1)
+        z, lw = (3, 1.6) if j == highlight else (2, 0.8)
+        for part in getattr(g, "geoms", [g]):
+            if part.geom_type == "Polygon":
+                x, y = part.exterior.xy
+                ax.fill(x, y, color=colour, alpha=0.6, lw=0.3, zorder=z)
+            elif part.geom_type == "LineString":
+                ax.plot(*part.xy, color=colour, lw=lw, zorder=z)
+            elif part.geom_type == "Point":
+                ax.plot(part.x, part.y, "o", color=colour, ms=2.5 if j != highlight else 5, zorder=z)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal")
+
+
+def gallery(png: Path, page: Path, title: str, rows: list[list[tuple[str, float, dict]]]) -> None:
+    """One row per query: the query, then its neighbours. Each cell: (label, similarity, draw_tile kwargs)."""
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, 2.3 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            label, sim, kwargs = row[c]
+            draw_tile(ax, **kwargs)
+            ax.set_title(("query\n" if c == 0 else f"#{c}  cos {sim:.3f}\n") + label, fontsize=6)
+    handles = [plt.Line2D([], [], color=COLOURS[c], lw=4) for c in COLOURS]
+    fig.legend(handles, list(COLOURS), loc="lower center", ncol=9, fontsize=6, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{'query' if c == 0 else f'#{c} ({s:.3f})'}<br><code>{html.escape(label)}</code></td>"
+                         for c, (label, s, _) in enumerate(row)) + "</tr>" for row in rows)
+    page.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<h1>{html.escape(title)}</h1><img src='{png.name}' style='max-width:100%'>"
+                    f"<table border=1 cellpadding=4 style='border-collapse:collapse;font-size:12px'>{body}</table>")
+
+
+def embedding_map(emb: np.ndarray, colour: np.ndarray, label: str, path: Path, method: str, seed: int) -> str:
+    """2-D map of the embeddings (UMAP, or PCA for few points or when asked), coloured by ``colour``."""
+    if method == "umap" and len(emb) >= 10:
+        import umap
+
+        xy = umap.UMAP(n_neighbors=min(15, len(emb) - 1), metric="cosine", random_state=seed,
+                       n_jobs=1).fit_transform(emb)
+    else:
+        method = "pca"
+        xy = pca(emb, 2)
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour, s=12, cmap="viridis")
+    fig.colorbar(sc, ax=ax, label=label)
+    ax.set_title(f"tile embeddings ({method.upper()}), coloured by {label}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return method
+
+
+def pca(x: np.ndarray, n: int) -> np.ndarray:
+    x = x - x.mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    out = u[:, :n] * s[:n]
+    return np.pad(out, ((0, 0), (0, n - out.shape[1])))
+
+
+def region_map(footprints: list[bytes], emb: np.ndarray, path: Path, title: str) -> None:
+    """The region's tiles filled with the RGB of their embedding's first three principal components."""
+    pcs = pca(emb, 3)
+    lo, hi = pcs.min(0), pcs.max(0)
+    rgb = (pcs - lo) / np.where(hi > lo, hi - lo, 1)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for g, c in zip(shapely.from_wkb(footprints), rgb, strict=True):
+        x, y = g.exterior.xy
+        ax.fill(x, y, color=tuple(c), lw=0.2, ec="white")
+    ax.set_aspect(1 / np.cos(np.radians(np.mean(ax.get_ylim()))))
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(history: list[dict], path: Path) -> bool:
+    if not history:
+        return False
+    steps = [h["step"] for h in history]
+    keys = [k for k in ("loss", "jepa", "var", "cov", "lr", "std") if k in history[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.4), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        ax.plot(steps, [h[k] for h in history], lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,53 @@
+"""The evaluation report: one Markdown page with the results table, the task notes and the pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRICS = ("mae", "r2", "accuracy", "roc_auc")
+
+
+def _cell(r: dict | None) -> str:
+    if r is None or r["mean"] is None:
+        return "-"
+    return f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["seeds"] > 1 else "")
+
+
+def results_markdown(results: list[dict]) -> str:
+    """One table per (setting, task): rows (model, probe), columns the metrics, test split, mean ± std over seeds."""
+    out = []
+    keys = sorted({(r["setting"], r["task"]) for r in results}, key=lambda k: (k[0] != "masked", k[1]))
+    for setting, task in keys:
+        rows = [r for r in results if r["setting"] == setting and r["task"] == task]
+        metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+        first = rows[0]
+        out.append(f"### {task} ({setting}; {first['n_train']} train / {first['n_test']} test tiles)\n")
+        out.append("| model | probe | " + " | ".join(metrics) + " |")
+        out.append("|---|---|" + "---|" * len(metrics))
+        for model, probe in dict.fromkeys((r["model"], r["probe"]) for r in rows):
+            cells = {r["metric"]: r for r in rows if r["model"] == model and r["probe"] == probe}
+            out.append(f"| {model} | {probe} | " + " | ".join(_cell(cells.get(m)) for m in metrics) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(path: Path, results: list[dict], summary: dict, region: str) -> None:
+    lines = [f"# GeoJEPA evaluation: {region}", "",
+             f"Checkpoint `{summary['checkpoint']}`; {summary['tiles']} tiles, {summary['entities']} entity "
+             f"embeddings; {summary['seconds']} s.", "",
+             "*masked*: the task's label-defining tags were removed from every entity of its tiles before "
+             "embedding (entities left without tags removed). *unmasked*: the original tiles, for reference only. "
+             "Probes: mean ± std over seeds on the test split; *knn*: mean label of the k nearest training tiles; "
+             "*untrained*: the same architecture at random initialisation.", "", "## Tasks", "",
+             "| task | tiles | emptied by masking | train | val | test | skipped |", "|---|---|---|---|---|---|---|"]
+    for name, n in summary["tasks"].items():
+        lines.append(f"| {name} | {n['tiles']} | {n['emptied_by_masking']} | {n['train_tiles']} | {n['val_tiles']} | "
+                     f"{n['test_tiles']} | {n['skipped'] or ''} |")
+    lines += ["", "## Results (test split)", "", results_markdown(results) or "No task had enough tiles.", "",
+              "## Retrieval", "", "Mean tag-class histogram intersection between each tile and its k nearest tiles "
+              "(1: the same mix of buildings, roads, shops, ...).", "", "| model | agreement |", "|---|---|"]
+    lines += [f"| {m} | {v:.3f} |" for m, v in summary["agreement"].items()]
+    lines += ["", "## Pictures", ""]
+    lines += [f"![{name}]({file})" if file.endswith(".png") else f"[{name}]({file})"
+              for name, file in summary["pictures"].items()]
+    path.write_text("\n".join(lines) + "\n")
