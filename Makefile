@@ -10,7 +10,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m geojepa.demo
+	$(PY) -m flows.pipeline
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ from data_contracts.io import (
     read_table,
     replace_folder,
     schema_diff,
+    sweep,
     write_table,
 )
 from data_contracts.schemas import (
@@ -31,5 +32,5 @@ from data_contracts.schemas import (
 __all__ = [
     "ALL", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
-    "replace_folder", "schema_diff", "write_table",
+    "replace_folder", "schema_diff", "sweep", "write_table",
 ]

@@ -55,6 +55,38 @@ def replace_folder(tmp: Path | str, final: Path | str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def sweep(folder: Path | str) -> list[str]:
+    """Clean up after a process that was killed while writing into ``folder``: remove its temporaries
+    (``.NAME.tmp-PID``) and put back a folder it had moved aside (``.NAME.old-PID``) before its
+    replacement was in place. Live processes' files are left alone. Returns what it did."""
+    done = []
+    for p in sorted(Path(folder).glob(".*.*-*")):
+        name, sep, pid = p.name.rpartition("-")
+        kind = name.rsplit(".", 1)[-1]
+        if not sep or kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        final = p.with_name(name[1 : -len(kind) - 1])
+        if kind == "old" and not final.exists():
+            os.replace(p, final)
+            done.append(f"restored {final.name}")
+        else:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            done.append(f"removed {p.name}")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def schema_diff(expected: pa.Schema, actual: pa.Schema) -> list[str]:
     """Human-readable differences between two schemas (names and types; order ignored)."""
     problems = []

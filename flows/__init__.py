@@ -1,4 +1,10 @@
-"""Prefect flows that chain the stages (build-tiles, cache-tokens, train, evaluate, pipeline).
+"""Prefect flows that chain the stages: build-tiles, cache-tokens, train, evaluate, pipeline, retrain.
 
-Flows compose the thin wrappers in ``tasks/``; the library ``geojepa`` never imports Prefect.
+Flows compose the thin wrappers in ``tasks/``; the library ``geojepa`` never imports Prefect. Its
+loggers are forwarded into the flow runs' logs.
 """
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "geojepa")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry

@@ -174,13 +174,5 @@ def fetch_osm(
     _run(lambda: str(fetch_region(region, work_dir, index_url=index_url)))
 
 
-@app.command()
-def demo() -> None:
-    """Run the pipeline on the bundled sample regions into ./work (offline, embedded MLflow)."""
-    from geojepa.demo import main
-
-    _run(main)
-
-
 if __name__ == "__main__":
     app()

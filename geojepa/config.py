@@ -153,6 +153,16 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None
     experiment: str = "geojepa"
+    parent_run_id: str | None = None  # group the stage runs under this run (a pipeline run sets it)
+
+
+class OrchestrationConfig(Section):
+    """How the Prefect flows run the data stages' partitions (the library itself never imports Prefect)."""
+
+    task_runner: Literal["threads", "dask"] = "threads"  # dask: prefect-dask's DaskTaskRunner
+    dask_address: str | None = None  # a running Dask scheduler (tcp://host:8786); None: a local cluster
+    dask_workers: int = Field(2, gt=0)  # local cluster: worker processes
+    partitions_in_flight: int = Field(8, gt=0)  # partition tasks submitted at a time (bounds memory)
 
 
 class Config(Section):
@@ -163,6 +173,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     synth: SynthConfig = SynthConfig()
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

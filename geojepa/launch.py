@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -50,8 +51,11 @@ def check_inputs(work_dir: Path, cfg: Config, nproc: int) -> None:
 
 
 def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, echo: Callable[[str], object] | None = None) -> dict:
+    """Run torchrun on ``work_dir``'s shards; each line it prints goes to ``echo`` (default: this module's
+    logger), and a non-zero exit raises with the last 40 lines."""
     work_dir = Path(work_dir)
+    manifest.recover(work_dir)
     check_inputs(work_dir, cfg, nproc)
     ckpt = work_dir / "checkpoints"
     expected = manifest.expected_manifest("train", {"tokens": work_dir / "tokens"}, cfg.train.model_dump(mode="json"),
@@ -85,7 +89,7 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             tail.append(line.rstrip())
-            log.info("%s", line.rstrip())
+            (echo or log.info)(line.rstrip())
         code = proc.wait()
         if code != 0:
             raise GeoJepaError(f"training failed (torchrun exit {code}); last lines:\n" + "\n".join(tail))

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import geojepa
-from data_contracts import atomic_path
+from data_contracts import atomic_path, sweep
+
+log = logging.getLogger(__name__)
+
+
+def recover(work_dir: Path) -> None:
+    """Undo what a killed earlier run left half-done in ``work_dir`` (see ``data_contracts.sweep``)."""
+    for action in sweep(work_dir):
+        log.warning("%s: %s (left by a run that was killed)", work_dir, action)
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 23) -> str:

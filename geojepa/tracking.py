@@ -78,19 +78,62 @@ def stage_run(stage: str, work_dir: Path, cfg: Config, section: str | None = Non
         return
     import mlflow  # lazy: absent on training hosts
 
-    uri = tracking_uri(work_dir, cfg.tracking)
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    uri = _use_store(work_dir, cfg.tracking)
     tags = {"stage": stage, "work_dir": str(work_dir.resolve()), "git_revision": git_revision()}
     tags.update({f"input_sha256.{k}": v for k, v in (inputs or {}).items()})
-    with mlflow.start_run(run_name=f"{stage} {work_dir.name}", nested=mlflow.active_run() is not None, tags=tags):
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=f"{stage} {work_dir.name}", nested=nested, tags=tags,
+                          parent_run_id=None if nested else cfg.tracking.parent_run_id):
         config = cfg.model_dump(mode="json")
         mlflow.log_params(flatten(config[section] if section else config, f"{section}." if section else ""))
         mlflow.log_dict(config, "config.json")
         log.info("MLflow run for %s in %s", stage, uri)
         yield StageRun(mlflow)
+
+
+def _use_store(work_dir: Path, cfg: TrackingConfig) -> str:
+    """Point mlflow at the store and experiment (created with an artifact folder beside a SQLite store)."""
+    import mlflow
+
+    uri = tracking_uri(work_dir, cfg)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+@contextlib.contextmanager
+def parent_run(work_dir: Path, cfg: Config, name: str, tags: dict[str, str] | None = None) -> Iterator[str | None]:
+    """An MLflow run that groups one pipeline run's stage runs (pass its id as ``tracking.parent_run_id``);
+    FINISHED or FAILED with the block. Yields None when tracking is off."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    from mlflow import MlflowClient
+
+    uri = _use_store(work_dir, cfg.tracking)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = client.create_run(exp.experiment_id, run_name=name,
+                            tags={"stage": "pipeline", "git_revision": git_revision(), **(tags or {})})
+    status = "FAILED"
+    try:
+        yield run.info.run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status)
+
+
+def run_link(work_dir: Path, cfg: Config, run_id: str) -> str:
+    """The run's page in the MLflow UI (``mlflow ui``/``mlflow server`` on port 5000 unless the store is
+    a server)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(work_dir, cfg.tracking)
+    exp = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id}"

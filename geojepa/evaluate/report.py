@@ -51,3 +51,16 @@ def write_report(path: Path, results: list[dict], summary: dict, region: str) ->
     lines += [f"![{name}]({file})" if file.endswith(".png") else f"[{name}]({file})"
               for name, file in summary["pictures"].items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def headline(results: list[dict], tasks: dict) -> str:
+    """One line for a summary table: the first probed task's masked test MAE per model (MLP probes and
+    Dummy), or why no task was probed."""
+    rows = [r for r in results if r["setting"] == "masked" and r["metric"] == "mae" and r["probe"] in ("mlp", "median")]
+    done = sorted({r["task"] for r in rows})
+    if not done:
+        reasons = {n["skipped"] for n in tasks.values()}
+        return f"no task probed ({'; '.join(sorted(reasons))}); retrieval and pictures only"
+    t = done[0]
+    maes = ", ".join(f"{r['model']} {r['mean']:.1f}" for r in rows if r["task"] == t)
+    return f"{t} test MAE (MLP): {maes}; {len(done)}/{len(tasks)} tasks probed"

@@ -58,6 +58,7 @@ def last_checkpoint(work_dir: Path) -> Path:
 
 def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = None, force: bool = False) -> dict:
     work_dir = Path(work_dir)
+    manifest.recover(work_dir)
     section = cfg.evaluate
     ckpt = Path(checkpoint or section.checkpoint or last_checkpoint(work_dir))
     if not ckpt.is_file():

@@ -87,6 +87,7 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if section.bbox is not None:
         _check_bbox(pbf, header_box, section.bbox)
     _check_work_dir(work_dir)
+    manifest.recover(work_dir)
     out = work_dir / ENTITIES_FILE
 
     expected = manifest.expected_manifest("extract", {"pbf": pbf}, section.model_dump(mode="json"),

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,10 +224,14 @@ def _imagery_spec(imagery) -> dict:
     return {"imagery": [str(i) for i in items], "files": files}
 
 
-def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, force: bool = False) -> dict:
+def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, force: bool = False,
+         map_partitions: Callable[[Callable[[tuple[int, int]], Cut], list], Iterable[Cut]] | None = None) -> dict:
     """Tile ``work_dir/entities.parquet``; ``imagery``: None, "render", "naip", "stac+URL#collection",
-    or GeoTIFF path(s) / a folder."""
+    or GeoTIFF path(s) / a folder. ``map_partitions(work, parts)`` runs ``work`` over the partitions and
+    yields the results in order (default: ``tile.threads`` threads; the Prefect flow passes mapped tasks,
+    locally or on a Dask cluster: ``work`` writes its shards itself, so W must be shared storage)."""
     work_dir = Path(work_dir)
+    manifest.recover(work_dir)
     section = cfg.tile
     entities = work_dir / "entities.parquet"
     region = plan_region(entities, section)
@@ -264,7 +269,8 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                                     TILE_IMAGES)
                 return c
 
-            for c in bounded_map(work, parts, section.threads):
+            run_all = map_partitions or (lambda fn, items: bounded_map(fn, items, section.threads))
+            for c in run_all(work, parts):
                 pa.default_memory_pool().release_unused()
                 stats.update(c.stats)
                 if c.entities is None:

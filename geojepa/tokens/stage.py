@@ -175,6 +175,7 @@ def _n_patches(img: dict | None, cfg: TokensConfig) -> int:
 def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False) -> dict:
     """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``."""
     work_dir = Path(work_dir)
+    manifest.recover(work_dir)
     section = cfg.tokens
     paths = {"tiles": work_dir / "tiles.parquet", "tile_entities": work_dir / "tile_entities.parquet",
              "tile_images": work_dir / "tile_images.parquet"}

@@ -1,0 +1,86 @@
+"""One ``@task`` per stage. Each loads the config from its path and overrides (plain strings, so deployments
+and Dask workers can carry them), calls the stage, and logs whether it ran or was skipped (manifests).
+
+Bad input (``GeoJepaError``, ``ContractError``) is never retried; network steps retry with backoff.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from data_contracts import ContractError
+from geojepa.config import Config, load_config
+from geojepa.errors import GeoJepaError
+
+
+def config(path: str | None, overrides: list[str] | None) -> Config:
+    return load_config(path, overrides or [])
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry failures that may pass on a second try (network, a killed worker), not bad input."""
+    return not isinstance(state.result(raise_on_failure=False), GeoJepaError | ContractError)
+
+
+def log_outcome(stage: str, summary: dict) -> dict:
+    logger = get_run_logger()
+    if summary.get("skipped"):
+        logger.info("%s: inputs, config and code unchanged since the last run: skipped", stage)
+    else:
+        logger.info("%s: done: %s", stage, {k: v for k, v in summary.items()
+                                             if isinstance(v, int | float | str) and k != "skipped"})
+    return summary
+
+
+@task(name="fetch-osm", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=30),
+      retry_condition_fn=_retry_unless_bad_input)
+def fetch_osm(region: str, work_dir: str, index_url: str) -> str:
+    from geojepa.extract.fetch import fetch_region
+
+    return str(fetch_region(region, work_dir, index_url=index_url))
+
+
+@task(name="extract", cache_policy=NO_CACHE)
+def extract(pbf: str, work_dir: str, config_path: str | None, overrides: list[str] | None) -> dict:
+    from geojepa.extract import extract as run
+
+    return log_outcome("extract", run(Path(pbf), Path(work_dir), config(config_path, overrides)))
+
+
+@task(name="cut-partition", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_bad_input)
+def cut_partition(work, part: tuple[int, int]):
+    """One tile partition: ``work`` (from ``geojepa.tile.tile``) cuts it and writes its shards."""
+    return work(part)
+
+
+@task(name="tokens", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=30),
+      retry_condition_fn=_retry_unless_bad_input)
+def tokens(work_dir: str, config_path: str | None, overrides: list[str] | None, train_geometry: bool = False) -> dict:
+    """Tokens (the Voyage API, when used, retries per request too; embedded texts are kept between tries)."""
+    from geojepa.tokens import tokens as run
+
+    return log_outcome("tokens", run(Path(work_dir), config(config_path, overrides), train_geometry=train_geometry))
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(work_dir: str, config_path: str | None, overrides: list[str] | None, nproc: int = 1, resume: bool = False,
+          nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
+    """torchrun in a subprocess; its output streams into this task's log, a failure carries its last lines."""
+    from geojepa.launch import train as run
+
+    logger = get_run_logger()
+    summary = run(Path(work_dir), config(config_path, overrides), nproc=nproc, nnodes=nnodes,
+                  rdzv_endpoint=rdzv_endpoint, resume=resume, echo=logger.info)
+    return log_outcome("train", summary)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(work_dir: str, config_path: str | None, overrides: list[str] | None,
+             checkpoint: str | None = None) -> dict:
+    from geojepa.evaluate import evaluate as run
+
+    return log_outcome("evaluate", run(Path(work_dir), config(config_path, overrides), checkpoint=checkpoint))
