@@ -23,8 +23,12 @@ def task_runner(cfg: Config):
 
     if o.dask_address:
         return DaskTaskRunner(address=o.dask_address)
+    # Local workers report their task runs to this flow's API (the temporary local one included).
+    from prefect.client.orchestration import get_client
+
+    env = {"PREFECT_API_URL": str(get_client().api_url).rstrip("/")}
     return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "env": env})
 
 
 def key(*parts: str) -> str:

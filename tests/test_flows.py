@@ -1,0 +1,205 @@
+"""Prefect flows on the Kotka sample against a real (temporary) Prefect API: the pipeline end to end with
+MLflow grouping and artifacts, skipping on re-runs, failures, a stage killed mid-way, Dask partitions,
+the deployments file and the compose stack."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from data_contracts import TILE_ENTITIES, TOKENS, read_table
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["train.width=32", "train.depth=1", "train.heads=2", "train.mlp=64", "train.pred_width=16",
+        "train.pred_depth=1", "train.pred_heads=2", "train.batch_tiles=8", "train.max_steps=3", "train.num_workers=0",
+        "train.device=cpu", "tokens.geometry_epochs=1", "tokens.geometry_max_shapes=800", "tokens.geometry_dim=32",
+        "evaluate.seeds=2", "evaluate.max_epochs=40", "evaluate.patience=5", "evaluate.map=pca",
+        "evaluate.gallery_queries=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory):
+    """The pipeline flow on Kotka, with MLflow on, into a fresh work root."""
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    rows = pipeline(regions=["kotka"], work_root=str(root), overrides=FAST)
+    return root, rows
+
+
+def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped):
+    import mlflow
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    root, rows = piped
+    assert [r["stage"] for r in rows] == ["extract", "tile", "tokens", "train", "evaluate"]
+    assert not any(r["result"].startswith("unchanged") for r in rows)
+    assert (root / "kotka" / "eval" / "report.md").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("geojepa")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert children == {"extract", "tile", "tokens", "train", "evaluate"}
+
+    with get_client(sync_client=True) as c:
+        keys = {a.key for a in c.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pipeline-kotka", "build-tiles-kotka", "mlflow-kotka", "evaluation-kotka"])))}
+    assert keys == {"pipeline-kotka", "build-tiles-kotka", "mlflow-kotka", "evaluation-kotka"}
+
+
+def test_rerun_on_unchanged_inputs_skips_every_stage_and_says_so(piped, caplog):
+    from flows.pipeline import pipeline
+
+    root, _ = piped
+    rows = pipeline(regions=["kotka"], work_root=str(root), overrides=FAST)
+    assert all(r["result"].startswith("unchanged") for r in rows), rows
+    assert "unchanged since the last run: skipped" in caplog.text
+
+
+def test_a_failed_training_fails_the_flow_with_the_tail_of_its_log(piped):
+    from flows.train import train
+
+    root, _ = piped
+    w = root / "kotka"
+    before = (w / "manifests" / "tokens.json").read_bytes()
+    state = train(str(w), overrides=[*FAST, "train.batch_tiles=7", "train.accumulate=2"], return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "torchrun exit" in message and "not divisible" in message  # the child's own error, from the log tail
+    assert (w / "manifests" / "tokens.json").read_bytes() == before
+
+
+def test_a_missing_pbf_fails_build_tiles_naming_the_file(tmp_path):
+    from flows.build_tiles import build_tiles
+
+    state = build_tiles(region="x", pbf=str(tmp_path / "nope.osm.pbf"), work_dir=str(tmp_path / "w"),
+                        overrides=["tracking.enabled=false"], return_state=True)
+    assert state.is_failed()
+    assert "nope.osm.pbf" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "w" / "entities.parquet").exists()
+
+
+def test_a_stage_killed_midway_leaves_earlier_artifacts_and_the_next_run_resumes_there(piped, tmp_path):
+    """Tiles are built; SIGKILL the first tokens run while it writes its shards. The tile artifacts stay
+    intact, no half-written shards appear, and the next pipeline run skips extract and tile, cleans up and
+    finishes the tokens."""
+    from flows.build_tiles import build_tiles
+    from flows.cache_tokens import cache_tokens
+    from geojepa import manifest
+
+    root, _ = piped
+    w = tmp_path / "kotka"
+    w.mkdir()
+    for name in ("entities.parquet", "tiles.parquet", "tile_entities.parquet", "tile_images.parquet", "manifests"):
+        (shutil.copytree if (root / "kotka" / name).is_dir() else shutil.copy)(root / "kotka" / name, w / name)
+    for later in ("tokens", "train", "evaluate"):
+        (w / "manifests" / f"{later}.json").unlink()
+    tiles_hash = manifest.file_sha256(w / "tile_entities.parquet")
+    overrides = ["tracking.enabled=false", *FAST]
+    cmd = [sys.executable, "-m", "geojepa.cli", "tokens", str(w), *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(w.glob(".tokens.tmp-*/*.parquet")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
+    assert list(w.glob(".tokens.tmp-*")) and not (w / "tokens").exists()  # died mid-write, published nothing
+    assert manifest.file_sha256(w / "tile_entities.parquet") == tiles_hash
+
+    rows = build_tiles(region="kotka", work_dir=str(w), overrides=overrides)
+    assert all(r["result"].startswith("unchanged") for r in rows)
+    summary = cache_tokens(str(w), overrides=overrides)
+    assert not summary["skipped"] and summary["tiles"] > 0
+    assert read_table(w / "tokens", TOKENS, columns=["tile_id"]).num_rows == summary["tiles"]
+    assert not list(w.glob(".*.tmp-*"))
+
+
+def test_dask_task_runner_cuts_the_same_tiles_as_threads(tmp_path):
+    from flows.build_tiles import build_tiles
+
+    out = {}
+    for runner in ("threads", "dask"):
+        w = tmp_path / runner
+        build_tiles(region="kotka", work_dir=str(w), overrides=[
+            "tracking.enabled=false", f"orchestration.task_runner={runner}", "tile.partition_groups=1"])
+        t = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "geometry"])
+        out[runner] = t.sort_by([("tile_id", "ascending"), ("entity_id", "ascending"), ("geometry", "ascending")])
+    assert out["dask"].num_rows > 1000 and out["dask"].equals(out["threads"])
+    assert pc.count_distinct(out["dask"]["tile_id"]).as_py() > 20
+
+
+def test_deployments_name_real_flows_with_valid_parameters_and_a_retraining_schedule():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = set()
+    for d in spec["deployments"]:
+        f = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        f.validate_parameters(d.get("parameters", {}))
+        names.add(f"{f.name}/{d['name']}")
+        assert d["work_pool"]["name"] == "geojepa-process"
+    assert {"build-tiles/sample", "pipeline/sample", "retrain/sample"} <= names
+    retrain = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":retrain"))
+    assert retrain["schedules"][0]["cron"]
+
+
+def test_the_library_never_imports_prefect():
+    code = ("import pkgutil, importlib, sys, geojepa\n"
+            "for m in pkgutil.walk_packages(geojepa.__path__, 'geojepa.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "assert 'prefect' not in sys.modules, 'prefect imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _compose() -> list[str] | None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
+            return cmd
+    return None
+
+
+@pytest.mark.skipif(_compose() is None, reason="neither `docker compose` nor docker-compose is installed")
+def test_compose_stack_is_valid_and_wired(tmp_path):
+    raw = (ROOT / "docker-compose.yml").read_text()
+    out = subprocess.run([*_compose(), "--env-file", str(ROOT / ".env.example"), "config"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    for name, s in services.items():
+        for port in s.get("ports", []):
+            host = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
+            assert host == "127.0.0.1", (name, port)
+    assert "postgres/mlflow" in str(services["mlflow"]["command"]) and "s3://mlflow" in str(services["mlflow"]["command"])
+    assert "@postgres:5432/prefect" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    worker = services["prefect-worker"]
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "geojepa-process" in str(worker["command"]) and "deploy --all" in str(worker["command"])
+    # No secret in the file itself: every credential comes from the environment (.env).
+    for secret in ("change-me", "change-me-too"):
+        assert secret not in raw
+    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD" in raw and "MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD" in raw
