@@ -21,6 +21,7 @@ bench: $(VENV_STAMP)
 	$(PY) bench/tile.py
 	$(PY) bench/tokens.py
 	$(PY) bench/train.py
+	$(PY) bench/knn.py
 
 clean:
 	rm -rf work/ .pytest_cache

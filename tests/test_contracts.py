@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_contracts import ALL, TAG_VOCAB, TASK_LABELS, ContractError, ArtifactWriter, read_table, write_table
+from data_contracts import ALL, TAG_VOCAB, TASK_LABELS, ContractError, ArtifactWriter, read_table, sweep, write_table
 
 
 def _labels(n=3):
@@ -16,7 +16,7 @@ def _labels(n=3):
 
 def test_every_artifact_has_a_versioned_schema():
     assert set(ALL) == {"entities", "tiles", "tile_entities", "tile_images", "tag_vocab", "tokens", "embeddings",
-                        "task_labels"}
+                        "task_labels", "eval_results"}
     for contract in ALL.values():
         assert contract.version >= 1 and len(contract.schema) > 0
 
@@ -72,3 +72,21 @@ def test_failed_write_keeps_the_earlier_artifact(tmp_path):
         raise RuntimeError("crash in the middle of a stage")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["labels.parquet"]
+
+
+def test_sweep_undoes_what_a_killed_writer_left_and_spares_live_ones(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".tokens.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".tokens.tmp-{dead.pid}" / "train-00000.parquet").write_bytes(b"half")
+    (tmp_path / f".entities.parquet.tmp-{dead.pid}").write_bytes(b"half")
+    (tmp_path / f".eval.old-{dead.pid}").mkdir()  # moved aside, replacement never put in place
+    (tmp_path / f".eval.old-{dead.pid}" / "report.md").write_text("earlier")
+    (tmp_path / f".tiles.parquet.tmp-{os.getpid()}").write_bytes(b"being written")  # a live writer's
+    done = sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", f".tiles.parquet.tmp-{os.getpid()}"])
+    assert (tmp_path / "eval" / "report.md").read_text() == "earlier"
+    assert len(done) == 3
