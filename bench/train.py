@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="tiles per batch")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile the blocks of both models (auto: on a GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -107,12 +109,15 @@ def main() -> None:
     per_batch = args.batch or (96 if gpu else 8)
     steps = args.steps or (30 if gpu else 6)
     tiles = synthetic_tiles(args.tiles or per_batch * 8, seed=0)
-    print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}; model {size}; {len(tiles)} tiles, "
+    print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}; model {size}; compile {args.compile}; "
+          f"{len(tiles)} tiles, "
           f"{per_batch} per batch, median {int(np.median([len(t['epos']) for t in tiles]))} entities")
     results = {}
     for name, bucketed, pad in (("packed+bucketed", True, False), ("padded baseline", False, True)):
         torch.manual_seed(0)
         model = GeoJEPA(ModelConfig(dims=(DIM, DIM, 0), **size)).to(device)
+        if args.compile == "on" or (args.compile == "auto" and gpu):
+            model.compile_blocks()
         collate = Collator(("tags", "geometry"), {"tags": DIM, "geometry": DIM, "image": 0}, seed=0, pad_to_max=pad)
         data = [collate(b) for b in batches(tiles, per_batch, bucketed, seed=1)]
         if not bucketed:  # the baseline pads every tile to the batch's longest: count the padding too

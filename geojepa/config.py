@@ -110,6 +110,7 @@ class TrainConfig(Section):
     checkpoint_every: int = 500
     keep_last: int = 3
     pad_to_max: bool = False  # the padded-attention baseline (benchmarks)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the transformer blocks; auto: on CUDA
 
 
 class EvaluateConfig(Section):

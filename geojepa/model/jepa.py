@@ -148,6 +148,14 @@ class GeoJEPA(nn.Module):
         return {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
                 "std": context_out.detach().float().std(0).mean()}
 
+    def compile_blocks(self) -> GeoJEPA:
+        """torch.compile every transformer block in place (dynamic shapes: one compilation serves every packed
+        length); parameter names, state dicts and the EMA update are unchanged."""
+        for part in (self.encoder, self.target_encoder, self.predictor):
+            for block in part.blocks:
+                block.compile(dynamic=True)
+        return self
+
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         for t, s in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):

@@ -1,12 +1,13 @@
 """Small single-purpose layers: packed attention, transformer block, token embedding.
 
 Sequences are packed: the tokens of many tiles in one (T, D) tensor with a
-``doc`` id per token; attention never crosses documents. On CUDA with
-FlexAttention available, attention runs on the packed tensor with a document
-block mask; elsewhere the documents are padded to the batch's longest (the
-batches are bucketed by length, so little is wasted) and SDPA runs with a
-key-padding mask. ``pad_to_max`` forces the padded path (the benchmark's
-baseline).
+``doc`` id per token; attention never crosses documents. On CUDA (or when
+``flex`` is asked for), attention runs on the packed tensor with FlexAttention
+and a document block mask, compiled once with dynamic shapes (eager
+FlexAttention would materialise every score); elsewhere the documents are
+padded to the batch's longest (the batches are bucketed by length, so little
+is wasted) and SDPA runs with a key-padding mask. ``pad_to_max`` forces the
+padded path (the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Packing:
     doc: torch.Tensor  # (T,) document index, non-decreasing
     n_docs: int
     pad_to_max: bool = False
+    flex: bool | None = None  # FlexAttention; None: on CUDA
 
     def __post_init__(self):
         counts = torch.bincount(self.doc, minlength=self.n_docs)
@@ -56,18 +58,29 @@ class Packing:
             def same_doc(b, h, q, kv):
                 return doc[q] == doc[kv]
 
-            self._block_mask = create_block_mask(same_doc, None, None, len(doc), len(doc), device=doc.device)
+            # Compiled on CUDA, the mask is built block by block instead of as a (T, T) tensor.
+            self._block_mask = create_block_mask(same_doc, None, None, len(doc), len(doc), device=doc.device,
+                                                 _compile=doc.is_cuda)
         return self._block_mask
 
 
 def use_flex(x: torch.Tensor, packing: Packing) -> bool:
-    if packing.pad_to_max or not x.is_cuda:
+    if packing.pad_to_max:
         return False
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return packing.flex if packing.flex is not None else x.is_cuda
+
+
+_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention, compiled on first use (dynamic shapes: one compilation for every packed length)."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as eager
+
+        _flex_attention = torch.compile(eager, dynamic=True)
+    return _flex_attention(q, k, v, block_mask=block_mask)
 
 
 class Attention(nn.Module):
@@ -81,8 +94,6 @@ class Attention(nn.Module):
         t, d = x.shape
         h = self.heads
         if use_flex(x, packing):
-            from torch.nn.attention.flex_attention import flex_attention
-
             q, k, v = self.qkv(x).view(t, 3, h, d // h).permute(1, 2, 0, 3).unsqueeze(1)
             y = flex_attention(q, k, v, block_mask=packing.flex_block_mask())[0].transpose(0, 1).reshape(t, d)
             return self.proj(y)

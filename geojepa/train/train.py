@@ -116,6 +116,8 @@ def train(cfg: dict) -> dict:
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
     sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
     model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
+    if cfg.get("compile", "auto") == "on" or (cfg.get("compile", "auto") == "auto" and device.type == "cuda"):
+        model.compile_blocks()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
