@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
+from flows.common import link_artifact, outputs_artifact
+from geojepa.tracking import run_link
+from tasks.stages import config
 from tasks.stages import train as train_task
 
 
 @flow(name="train")
 def train(work_dir: str, config_path: str | None = None, overrides: list[str] | None = None, nproc: int = 1,
           resume: bool = False, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
-    return train_task(work_dir, config_path, overrides, nproc=nproc, resume=resume, nnodes=nnodes,
-                      rdzv_endpoint=rdzv_endpoint)
+    summary = train_task(work_dir, config_path, overrides, nproc=nproc, resume=resume, nnodes=nnodes,
+                         rdzv_endpoint=rdzv_endpoint)
+    region = Path(work_dir).name
+    outputs_artifact(f"train-{region}", [{k: v for k, v in summary.items() if k != "mlflow_run_id"}],
+                     f"training in {work_dir}")
+    if summary.get("mlflow_run_id"):
+        link_artifact(f"mlflow-train-{region}", run_link(Path(work_dir), config(config_path, overrides),
+                                                          summary["mlflow_run_id"]), "MLflow: the training run")
+    return summary

@@ -99,7 +99,8 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
         run.dict({"history": history}, "train_history.json")
         if cfg.tracking.enabled and checkpoints:
             _register(checkpoints[-1], cfg.tracking.experiment)
-    summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1])}
+    summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1]),
+               "mlflow_run_id": run.run_id}
     manifest.write_manifest(work_dir, expected, [f"checkpoints/{checkpoints[-1].name}"], summary=summary)
     return {**summary, "skipped": False}
 

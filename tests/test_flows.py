@@ -63,10 +63,13 @@ def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped
     children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
     assert children == {"extract", "tile", "tokens", "train", "evaluate"}
 
+    wanted = {"pipeline-kotka", "build-tiles-kotka", "cache-tokens-kotka", "train-kotka", "mlflow-train-kotka",
+              "evaluation-kotka", "mlflow-kotka"}
     with get_client(sync_client=True) as c:
-        keys = {a.key for a in c.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["pipeline-kotka", "build-tiles-kotka", "mlflow-kotka", "evaluation-kotka"])))}
-    assert keys == {"pipeline-kotka", "build-tiles-kotka", "mlflow-kotka", "evaluation-kotka"}
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(wanted))))
+    assert {a.key for a in found} == wanted
+    link = next(a for a in found if a.key == "mlflow-kotka")
+    assert parent[0].info.run_id in link.data
 
 
 def test_rerun_on_unchanged_inputs_skips_every_stage_and_says_so(piped, caplog):
