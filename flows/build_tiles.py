@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 
 from flows.common import SAMPLES, outputs_artifact, stage_row, task_runner
 from geojepa.tile import tile
-from tasks.stages import log_outcome, config, cut_partition, extract, fetch_osm
+from tasks.stages import config, cut_partition, extract, fetch_osm, log_outcome
 
 GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
 
