@@ -102,10 +102,10 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             tiles_emb, entity_emb = emb(encoder, items)
             untrained_emb, _ = emb(untrained, items)
             label_rows, results, notes = [], [], {}
+            ents = {t: list(zip(k, (dict(x) for x in tg), strict=True))
+                    for t, k, tg in zip(ids, data["kinds"], data["tags"], strict=True)}
             for name in section.tasks:
                 task = TASKS[name]
-                ents = {t: list(zip(k, (dict(x) for x in tg), strict=True))
-                        for t, k, tg in zip(ids, data["kinds"], data["tags"], strict=True)}
                 labels = task_labels(task, ents, section.zero_keep_ratio, section.seed)
                 idx = np.array([i for i, t in enumerate(ids) if t in labels], int)
                 label_rows += [(name, ids[i], split[i], labels[ids[i]]) for i in idx]
