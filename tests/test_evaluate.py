@@ -67,6 +67,7 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
         assert (model, "knn") in mae
     assert ("dummy", "median") in mae
     assert any(r["setting"] == "unmasked" for r in results)
+    assert summary["pictures"]["embedding_map_umap"] == "embedding_map.png"
     assert summary["tasks"]["traffic_signals"]["skipped"]  # Kotka has no traffic signals: said, not faked
     assert "| geojepa | mlp |" in (out / "report.md").read_text()
 

@@ -108,9 +108,9 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                 task = TASKS[name]
                 labels = task_labels(task, ents, section.zero_keep_ratio, section.seed)
                 idx = np.array([i for i, t in enumerate(ids) if t in labels], int)
-                label_rows += [(name, ids[i], split[i], labels[ids[i]]) for i in idx]
                 m_items, m_tags = masked_items([items[i] for i in idx], [data["tags"][i] for i in idx], task, vocab)
                 alive = np.array([sum(len(it[m]) for m in modalities) > 0 for it in m_items], bool)
+                label_rows += [(name, ids[i], split[i], labels[ids[i]]) for i in idx[alive]]
                 y = np.array([labels[ids[i]] for i in idx], float)[alive]
                 sp = np.array([split[i] for i in idx])[alive]
                 m_items = [it for it, a in zip(m_items, alive, strict=True) if a]
@@ -144,7 +144,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                 if n > 1:
                     _, nn_idx = topk_cosine(x, x, section.k, exclude=np.arange(n), device=device)
                     agreement[model] = neighbour_agreement(hist, nn_idx)
-            pictures = _pictures(tmp, data, tiles_emb, entity_emb, section, tcfg, ckpt)
+            pictures = _pictures(tmp, data, tiles_emb, entity_emb, section, ckpt)
             _write_embeddings(tmp / "embeddings.parquet", data, tiles_emb, entity_emb, f"geojepa:{ckpt.name}")
             write_table(pa.table({"task": [r[0] for r in label_rows], "tile_id": [r[1] for r in label_rows],
                                   "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]}),
@@ -251,7 +251,7 @@ def _image(paths: dict, tile_id: str) -> np.ndarray | None:
     return np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], len(r["bands"]))
 
 
-def _pictures(out: Path, data: dict, tiles_emb, entity_emb, section, tcfg: dict, ckpt: Path) -> dict[str, str]:
+def _pictures(out: Path, data: dict, tiles_emb, entity_emb, section, ckpt: Path) -> dict[str, str]:
     """Galleries, the embedding map, the PCA region map and training curves; returns name -> file."""
     made = {}
     rng = np.random.default_rng(section.seed)
@@ -284,15 +284,13 @@ def _pictures(out: Path, data: dict, tiles_emb, entity_emb, section, tcfg: dict,
     if n >= 3:
         method = figures.embedding_map(tiles_emb, colour, "log(1 + buildings)", out / "embedding_map.png",
                                        section.map, section.seed)
-        made["embedding_map"] = "embedding_map.png"
-        made["embedding_map_method"] = method
+        made[f"embedding_map_{method}"] = "embedding_map.png"
         figures.region_map(data["footprint"].to_pylist(), tiles_emb, out / "region_pca.png",
                            "tiles coloured by the first 3 principal components of their embedding")
         made["region_pca"] = "region_pca.png"
     history = ckpt.parent / "history.json"
     if history.exists() and figures.training_curves(json.loads(history.read_text()), out / "training_curves.png"):
         made["training_curves"] = "training_curves.png"
-    made.pop("embedding_map_method", None)
     return made
 
 
