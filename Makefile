@@ -22,6 +22,7 @@ bench: $(VENV_STAMP)
 	$(PY) bench/tokens.py
 	$(PY) bench/train.py
 	$(PY) bench/knn.py
+	$(PY) bench/items.py
 
 clean:
 	rm -rf work/ .pytest_cache

@@ -20,7 +20,7 @@ from geojepa.evaluate.labels import TASKS, parse_speed, task_labels
 from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
 from geojepa.evaluate.stage import _load
 from geojepa.model.jepa import Encoder, ModelConfig
-from geojepa.train.data import row_item
+from geojepa.train.data import TokenRows
 from geojepa.train.train import train
 
 TINY = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "pred_width": 16, "pred_depth": 1, "pred_heads": 2,
@@ -160,7 +160,8 @@ def test_label_tags_are_absent_from_masked_task_tiles(tokenised, cfg, task):
 def test_padding_and_batch_neighbours_do_not_change_a_tiles_embedding(tokenised):
     w, _ = tokenised
     table = pq.read_table(sorted((w / "tokens").glob("train-*.parquet"))[0])
-    items = [row_item(r, ("tags", "geometry")) for r in table.to_pylist()]
+    rows = TokenRows(table, ("tags", "geometry"))
+    items = [rows.item(i) for i in range(table.num_rows)]
     torch.manual_seed(0)
     enc = Encoder(ModelConfig(dims=(items[0]["tags"].shape[1], items[0]["geometry"].shape[1], 0), width=32, depth=2,
                               heads=4, mlp=64))

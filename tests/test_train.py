@@ -229,3 +229,24 @@ def test_compiled_blocks_train_like_eager_ones(w, cfg):
         train(run)
         losses[mode] = [h["loss"] for h in json.loads((w / "checkpoints" / "history.json").read_text())]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
+
+
+def test_token_rows_hand_out_views_of_every_width_including_tiles_without_images():
+    import numpy as np
+    import pyarrow as pa
+
+    from geojepa.train.data import TokenRows
+
+    f = pa.list_(pa.float32())
+    table = pa.table({
+        "entity_position": pa.array([np.arange(16.0), np.arange(8.0)], f),
+        "tag": pa.array([np.ones(6), 2 * np.ones(3)], f),
+        "geometry": pa.array([np.ones(4), np.ones(2)], f),
+        "patch_position": pa.array([np.zeros(16), []], f),
+        "image": pa.array([np.ones(10), []], f),
+    })
+    rows = TokenRows(table, ("tags", "geometry", "image"))
+    a, b = rows.item(0), rows.item(1)
+    assert a["tags"].shape == (2, 3) and a["image"].shape == (2, 5) and a["ppos"].shape == (2, 8)
+    assert b["tags"].tolist() == [[2, 2, 2]] and b["image"].shape == (0, 5) and b["epos"].shape == (1, 8)
+    assert rows.lengths(("tags", "geometry", "image")).tolist() == [6, 2]

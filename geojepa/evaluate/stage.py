@@ -42,7 +42,7 @@ from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
 from geojepa.evaluate.report import write_report
 from geojepa.tokens.vocab import Vocab
 from geojepa.tracking import stage_run
-from geojepa.train.data import row_item
+from geojepa.train.data import TokenRows
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
@@ -219,9 +219,10 @@ def _load(work_dir: Path, paths: dict, modalities: tuple[str, ...], encoder) -> 
             raise GeoJepaError(f"{paths['checkpoint']}: the encoder takes {m} tokens of width {want}, the shards in "
                                f"{paths['tokens']} hold width {dims[m]}; evaluate with the tokens it was trained on")
     have = tuple(m for m in ("tags", "geometry", "image") if dims[m])
-    rows = tok.drop_columns(["content_hash"]).to_pylist()
-    items = [row_item(r, have) for r in rows]
-    ids = [r["tile_id"] for r in rows]
+    token_rows = TokenRows(tok, have)
+    items = [token_rows.item(i) for i in range(tok.num_rows)]
+    ids = tok["tile_id"].to_pylist()
+    rows = tok.select(["tile_id", "entity_id", "split"]).to_pylist()
     te = read_table(paths["tile_entities"], TILE_ENTITIES, columns=["tile_id", "entity_id", "kind", "tags", "geometry"])
     te = te.filter(pc.is_in(te["tile_id"], pa.array(sorted(set(ids)), pa.string())))
     where = {(t, e): i for i, (t, e) in enumerate(zip(te["tile_id"].to_pylist(), te["entity_id"].to_pylist(),

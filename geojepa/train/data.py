@@ -37,30 +37,46 @@ class ShardDataset(torch.utils.data.Dataset):
         if "image" in modalities and self.dims["image"] == 0:
             raise ContractError(f"{folder}: modality 'image' asked for, but the shards have no image tokens "
                                 "(tile with --imagery, or drop 'image' from train.modalities)")
-        n = np.array([len(x) for x in self.table["entity_id"].to_pylist()])
-        p = np.array([len(x) // 8 for x in self.table["patch_position"].to_pylist()])
-        self.lengths = n * sum(m in modalities for m in ("tags", "geometry")) + p * ("image" in modalities)
+        self.rows = TokenRows(self.table, modalities)
+        self.lengths = self.rows.lengths(modalities)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": i, **row_item(self.table.slice(i, 1).to_pylist()[0], self.modalities)}
+        return {"index": i, **self.rows.item(i)}
 
 
-def row_item(row: dict, modalities: tuple[str, ...]) -> dict:
-    """A token-shard row as per-modality (tokens, width) arrays plus positions (``epos``, ``ppos``)."""
-    n = len(row["entity_id"])
-    item = {"epos": np.asarray(row["entity_position"], np.float32).reshape(n, 8)}
-    if "tags" in modalities:
-        item["tags"] = np.asarray(row["tag"], np.float32).reshape(n, -1)
-    if "geometry" in modalities:
-        item["geometry"] = np.asarray(row["geometry"], np.float32).reshape(n, -1)
-    if "image" in modalities:
-        p = len(row["patch_position"]) // 8
-        item["image"] = np.asarray(row["image"], np.float32).reshape(p, -1)
-        item["ppos"] = np.asarray(row["patch_position"], np.float32).reshape(p, 8)
-    return item
+class TokenRows:
+    """Token-shard rows as per-modality (tokens, width) arrays: each float column is held as one flat buffer
+    with its row offsets, so an item is a few numpy views (no per-row conversion: this feeds the GPU)."""
+
+    COLUMNS = {"epos": "entity_position", "tags": "tag", "geometry": "geometry", "image": "image",
+               "ppos": "patch_position"}
+
+    def __init__(self, table, modalities: tuple[str, ...]):
+        wanted = ["epos", *(m for m in ("tags", "geometry", "image") if m in modalities)]
+        wanted += ["ppos"] if "image" in modalities else []
+        self.n_entities = np.diff(table["entity_position"].combine_chunks().offsets.to_numpy()) // 8
+        self.n_patches = np.diff(table["patch_position"].combine_chunks().offsets.to_numpy()) // 8
+        self.flat = {}  # name -> (values, row offsets, width)
+        for name in wanted:
+            col = table[self.COLUMNS[name]].combine_chunks()
+            values = col.values.to_numpy(zero_copy_only=False)
+            rows = (self.n_patches if name in ("image", "ppos") else self.n_entities).sum()
+            self.flat[name] = (values, col.offsets.to_numpy(), len(values) // max(rows, 1))
+
+    def lengths(self, modalities: tuple[str, ...]) -> np.ndarray:
+        """Tokens per tile for these modalities."""
+        return (self.n_entities * sum(m in modalities for m in ("tags", "geometry"))
+                + self.n_patches * ("image" in modalities))
+
+    def item(self, i: int) -> dict:
+        out = {}
+        for name, (values, offsets, width) in self.flat.items():
+            rows = self.n_patches[i] if name in ("image", "ppos") else self.n_entities[i]
+            out[name] = values[offsets[i] : offsets[i + 1]].reshape(rows, width)
+        return out
 
 
 class LengthBatches(torch.utils.data.Sampler):
