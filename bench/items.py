@@ -39,6 +39,8 @@ def rate(fn, n: int, min_seconds: float = 2.0) -> float:
 
 def main() -> None:
     w = Path(sys.argv[1] if len(sys.argv) > 1 else "work/helsinki")
+    if not list((w / "tokens").glob("train-*.parquet")):
+        raise SystemExit(f"{w / 'tokens'}: no train token shards; run `make demo` (or `geojepa tokens {w}`) first")
     table = pq.read_table(sorted((w / "tokens").glob("train-*.parquet")))
     rows = TokenRows(table, MODALITIES)
     for i in range(table.num_rows):  # same arrays either way
