@@ -14,7 +14,7 @@ from prefect.tasks import exponential_backoff
 
 from data_contracts import ContractError
 from geojepa.config import Config, load_config
-from geojepa.errors import GeoJepaError
+from geojepa.errors import GeoJepaError, TransientError
 
 
 def config(path: str | None, overrides: list[str] | None) -> Config:
@@ -22,8 +22,9 @@ def config(path: str | None, overrides: list[str] | None) -> Config:
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry failures that may pass on a second try (network, a killed worker), not bad input."""
-    return not isinstance(state.result(raise_on_failure=False), GeoJepaError | ContractError)
+    """Retry failures that may pass on a second try (network, services, a lost worker), never bad input."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, TransientError) or not isinstance(error, GeoJepaError | ContractError)
 
 
 def log_outcome(stage: str, summary: dict) -> dict:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from data_contracts import TILE_ENTITIES, TOKENS, read_table
+from tests.test_fetch import server  # noqa: F401 (a Geofabrik look-alike on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.width=32", "train.depth=1", "train.heads=2", "train.mlp=64", "train.pred_width=16",
@@ -79,6 +80,51 @@ def test_rerun_on_unchanged_inputs_skips_every_stage_and_says_so(piped, caplog):
     rows = pipeline(regions=["kotka"], work_root=str(root), overrides=FAST)
     assert all(r["result"].startswith("unchanged") for r in rows), rows
     assert "unchanged since the last run: skipped" in caplog.text
+
+
+def test_scheduled_retrain_on_unchanged_data_skips_every_stage(piped):
+    from flows.pipeline import retrain
+
+    root, _ = piped
+    rows = retrain(region="kotka", work_root=str(root), overrides=FAST)
+    assert [r["stage"] for r in rows] == ["extract", "tile", "tokens", "train", "evaluate"]
+    assert all(r["result"].startswith("unchanged") for r in rows), rows
+
+
+def test_build_tiles_downloads_a_geofabrik_region_through_transient_errors(server, tmp_path):  # noqa: F811
+    from flows.build_tiles import build_tiles
+
+    server.fail_next = 2  # two 503s: the download's own backoff rides them out
+    rows = build_tiles(region="finland/kotka", work_dir=str(tmp_path / "kotka"), imagery=None,
+                       index_url=f"{server.base}/index.json", overrides=["tracking.enabled=false"])
+    assert (tmp_path / "kotka" / "kotka-latest.osm.pbf").exists()
+    assert rows[0]["result"] == "2752 entities" and rows[1]["result"].startswith("69 tiles")
+
+
+def test_tasks_retry_transient_failures_but_never_bad_input():
+    from prefect import flow, task
+
+    from geojepa.errors import GeoJepaError, TransientError
+    from tasks.stages import _retry_unless_bad_input
+
+    calls = {"transient": 0, "bad": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=_retry_unless_bad_input)
+    def flaky(kind: str) -> str:
+        calls[kind] += 1
+        if kind == "transient" and calls[kind] < 3:
+            raise TransientError("service unavailable")
+        if kind == "bad":
+            raise GeoJepaError("x.osm.pbf: not a PBF")
+        return "ok"
+
+    @flow
+    def both():
+        return flaky("transient"), flaky("bad", return_state=True)
+
+    ok, bad = both()
+    assert ok == "ok" and calls["transient"] == 3
+    assert bad.is_failed() and calls["bad"] == 1
 
 
 def test_a_failed_training_fails_the_flow_with_the_tail_of_its_log(piped):

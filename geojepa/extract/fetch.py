@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from geojepa.errors import GeoJepaError
+from geojepa.errors import GeoJepaError, TransientError
 
 log = logging.getLogger(__name__)
 USER_AGENT = "geojepa-fetch/0.1 (+https://github.com/geojepa)"
@@ -36,12 +36,14 @@ def _retry(what: str, fn, attempts: int = 4, backoff: float = 1.0):
         try:
             return fn()
         except urllib.error.HTTPError as e:
-            if e.code < 500 or attempt == attempts - 1:
+            if e.code < 500:
                 raise GeoJepaError(f"{what}: HTTP {e.code} {e.reason}") from None
+            if attempt == attempts - 1:
+                raise TransientError(f"{what}: HTTP {e.code} {e.reason}") from None
             err = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             if attempt == attempts - 1:
-                raise GeoJepaError(f"{what}: network error: {getattr(e, 'reason', e)}") from None
+                raise TransientError(f"{what}: network error: {getattr(e, 'reason', e)}") from None
             err = str(getattr(e, "reason", e))
         delay = backoff * 2**attempt
         log.warning("%s: %s, retrying in %.0fs (%d/%d)", what, err, delay, attempt + 1, attempts - 1)

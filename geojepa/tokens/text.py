@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from geojepa.errors import GeoJepaError
+from geojepa.errors import GeoJepaError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def with_retries(call: Callable, retries: int, backoff: float):
             return call()
         except Exception as e:  # noqa: BLE001 (the client raises many kinds; all are retried, then reported)
             if attempt == retries:
-                raise GeoJepaError(f"Voyage API failed after {retries + 1} attempts ({type(e).__name__}: {e}); "
+                raise TransientError(f"Voyage API failed after {retries + 1} attempts ({type(e).__name__}: {e}); "
                                    "check the network and VOYAGE_API_KEY, or use --set tokens.text_model=minilm") from None
             delay = backoff * 2**attempt
             log.warning("Voyage API: %s; retrying in %.0fs", type(e).__name__, delay)
