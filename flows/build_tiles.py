@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 
-from flows.common import SAMPLES, outputs_artifact, stage_row, task_runner
+from flows.common import SAMPLES, outputs_artifact, stage_row, task_runner, work_dir_for
 from geojepa.tile import tile
 from tasks.stages import config, cut_partition, extract, fetch_osm, log_outcome
 
@@ -34,16 +34,12 @@ def tile_partitions(work_dir: str, imagery: str | list[str] | None, config_path:
     return log_outcome("tile", tile(Path(work_dir), cfg, imagery=imagery, map_partitions=mapped))
 
 
-def work_dir_for(region: str, work_dir: str | None) -> str:
-    return work_dir or str(Path("work") / region.replace("/", "-"))
-
-
 @flow(name="build-tiles")
 def build_tiles(region: str = "kotka", pbf: str | None = None, imagery: str | list[str] | None = "render",
                 work_dir: str | None = None, config_path: str | None = None, overrides: list[str] | None = None,
                 index_url: str = GEOFABRIK_INDEX) -> list[dict]:
     """Extract, then tile. Unchanged inputs skip both stages (their manifests)."""
-    w = work_dir_for(region, work_dir)
+    w = work_dir or work_dir_for(region)
     cfg = config(config_path, overrides)
     if pbf is None:
         sample = SAMPLES / f"{region}.osm.pbf"

@@ -31,6 +31,11 @@ def task_runner(cfg: Config):
                                           "dashboard_address": None, "env": env})
 
 
+def work_dir_for(region: str, work_root: str = "work") -> str:
+    """A region's work directory: ``work_root/<region>`` ("europe/monaco" -> "europe-monaco")."""
+    return str(Path(work_root) / region.replace("/", "-"))
+
+
 def key(*parts: str) -> str:
     """An artifact key (lowercase letters, digits and dashes)."""
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")

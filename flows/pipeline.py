@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from data_contracts import EVAL_RESULTS, read_table
 from flows.build_tiles import GEOFABRIK_INDEX, build_tiles
 from flows.cache_tokens import cache_tokens
-from flows.common import ROOT, SAMPLES, link_artifact, outputs_artifact, stage_row
+from flows.common import ROOT, SAMPLES, link_artifact, outputs_artifact, stage_row, work_dir_for
 from flows.evaluate import evaluate
 from flows.train import train
 from geojepa.evaluate.report import headline
@@ -45,10 +45,8 @@ def run_region(region: str, work_dir: str, pbf: str | None, imagery, config_path
         t0 = time.perf_counter()
         ev = evaluate(work_dir, config_path, ov)
         results = read_table(w / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
-        rows.append(stage_row(region, "evaluate", ev, headline(results, ev["tasks"]), w / "eval" / "report.md",
-                              time.perf_counter() - t0))
-        if ev.get("skipped"):
-            rows[-1]["result"] = "unchanged: " + headline(results, ev["tasks"])
+        line = ("unchanged: " if ev.get("skipped") else "") + headline(results, ev["tasks"])  # skipped or not
+        rows.append(stage_row(region, "evaluate", {}, line, w / "eval" / "report.md", time.perf_counter() - t0))
     outputs_artifact(f"pipeline-{region}", rows, f"pipeline outputs for {region} in {work_dir}")
     if parent:
         link_artifact(f"mlflow-{region}", run_link(w, cfg, parent), f"MLflow: pipeline {region} and its stage runs")
@@ -62,7 +60,7 @@ def pipeline(regions: list[str] = ["helsinki", "kotka"], work_root: str = "work"
     """Every stage for each region (a bundled sample or a Geofabrik region) into ``work_root/<region>``."""
     rows = []
     for region in regions:
-        rows += run_region(region, str(Path(work_root) / region.replace("/", "-")), None, imagery, config_path,
+        rows += run_region(region, work_dir_for(region, work_root), None, imagery, config_path,
                            list(overrides or []), nproc)
     return rows
 
@@ -73,7 +71,7 @@ def retrain(region: str = "kotka", work_root: str = "work", imagery: str | list[
             index_url: str = GEOFABRIK_INDEX) -> list[dict]:
     """The scheduled run: the latest extract (Geofabrik regions are re-downloaded when they changed), then
     every stage; stages whose inputs did not change are skipped, so an unchanged week costs seconds."""
-    w = str(Path(work_root) / region.replace("/", "-"))
+    w = work_dir_for(region, work_root)
     pbf = None
     if not (SAMPLES / f"{region}.osm.pbf").exists():
         from tasks.stages import fetch_osm
@@ -106,7 +104,7 @@ def main() -> None:
         table.add_row(*(str(r[c]) for c in ("region", "stage", "result", "seconds", "output")))
     console.print(table)
     for region in a.regions:
-        console.print(f"Report for {region}: {Path(a.work_root) / region / 'eval' / 'report.md'}")
+        console.print(f"Report for {region}: {Path(work_dir_for(region, a.work_root)) / 'eval' / 'report.md'}")
     uri = tracking_uri(Path(a.work_root) / "any", config(a.config, a.overrides).tracking)
     console.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri}[/] (then open http://127.0.0.1:5000)")
 

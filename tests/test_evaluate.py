@@ -12,6 +12,7 @@ import shapely
 import torch
 
 from data_contracts import EVAL_RESULTS, TASK_LABELS, TILE_ENTITIES, TOKENS, read_table
+from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import evaluate
 from geojepa.evaluate.embed import embed, masked_items
@@ -35,20 +36,13 @@ def _copy_region(src, dst):
         (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dst / name)
 
 
-def _with(cfg, *overrides):
-    from geojepa.config import load_config
-
-    base = cfg.model_dump(mode="json")
-    return load_config(overrides=[f"tracking.enabled={base['tracking']['enabled']}", *overrides])
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tokenised, cfg):
     src, _ = tokenised
     w = tmp_path_factory.mktemp("evaluate")
     _copy_region(src, w)
     train({**cfg.train.model_copy(update=TINY).model_dump(mode="json"), "work_dir": str(w)})
-    c = _with(cfg, *FAST)
+    c = load_config(overrides=["tracking.enabled=false", *FAST])
     return w, c, evaluate(w, c)
 
 
@@ -91,7 +85,7 @@ def test_dummy_baseline_is_the_training_median(evaluated):
     assert dummy["mean"].item() == pytest.approx(np.mean(np.abs(y_test - np.median(y_train))))
 
 
-def test_unchanged_inputs_skip_and_failures_keep_the_earlier_results(evaluated, cfg):
+def test_unchanged_inputs_skip_and_failures_keep_the_earlier_results(evaluated):
     w, c, _ = evaluated
     assert evaluate(w, c)["skipped"]
     before = (w / "eval" / "report.md").read_bytes()
@@ -115,7 +109,7 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, tokenised, cfg):
         evaluate(tmp_path, cfg)
 
 
-def test_building_labels_match_an_independent_count_from_entities(tokenised, cfg):
+def test_building_labels_match_an_independent_count_from_entities(tokenised):
     """Label from the tiles' clipped entities == buildings whose original geometry meets the tile's interior."""
     w, _ = tokenised
     ents = gpd.read_parquet(w / "entities.parquet")
@@ -139,10 +133,10 @@ def test_building_labels_match_an_independent_count_from_entities(tokenised, cfg
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_label_tags_are_absent_from_masked_task_tiles(tokenised, cfg, task):
+def test_label_tags_are_absent_from_masked_task_tiles(tokenised, task):
     w, _ = tokenised
     enc = Encoder(ModelConfig(dims=(384, 64, 0), width=16, depth=1, heads=2, mlp=32))
-    data = _load(w, {"tokens": w / "tokens", "tile_entities": w / "tile_entities.parquet",
+    data = _load({"tokens": w / "tokens", "tile_entities": w / "tile_entities.parquet",
                      "tag_vocab": w / "tag_vocab.parquet", "tiles": w / "tiles.parquet",
                      "checkpoint": "test"}, ("tags", "geometry"), enc)
     t = TASKS[task]

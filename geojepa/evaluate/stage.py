@@ -46,7 +46,6 @@ from geojepa.train.data import TokenRows
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
-MODELS = ("geojepa", "untrained", "tagpool", "bag_of_tags")
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -85,7 +84,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     encoder, tcfg = encoder_from_checkpoint(ckpt)
     untrained, _ = encoder_from_checkpoint(ckpt, untrained=True, seed=section.seed)
     modalities = tuple(tcfg["modalities"])
-    data = _load(work_dir, paths, modalities, encoder)
+    data = _load(paths, modalities, encoder)
     items, ids, split = data["items"], data["tile_ids"], data["split"]
     vocab = data["vocab"]
     settings = ProbeSettings(section.hidden, section.lr, section.weight_decay, section.max_epochs, section.patience,
@@ -208,7 +207,7 @@ def _score(setting, task, feats, y, sp, section, settings, dummy=True) -> list[d
     return rows
 
 
-def _load(work_dir: Path, paths: dict, modalities: tuple[str, ...], encoder) -> dict:
+def _load(paths: dict, modalities: tuple[str, ...], encoder) -> dict:
     """Token rows as items, with each tile's entities' tags, kinds, tile geometries, images and footprints."""
     tok = read_table(paths["tokens"], TOKENS)
     meta = pq.read_schema(next(iter(sorted(Path(paths["tokens"]).glob("*.parquet"))))).metadata
