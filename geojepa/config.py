@@ -7,11 +7,12 @@ that name the key; every stage function receives only its own section.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from geojepa.errors import GeoJepaError
 
@@ -39,6 +40,22 @@ class ExtractConfig(Section):
     # Threads parsing blocks (the PBF itself is decoded by a separate process).
     threads: int = Field(2, ge=1, le=64)
     row_group_rows: int = Field(25_000, gt=0)
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_on_earth(cls, bbox: tuple[float, float, float, float] | None):
+        if bbox is None:
+            return bbox
+        min_lon, min_lat, max_lon, max_lat = bbox
+        if not all(math.isfinite(v) for v in bbox):
+            raise ValueError(f"{list(bbox)}: every value must be a finite number")
+        if not (-180 <= min_lon <= 180 and -180 <= max_lon <= 180):
+            raise ValueError(f"{list(bbox)}: longitudes must lie in [-180, 180]")
+        if not (-90 <= min_lat <= 90 and -90 <= max_lat <= 90):
+            raise ValueError(f"{list(bbox)}: latitudes must lie in [-90, 90]")
+        if not (min_lon < max_lon and min_lat < max_lat):
+            raise ValueError(f"{list(bbox)}: expected min_lon < max_lon and min_lat < max_lat")
+        return bbox
 
 
 class TileConfig(Section):
@@ -177,18 +194,31 @@ class Config(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, item: str) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise GeoJepaError(f"config override {dotted!r}: {part!r} is not a section")
+            raise GeoJepaError(f"--set {item}: {part!r} is not a section")
     node[parts[-1]] = value
 
 
+def _source(loc: tuple, path: Path, overrides: dict[tuple[str, ...], str]) -> str:
+    """Where a validation error's value came from: the last override that set it (or a section above
+    it), else the YAML file."""
+    loc = tuple(str(p) for p in loc)
+    for key in reversed(list(overrides)):
+        if loc[: len(key)] == key or key[: len(loc)] == loc:
+            return f"--set {overrides[key]}"
+    return str(path)
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML, apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    """Read YAML, apply ``key.path=value`` overrides (values parsed as YAML), validate.
+
+    Errors name where the bad value came from: ``--set key=value`` for an override, else the file.
+    """
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -198,19 +228,32 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         raise GeoJepaError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise GeoJepaError(f"{path}: expected a mapping of sections at top level")
+    applied: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise GeoJepaError(f"config override {item!r}: expected section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+            raise GeoJepaError(f"--set {item}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            detail = getattr(e, "problem", None) or " ".join(str(e).split())
+            if getattr(e, "problem_mark", None) is not None:
+                detail += f" at character {e.problem_mark.column + 1} of {raw!r}"
+            raise GeoJepaError(f"--set {item}: not valid YAML: {detail}") from None
+        _set_dotted(tree, key, value, item)
+        applied.pop(tuple(key.split(".")), None)  # keep the latest override last
+        applied[tuple(key.split("."))] = item
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        problems = []
+        problems: dict[str, list[str]] = {}
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown config key {where!r}")
+                problem = f"unknown config key {where!r}"
             else:
-                problems.append(f"{where}: {err['msg']}")
-        raise GeoJepaError(f"{path}: " + "; ".join(problems)) from None
+                msg = err["msg"].removeprefix("Value error, ")
+                problem = f"{where}: {msg}"
+            problems.setdefault(_source(err["loc"], path, applied), []).append(problem)
+        raise GeoJepaError("; ".join(f"{src}: " + "; ".join(p) for src, p in problems.items())) from None

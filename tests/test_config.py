@@ -37,3 +37,52 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     path.write_text("extract:\n  read_block_mb: 10\n  colour: red\n")
     with pytest.raises(GeoJepaError, match=r"mine.yaml: unknown config key 'extract.colour'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("bbox,needle", [
+    ("[-inf, -90, inf, 90]", "finite"),
+    ("[.nan, 60, 27, 61]", "finite"),
+    ("[-190, 60, 27, 61]", "longitudes"),
+    ("[26, -91, 27, 61]", "latitudes"),
+    ("[27, 60, 26, 61]", "min_lon < max_lon"),
+    ("[26, 61, 27, 61]", "min_lat < max_lat"),
+])
+def test_bbox_must_be_on_earth_and_ordered(bbox, needle):
+    """`--bbox -inf,-90,inf,90` once ran and silently kept only the points."""
+    with pytest.raises(GeoJepaError, match=needle) as e:
+        load_config(overrides=[f"extract.bbox={bbox}"])
+    assert str(e.value).startswith(f"--set extract.bbox={bbox}: extract.bbox")
+    assert "default.yaml" not in str(e.value)
+
+
+def test_whole_world_bbox_is_fine():
+    assert load_config(overrides=["extract.bbox=[-180, -90, 180, 90]"]).extract.bbox == (-180, -90, 180, 90)
+
+
+@pytest.mark.parametrize("override", ["extract.bbox=[1,2", "extract.bbox=[26.9,60.4,27,60.5]]", "extract.x={a"])
+def test_override_that_is_not_yaml_is_named(override):
+    with pytest.raises(GeoJepaError) as e:
+        load_config(overrides=[override])
+    assert str(e.value).startswith(f"--set {override}: not valid YAML:"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_errors_name_the_override_not_the_file(tmp_path):
+    with pytest.raises(GeoJepaError) as e:
+        load_config(overrides=["extract.read_block_mb=-1"])
+    assert str(e.value).startswith("--set extract.read_block_mb=-1: extract.read_block_mb"), str(e.value)
+    assert "default.yaml" not in str(e.value)
+    # A bad value in the file still names the file, and each source its own problems.
+    path = tmp_path / "mine.yaml"
+    path.write_text("tile:\n  size_m: -3\n")
+    with pytest.raises(GeoJepaError) as e:
+        load_config(path, overrides=["extract.threads=0"])
+    assert f"{path}: tile.size_m" in str(e.value) and "--set extract.threads=0: extract.threads" in str(e.value)
+    # A whole section set by an override is blamed on it too.
+    with pytest.raises(GeoJepaError, match=r"^--set extract=\{threads: 0\}: extract\.threads"):
+        load_config(overrides=["extract={threads: 0}"])
+
+
+def test_override_below_a_value_is_named():
+    with pytest.raises(GeoJepaError, match=r"--set extract\.threads\.x=1: 'threads' is not a section"):
+        load_config(overrides=["extract.threads.x=1"])

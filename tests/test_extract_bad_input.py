@@ -90,3 +90,19 @@ def test_interrupted_run_leaves_no_temporary_files(good_w, tmp_path):
         f.truncate(HELSINKI.stat().st_size - 1000)
     _fails(["extract", str(cut), str(good_w), "--force"], "cut.osm.pbf")
     assert not [p for p in good_w.rglob("*") if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("bbox,needle", [
+    ("26.9,60.4,27,60.5]", "--set extract.bbox=[26.9,60.4,27,60.5]]: not valid YAML"),
+    ("-inf,-90,inf,90", "finite"),
+    ("27,60.4,26.9,60.5", "min_lon < max_lon"),
+])
+def test_bad_bbox_is_a_clear_error(tmp_path, bbox, needle):
+    """A malformed or infinite --bbox once gave a YAML traceback or a run keeping only the points."""
+    result = runner.invoke(app, ["extract", str(KOTKA), str(tmp_path / "w"), f"--bbox={bbox}",
+                                 "--set", "tracking.enabled=false"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "error: " in result.output and needle in result.output, result.output
+    assert "default.yaml" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "w").exists()
