@@ -27,6 +27,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable)")]
 ForceOpt = Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+# `--data W1 W2 ...`: the work directories that follow are positional (click options take one value each).
+DataFlag = Annotated[bool, typer.Option("--data", help="the region work directories follow: --data W1 W2 ...")]
 
 
 def _setup(config: Path | None, overrides: list[str] | None, verbose: bool = False) -> Config:
@@ -98,7 +100,9 @@ def tile(
 @app.command()
 def tokens(
     work_dir: Annotated[Path, typer.Argument(help="work directory W holding the tile artifacts")],
-    train_geometry: Annotated[bool, typer.Option(help="(re)train the shape encoder before tokenising")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(help="a corpus tokenizer folder T (geojepa tokenizer fit); "
+                                                        "default: the region's own vocabulary and shape encoder")] = None,
+    train_geometry: Annotated[bool, typer.Option(help="(re)train the region's own shape encoder first")] = False,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -107,31 +111,58 @@ def tokens(
     """Embed the tag vocabulary, encode shapes and images, and write W/tokens/{split}-NNNNN.parquet."""
     from geojepa.tokens import tokens as run_tokens
 
-    _run(lambda: run_tokens(work_dir, _setup(config, set_, verbose), train_geometry=train_geometry, force=force))
+    _run(lambda: run_tokens(work_dir, _setup(config, set_, verbose), train_geometry=train_geometry, force=force,
+                            tokenizer=tokenizer))
 
 
-@app.command()
-def train(
-    work_dir: Annotated[Path, typer.Argument(help="work directory W holding tokens/; writes W/checkpoints/")],
-    nproc: Annotated[int, typer.Option(help="processes per node (GPUs; CPU processes with train.device=cpu)")] = 1,
-    nnodes: Annotated[int, typer.Option(help="nodes (torchrun --nnodes)")] = 1,
-    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port for multi-node")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+tokenizer_app = typer.Typer(no_args_is_help=True, help="A corpus's frozen tokenizer (vocabulary, shape encoder).")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("fit")
+def tokenizer_fit(
+    folder: Annotated[Path, typer.Argument(help="tokenizer folder T")],
+    regions: Annotated[list[Path], typer.Argument(help="work directories of the training regions, tiled", show_default=False)],
+    data: DataFlag = False,
+    force: Annotated[bool, typer.Option(help="refit an existing tokenizer (a new digest: its models no longer "
+                                             "match)")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train GeoJEPA on W/tokens with torchrun (DDP); checkpoints in W/checkpoints."""
+    """Fit one frozen tokenizer on the listed regions: tag vocabulary, shape encoder, rules and their digest."""
+    from geojepa.tokens.tokenizer import fit
+
+    _run(lambda: fit(folder, regions, _setup(config, set_, verbose), force=force))
+
+
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Argument(help="model folder OUT (checkpoints in OUT/checkpoints); alone: a region "
+                                                 "W trained on its own tokens")],
+    regions: Annotated[list[Path] | None, typer.Argument(help="the regions' work directories", show_default=False)] = None,
+    data: DataFlag = False,
+    nproc: Annotated[int, typer.Option(help="processes per node (GPUs; CPU processes with train.device=cpu)")] = 1,
+    nnodes: Annotated[int, typer.Option(help="nodes (torchrun --nnodes)")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port for multi-node")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last good checkpoint")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train one GeoJEPA on the train splits of the regions (--data W1 W2 ..., mixed in every batch) with torchrun."""
     from geojepa.launch import train as run_train
 
-    _run(lambda: run_train(work_dir, _setup(config, set_, verbose), nproc=nproc, nnodes=nnodes,
+    _run(lambda: run_train(out_dir, _setup(config, set_, verbose), data=regions or None, nproc=nproc, nnodes=nnodes,
                            rdzv_endpoint=rdzv_endpoint, resume=resume))
 
 
 @app.command()
 def evaluate(
     work_dir: Annotated[Path, typer.Argument(help="work directory W holding tokens/ and checkpoints/; writes W/eval/")],
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the last in W/checkpoints)")] = None,
+    model: Annotated[str | None, typer.Option(help="a checkpoint, a model folder (OUT of geojepa train) or "
+                                                   "models:/geojepa-encoder/N; default: the last in W/checkpoints")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint file (same as --model FILE)")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -141,7 +172,8 @@ def evaluate(
     from geojepa.evaluate import evaluate as run_evaluate
 
     def call():
-        summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force)
+        summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
+                               model=model)
         return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(work_dir / "eval" / "report.md")}
 
     _run(call)

@@ -1,4 +1,4 @@
-"""``geojepa train W``: checks the inputs, writes the resolved config and runs torchrun.
+"""``geojepa train OUT --data W1 W2 ...``: checks the inputs, writes the resolved config and runs torchrun.
 
 Everything that can be wrong is checked here, before any process starts:
 missing or empty token shards, shards of another schema version, modalities
@@ -25,22 +25,46 @@ from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.tracking import stage_run
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
 
-def check_inputs(work_dir: Path, cfg: Config, nproc: int) -> None:
-    shards = sorted((work_dir / "tokens").glob("train-*.parquet"))
-    if not shards:
-        raise GeoJepaError(f"{work_dir / 'tokens'}: no train-*.parquet token shards; run `geojepa tokens {work_dir}`")
-    for f in shards:
-        open_artifact(f, TOKENS)
-        if pq.ParquetFile(f).metadata.num_rows == 0:
-            raise GeoJepaError(f"{f}: token shard holds no tiles")
-    meta = pq.read_schema(shards[0]).metadata
-    for m, key in (("image", b"image_dim"), ("geometry", b"geometry_dim"), ("tags", b"tag_dim")):
-        if m in cfg.train.modalities and int(meta.get(key, b"0")) == 0:
-            raise GeoJepaError(f"{shards[0]}: train.modalities asks for {m!r}, but the shards have no {m} tokens")
+def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 1) -> str | None:
+    """Everything that can be wrong with the inputs, before anything is touched; returns the regions' common
+    tokenizer digest (None: one region with its own tokenizer)."""
+    if not regions:
+        raise GeoJepaError("train: no regions given (--data W1 W2 ...)")
+    names = [w.name for w in regions]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise GeoJepaError(f"train: region(s) {dup} listed twice")
+    for w in regions:
+        if w.role() == "holdout":
+            raise GeoJepaError(f"{w.region_file}: region {w.name!r} is a holdout region; training must never see "
+                               "its tiles (evaluate it instead)")
+        shards = w.token_shards("train")
+        if not shards:
+            raise GeoJepaError(f"{w.tokens}: no train-*.parquet token shards; run `geojepa tokens {w.path}`")
+        for f in shards:
+            open_artifact(f, TOKENS)
+            if pq.ParquetFile(f).metadata.num_rows == 0:
+                raise GeoJepaError(f"{f}: token shard holds no tiles")
+        dims = w.token_dims()
+        for m in cfg.train.modalities:
+            if dims[m] == 0:
+                raise GeoJepaError(f"{shards[0]}: train.modalities asks for {m!r}, but the shards have no {m} tokens")
+    digests = {w.name: w.tokenizer_digest() for w in regions}
+    if len(regions) > 1 and (None in digests.values() or len(set(digests.values())) > 1):
+        listing = ", ".join(f"{n}: {d or 'its own tokenizer'}" for n, d in digests.items())
+        raise GeoJepaError("train: the regions were not tokenised with one tokenizer (" + listing + "); tokenise "
+                           "each with `geojepa tokens W --tokenizer T` using the same T")
+    dims = {w.name: {m: w.token_dims()[m] for m in cfg.train.modalities} for w in regions}
+    if len({json.dumps(d, sort_keys=True) for d in dims.values()}) > 1:
+        raise GeoJepaError(f"train: the regions' token widths differ: {dims}")
+    world = nproc * nnodes
+    if cfg.train.batch_tiles % (world * cfg.train.accumulate):
+        raise GeoJepaError(f"train.batch_tiles={cfg.train.batch_tiles} is not divisible by {world} processes x "
+                           f"{cfg.train.accumulate} accumulation steps")
     import torch
 
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
@@ -48,31 +72,47 @@ def check_inputs(work_dir: Path, cfg: Config, nproc: int) -> None:
         raise GeoJepaError("train.device=cuda, but no GPU is visible")
     if cuda and nproc > torch.cuda.device_count():
         raise GeoJepaError(f"--nproc {nproc} is larger than the {torch.cuda.device_count()} GPU(s) present")
+    return next(iter(digests.values()))
 
 
-def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None,
-          resume: bool = False, echo: Callable[[str], object] | None = None) -> dict:
-    """Run torchrun on ``work_dir``'s shards; each line it prints goes to ``echo`` (default: this module's
+def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None, nproc: int = 1, nnodes: int = 1,
+          rdzv_endpoint: str | None = None, resume: bool = False,
+          echo: Callable[[str], object] | None = None) -> dict:
+    """Run torchrun on the train shards of the ``data`` regions (default: ``out_dir`` itself, one region),
+    checkpoints in ``out_dir/checkpoints``; each line torchrun prints goes to ``echo`` (default: this module's
     logger), and a non-zero exit raises with the last 40 lines."""
-    work_dir = Path(work_dir)
-    manifest.recover(work_dir)
-    check_inputs(work_dir, cfg, nproc)
-    ckpt = work_dir / "checkpoints"
-    expected = manifest.expected_manifest("train", {"tokens": work_dir / "tokens"}, cfg.train.model_dump(mode="json"),
+    out = WorkDir(out_dir)
+    regions = [WorkDir(w) for w in (data or [out.path])]
+    manifest.recover(out.path)
+    digest = check_inputs(regions, cfg, nproc, nnodes)
+    ckpt = out.checkpoints_dir
+    if resume and ckpt.is_dir() and out.checkpoints():
+        from geojepa.model.jepa import load_checkpoint
+
+        try:
+            load_checkpoint(out.checkpoints()[-1])
+        except ValueError as e:
+            log.warning("train: %s; --resume falls back to the last good checkpoint", e)
+    inputs = {f"tokens.{w.name}": w.tokens for w in regions}
+    expected = manifest.expected_manifest("train", inputs, cfg.train.model_dump(mode="json"),
                                           manifest.code_version("geojepa.model", "geojepa.train"))
-    if not resume and manifest.is_fresh(work_dir, expected):
+    if not resume and manifest.is_fresh(out.path, expected):
         log.info("train: %s is up to date with the tokens and config, skipping", ckpt)
-        return {**json.loads(manifest.manifest_path(work_dir, "train").read_text())["summary"], "skipped": True}
+        return {**json.loads(out.manifest("train").read_text())["summary"], "skipped": True}
     ckpt.mkdir(parents=True, exist_ok=True)
     if not resume:
         _set_aside(ckpt)
-    with stage_run("train", work_dir, cfg, section="train", inputs=expected["inputs"]) as run:
-        resolved = {**cfg.train.model_dump(mode="json"), "work_dir": str(work_dir.resolve()), "resume": resume}
+    with stage_run("train", out.path, cfg, section="train", inputs=expected["inputs"]) as run:
+        resolved = {**cfg.train.model_dump(mode="json"), "out_dir": str(out.path.resolve()),
+                    "data": [str(w.path.resolve()) for w in regions], "regions": [w.name for w in regions],
+                    "tokenizer_digest": digest, "resume": resume,
+                    "corpus": ",".join(sorted({w.region().get("corpus", "") for w in regions} - {""})) or None}
         if cfg.tracking.enabled:
             import mlflow
 
             resolved.update(tracking_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.run_id,
                             experiment=cfg.tracking.experiment)
+            _log_datasets(regions, digest)
         config_path = ckpt / "train_config.json"
         config_path.write_text(json.dumps(resolved, indent=2))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
@@ -95,13 +135,15 @@ def train(work_dir: Path | str, cfg: Config, nproc: int = 1, nnodes: int = 1, rd
             raise GeoJepaError(f"training failed (torchrun exit {code}); last lines:\n" + "\n".join(tail))
         history = json.loads((ckpt / "history.json").read_text())
         last = history[-1] if history else {}
-        checkpoints = sorted(ckpt.glob("step-*.pt"))
+        checkpoints = out.checkpoints()
         run.dict({"history": history}, "train_history.json")
+        version = None
         if cfg.tracking.enabled and checkpoints:
-            _register(checkpoints[-1], cfg.tracking.experiment)
+            version = _register(checkpoints[-1], cfg.tracking.experiment, resolved)
     summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1]),
-               "mlflow_run_id": run.run_id}
-    manifest.write_manifest(work_dir, expected, [f"checkpoints/{checkpoints[-1].name}"], summary=summary)
+               "regions": [w.name for w in regions], "tokenizer_digest": digest, "mlflow_run_id": run.run_id,
+               "model_version": version}
+    manifest.write_manifest(out.path, expected, [f"checkpoints/{checkpoints[-1].name}"], summary=summary)
     return {**summary, "skipped": False}
 
 
@@ -120,12 +162,46 @@ def _set_aside(ckpt: Path) -> None:
     log.info("train: the previous run's %d file(s) moved to %s", len(old), previous)
 
 
-def _register(checkpoint: Path, name: str) -> None:
-    """Register the final target encoder as an MLflow model (state dict and config as artifacts)."""
+def _log_datasets(regions: list[WorkDir], digest: str | None) -> None:
+    """The training data as MLflow inputs: one dataset per region (its train shards), with the tokenizer digest."""
     import mlflow
+    import pandas as pd
+
+    for w in regions:
+        shards = w.token_shards("train")
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
+        frame = pd.DataFrame({"region": [w.name], "train_tiles": [rows], "shards": [len(shards)],
+                              "tokenizer_digest": [digest or ""]})
+        source = w.tokens.resolve().as_uri()
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{w.name}/tokens/train",
+                                          digest=manifest.file_sha256(w.tokens)[:16])
+        mlflow.log_input(dataset, context="training", tags={"region": w.name, "tokenizer_digest": digest or ""})
+
+
+def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:
+    """Register the final target encoder as an MLflow model version, tagged with its corpus, regions, tokenizer
+    digest and git revision; the checkpoint itself is logged beside it (``evaluate --model models:/...``)."""
+    import mlflow
+    from mlflow import MlflowClient
 
     from geojepa.model.jepa import encoder_from_checkpoint
+    from geojepa.tracking import git_revision
 
     encoder, _ = encoder_from_checkpoint(checkpoint)
-    mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder",
-                             serialization_format="pickle")
+    mlflow.log_artifact(str(checkpoint), artifact_path="checkpoint")
+    info = mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder",
+                                    serialization_format="pickle")
+    version = getattr(info, "registered_model_version", None)
+    if version is None:
+        return None
+    client = MlflowClient()
+    tags = {"regions": ",".join(resolved["regions"]), "tokenizer_digest": resolved["tokenizer_digest"] or "",
+            "corpus": resolved.get("corpus") or "", "git_revision": git_revision(), "checkpoint": checkpoint.name,
+            "steps": str(json.loads((checkpoint.parent / "history.json").read_text())[-1]["step"])}
+    for k, v in tags.items():
+        client.set_model_version_tag(f"{name}-encoder", str(version), k, v)
+    client.update_model_version(f"{name}-encoder", str(version), description=(
+        f"GeoJEPA target encoder ({resolved['width']} x {resolved['depth']}, modalities "
+        f"{'+'.join(resolved['modalities'])}) trained on the train splits of {', '.join(resolved['regions'])}; "
+        f"tokenizer {resolved['tokenizer_digest'] or '(region-own)'}; checkpoint {checkpoint.name}."))
+    return str(version)

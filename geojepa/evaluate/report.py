@@ -35,6 +35,8 @@ def write_report(path: Path, results: list[dict], summary: dict, region: str) ->
     lines = [f"# GeoJEPA evaluation: {region}", "",
              f"Checkpoint `{summary['checkpoint']}`; {summary['tiles']} tiles, {summary['entities']} entity "
              f"embeddings; {summary['seconds']} s.", "",
+             f"**Region {region}: {summary.get('role', 'trained on')}.** Tokenizer "
+             f"`{summary.get('tokenizer_digest') or 'region-own'}`.", "",
              "*masked*: the task's label-defining tags were removed from every entity of its tiles before "
              "embedding (entities left without tags removed). *unmasked*: the original tiles, for reference only. "
              "Probes: mean ± std over seeds on the test split; *knn*: mean label of the k nearest training tiles; "

@@ -43,37 +43,63 @@ from geojepa.evaluate.report import write_report
 from geojepa.tokens.vocab import Vocab
 from geojepa.tracking import stage_run
 from geojepa.train.data import TokenRows
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 
 
 def last_checkpoint(work_dir: Path) -> Path:
-    found = sorted((work_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    found = WorkDir(work_dir).checkpoints()
     if not found:
-        raise GeoJepaError(f"{work_dir / 'checkpoints'}: no step-*.pt checkpoint; run `geojepa train {work_dir}`")
+        raise GeoJepaError(f"{work_dir / 'checkpoints'}: no step-*.pt checkpoint; run `geojepa train {work_dir}`, "
+                           "or pass --model")
     return found[-1]
 
 
-def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = None, force: bool = False) -> dict:
-    work_dir = Path(work_dir)
+def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = None, force: bool = False,
+             model: str | Path | None = None) -> dict:
+    """Evaluate region ``work_dir`` with ``model`` (a checkpoint, a model folder or ``models:/name/N``; default
+    the region's own last checkpoint). The model must have been trained on tokens of the region's tokenizer;
+    the report says whether the region was among its training regions."""
+    from geojepa.evaluate.model import resolve_model
+    from geojepa.model.jepa import load_checkpoint
+
+    w = WorkDir(work_dir)
+    work_dir = w.path
     manifest.recover(work_dir)
     section = cfg.evaluate
-    ckpt = Path(checkpoint or section.checkpoint or last_checkpoint(work_dir))
+    spec = model or checkpoint or section.checkpoint
+    ckpt = resolve_model(spec, cfg, work_dir.parent / ".models") if spec else last_checkpoint(work_dir)
     if not ckpt.is_file():
         raise GeoJepaError(f"{ckpt}: checkpoint not found")
-    vocab_path = Path(cfg.tokens.vocab) if cfg.tokens.vocab else work_dir / "tag_vocab.parquet"
-    paths = {"tiles": work_dir / "tiles.parquet", "tile_entities": work_dir / "tile_entities.parquet",
-             "tile_images": work_dir / "tile_images.parquet", "entities": work_dir / "entities.parquet",
-             "tokens": work_dir / "tokens", "tag_vocab": vocab_path, "checkpoint": ckpt}
+    try:
+        tcfg = load_checkpoint(ckpt)["config"]
+    except ValueError as e:
+        raise GeoJepaError(str(e)) from None
+    trained_digest, region_digest = tcfg.get("tokenizer_digest"), w.tokenizer_digest()
+    if trained_digest != region_digest:
+        raise GeoJepaError(f"{ckpt}: the model was trained on tokens of tokenizer {trained_digest or '(region-own)'}, "
+                           f"but {w.tokens} were made with {region_digest or 'the region-own tokenizer'}; tokenise "
+                           "the region with the model's tokenizer (geojepa tokens W --tokenizer T)")
+    trained_on = [Path(d).name for d in tcfg.get("data") or [tcfg.get("work_dir", "")]]
+    names = tcfg.get("regions") or trained_on
+    seen = w.name in names or work_dir.resolve().as_posix() in [str(Path(d)) for d in tcfg.get("data") or []]
+    role = (f"trained on: the model saw this region's train split ({', '.join(names)})" if seen else
+            f"holdout: the model never saw this region (trained on {', '.join(names)})")
+    paths = {"tiles": w.tiles, "tile_entities": w.tile_entities, "tile_images": w.tile_images, "entities": w.entities,
+             "tokens": w.tokens, "tag_vocab": Path(cfg.tokens.vocab) if cfg.tokens.vocab else w.vocab_path(),
+             "checkpoint": ckpt}
     for name, contract in (("tiles", TILES), ("tile_entities", TILE_ENTITIES), ("tile_images", TILE_IMAGES),
                            ("entities", ENTITIES), ("tokens", TOKENS), ("tag_vocab", TAG_VOCAB)):
         open_artifact(paths[name], contract)
-    expected = manifest.expected_manifest("evaluate", paths, section.model_dump(mode="json"),
+    # The vocabulary of a corpus tokenizer grows with other regions: it enters by the shards' digest instead.
+    inputs = {k: v for k, v in paths.items() if not (k == "tag_vocab" and region_digest)}
+    expected = manifest.expected_manifest("evaluate", inputs, section.model_dump(mode="json"),
                                           manifest.code_version("geojepa.evaluate", "geojepa.model"))
     if not force and manifest.is_fresh(work_dir, expected):
-        log.info("evaluate: %s is up to date, skipping", work_dir / EVAL_DIR)
-        return {**json.loads(manifest.manifest_path(work_dir, "evaluate").read_text())["summary"], "skipped": True}
+        log.info("evaluate: %s is up to date, skipping", w.eval)
+        return {**json.loads(w.manifest("evaluate").read_text())["summary"], "skipped": True}
 
     import torch
 
@@ -149,10 +175,11 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                                   "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]}),
                         tmp / "task_labels.parquet", TASK_LABELS)
             write_table(pa.Table.from_pylist(results, EVAL_RESULTS.schema), tmp / "results.parquet", EVAL_RESULTS)
-            summary = {"checkpoint": str(ckpt), "tiles": n, "entities": int(sum(len(e) for e in entity_emb)),
+            summary = {"checkpoint": str(ckpt), "region": w.name, "seen_in_training": seen, "role": role,
+                       "tokenizer_digest": region_digest, "tiles": n, "entities": int(sum(len(e) for e in entity_emb)),
                        "tasks": notes, "agreement": agreement, "pictures": pictures,
                        "seconds": round(time.perf_counter() - t0, 1)}
-            write_report(tmp / "report.md", results, summary, work_dir.name)
+            write_report(tmp / "report.md", results, summary, w.name)
             replace_folder(tmp, work_dir / EVAL_DIR)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

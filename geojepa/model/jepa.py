@@ -162,10 +162,22 @@ class GeoJEPA(nn.Module):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
 
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint's contents, loaded as plain data (weights only: no pickled code can run). A damaged or
+    foreign file raises ``ValueError`` naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncation, bad zip, refused pickle: all mean "not a good checkpoint")
+        raise ValueError(f"{path}: damaged or not a GeoJEPA checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise ValueError(f"{path}: not a GeoJEPA training checkpoint (no model, config and step)")
+    return state
+
+
 def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0) -> tuple[Encoder, dict]:
     """The target encoder of a training checkpoint and its resolved train config; ``untrained``: the same
     architecture freshly initialised with ``seed`` (the baseline a trained model must beat)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     c, weights = state["config"], state["model"]
     dims = tuple(weights[f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in weights else 0
                  for i in range(len(MODALITIES)))

@@ -10,6 +10,7 @@ embedded. ``gap`` tiles (see the tile stage) get no tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
 from geojepa.tokens.text import batches, open_embedder
 from geojepa.tokens.vocab import Vocab, entry_text, wanted_entries
 from geojepa.tracking import stage_run
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 TOKENS_DIR = "tokens"
@@ -83,19 +85,26 @@ def build_vocab(path: Path, tag_lists: list, cfg: TokensConfig, run=None) -> tup
     return Vocab(keys, values, vectors), done
 
 
-def _geometry_encoder(work_dir: Path, cfg: TokensConfig, geoms_m: np.ndarray, train: bool, run) -> tuple:
-    """Load the frozen shape encoder, or train it (when asked, or when there is none yet)."""
+def load_geometry_encoder(path: Path, dim: int):
+    """The frozen shape encoder at ``path`` (weights only: a checkpoint cannot run code when loaded)."""
     import torch
 
-    path = Path(cfg.geometry_checkpoint) if cfg.geometry_checkpoint else work_dir / "geometry_encoder.pt"
-    if path.exists() and not train:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["dim"] != cfg.geometry_dim:
-            raise GeoJepaError(f"{path}: encoder of width {state['dim']}, config asks {cfg.geometry_dim}; "
-                               "retrain with --train-geometry")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
         encoder = G.ShapeEncoder(state["dim"])
         encoder.load_state_dict(state["model"])
-        return encoder.eval(), manifest.file_sha256(path), None
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
+        raise GeoJepaError(f"{path}: damaged shape encoder checkpoint ({type(e).__name__}: {e}); "
+                           "retrain it with --train-geometry") from None
+    if state["dim"] != dim:
+        raise GeoJepaError(f"{path}: encoder of width {state['dim']}, config asks {dim}; retrain with --train-geometry")
+    return encoder.eval()
+
+
+def train_geometry_encoder(path: Path, cfg: TokensConfig, geoms_m: np.ndarray, run) -> dict:
+    """Train the shape encoder on (a sample of) ``geoms_m``, save it to ``path``; returns its quality report."""
+    import torch
+
     rng = np.random.default_rng(cfg.seed)
     sample = geoms_m[rng.permutation(len(geoms_m))[: cfg.geometry_max_shapes]]
     t0 = time.perf_counter()
@@ -108,14 +117,22 @@ def _geometry_encoder(work_dir: Path, cfg: TokensConfig, geoms_m: np.ndarray, tr
               "geometry_train_seconds": time.perf_counter() - t0, "geometry_train_shapes": len(sample), **quality}
     with atomic_path(path) as tmp:
         torch.save({"dim": cfg.geometry_dim, "model": encoder.state_dict(), "descriptor_stats": stats,
-                    "report": report}, tmp)
+                    "report": {k: float(v) for k, v in report.items()}}, tmp)
     if run:
         for epoch, train_loss, val_loss in result.curve:
             run.metrics({"geometry_train_loss": train_loss, "geometry_val_loss_curve": val_loss}, step=epoch)
         run.metrics(report)
     log.info("tokens: shape encoder trained on %d shapes: val loss %.4f vs %.4f untrained; %s", len(sample),
              result.val_loss, result.val_loss_untrained, quality)
-    return encoder, manifest.file_sha256(path), report
+    return report
+
+
+def _geometry_encoder(path: Path, cfg: TokensConfig, geoms_m: np.ndarray, train: bool, run) -> tuple:
+    """Load the frozen shape encoder, or train it (when asked, or when there is none yet)."""
+    report = None
+    if train or not path.exists():
+        report = train_geometry_encoder(path, cfg, geoms_m, run)
+    return load_geometry_encoder(path, cfg.geometry_dim), manifest.file_sha256(path), report
 
 
 class _Images:
@@ -172,21 +189,36 @@ def _n_patches(img: dict | None, cfg: TokensConfig) -> int:
     return grid * grid + (cfg.image_tokenizer == "vit_b16")
 
 
-def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False) -> dict:
-    """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``."""
-    work_dir = Path(work_dir)
+def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False,
+           tokenizer: Path | str | None = None) -> dict:
+    """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``.
+
+    With ``tokenizer`` (a folder made by ``geojepa tokenizer fit``), its frozen vocabulary (which may grow with
+    this region's new tag values), shape encoder and settings are used, and its digest goes into every shard;
+    without, the region gets its own vocabulary and shape encoder (``W/tag_vocab.parquet``,
+    ``W/geometry_encoder.pt``)."""
+    from geojepa.tokens.tokenizer import load_tokenizer
+
+    w = WorkDir(work_dir)
+    work_dir = w.path
     manifest.recover(work_dir)
-    section = cfg.tokens
-    paths = {"tiles": work_dir / "tiles.parquet", "tile_entities": work_dir / "tile_entities.parquet",
-             "tile_images": work_dir / "tile_images.parquet"}
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tok and train_geometry:
+        raise GeoJepaError(f"{tok.geometry_encoder}: the tokenizer's shape encoder is frozen; --train-geometry "
+                           "applies to a region's own tokenizer only")
+    section = tok.tokens_config(cfg.tokens) if tok else cfg.tokens
+    paths = {"tiles": w.tiles, "tile_entities": w.tile_entities, "tile_images": w.tile_images}
     open_artifact(paths["tiles"], TILES)
     open_artifact(paths["tile_entities"], TILE_ENTITIES)
     open_artifact(paths["tile_images"], TILE_IMAGES)
-    vocab_path = Path(section.vocab) if section.vocab else work_dir / "tag_vocab.parquet"
-    expected = manifest.expected_manifest("tokens", paths, section.model_dump(mode="json"),
+    vocab_path = Path(section.vocab) if section.vocab else w.tag_vocab
+    encoder_path = Path(section.geometry_checkpoint) if section.geometry_checkpoint else w.geometry_encoder
+    # The tokenizer enters by its record (digest), not its vocabulary file, which other regions may grow.
+    inputs = {**paths, **({"tokenizer": tok.folder / "tokenizer.json"} if tok else {})}
+    expected = manifest.expected_manifest("tokens", inputs, section.model_dump(mode="json"),
                                           manifest.code_version("geojepa.tokens", "data_contracts"))
     if not force and not train_geometry and manifest.is_fresh(work_dir, expected):
-        log.info("tokens: %s is up to date, skipping", work_dir / TOKENS_DIR)
+        log.info("tokens: %s is up to date, skipping", w.tokens)
         return {"skipped": True}
 
     t0 = time.perf_counter()
@@ -200,11 +232,12 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
 
     with stage_run("tokens", work_dir, cfg, section="tokens", inputs=expected["inputs"]) as run:
         tag_lists = [list(t) for t in te["tags"].to_pylist()]
-        vocab, embedded = build_vocab(vocab_path, tag_lists, section, run)
+        with tok.growing() if tok else contextlib.nullcontext():
+            vocab, embedded = build_vocab(vocab_path, tag_lists, section, run)
         size_m = float(read_table(paths["tiles"], TILES, columns=["size_m"])["size_m"][0].as_py())
         geoms_m = shapely.transform(shapely.from_wkb(te["geometry"].to_numpy(zero_copy_only=False)),
                                     lambda c: c * size_m)
-        encoder, encoder_sha, report = _geometry_encoder(work_dir, section, geoms_m, train_geometry, run)
+        encoder, encoder_sha, report = _geometry_encoder(encoder_path, section, geoms_m, train_geometry, run)
         vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
         fingerprint = json.dumps([section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True)
         hashes = _tile_hashes(te, images, fingerprint)
@@ -239,7 +272,8 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
             return out
 
         meta = {"tag_dim": str(vocab.vectors.shape[1]), "geometry_dim": str(section.geometry_dim),
-                "text_model": vocab_model(vocab_path), "image_tokenizer": section.image_tokenizer}
+                "text_model": vocab_model(vocab_path), "image_tokenizer": section.image_tokenizer,
+                **({"tokenizer_digest": tok.digest, "tokenizer_dir": str(tok.folder.resolve())} if tok else {})}
         counts = _write_shards(work_dir, hashes, split_of, length, reused, compute, section.shard_tiles, meta,
                                image_dim)
         todo_count = len(hashes) - len(reused)
@@ -248,7 +282,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         empty = sorted(t for t, s in split_of.items() if s != "gap" and t not in hashes)
         if empty:
             log.warning("tokens: %d tiles have no entities and get no tokens: %s", len(empty), empty[:5])
-        summary = {"tiles": len(hashes), "tiles_tokenised": todo_count, "tiles_reused": len(reused),
+        summary = {"tokenizer_digest": tok.digest if tok else None, "tiles": len(hashes), "tiles_tokenised": todo_count, "tiles_reused": len(reused),
                    "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "empty_tiles_skipped": len(empty), "tokens": n_tokens,
                    "entities": te.num_rows, "vocab_entries": len(vocab.index), "vocab_embedded": embedded,
                    "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),

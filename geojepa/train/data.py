@@ -1,8 +1,9 @@
 """Token shards -> packed, masked batches (the collator runs in DataLoader workers).
 
-Reads ``W/tokens/{split}-*.parquet`` with pyarrow only. Batches are formed from
-tiles of similar length (the shards are sorted by length), shuffled per epoch
-with a seed, and dealt to ranks so every rank gets the same number.
+Reads ``W/tokens/{split}-*.parquet`` with pyarrow only. Batches mix the regions
+(each region drawn per its quota) with tiles of similar length quantiles, are
+shuffled per epoch with a seed, and are dealt to ranks so every rank gets the
+same number.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -19,24 +21,35 @@ from geojepa.train.masks import MaskConfig, make_mask
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """The tiles of one split, in memory as Arrow columns; items are per-modality numpy arrays."""
+    """The tiles of one split of one or more regions (token folders), in memory as Arrow columns; items are
+    per-modality numpy arrays. ``region[i]`` is the index of tile i's folder."""
 
-    def __init__(self, folder: Path, split: str, modalities: tuple[str, ...]):
-        files = sorted(Path(folder).glob(f"{split}-*.parquet"))
-        if not files:
-            raise ContractError(f"{folder}: no {split}-*.parquet token shards; run `geojepa tokens` first")
-        for f in files:
-            open_artifact(f, TOKENS)
-        meta = pq.read_schema(files[0]).metadata
-        self.dims = {"tags": int(meta[b"tag_dim"]), "geometry": int(meta[b"geometry_dim"]),
-                     "image": int(meta[b"image_dim"])}
-        self.table = pq.read_table(files)
-        if self.table.num_rows == 0:
-            raise ContractError(f"{folder}: the {split} token shards hold no tiles")
+    def __init__(self, folders: Path | list[Path], split: str, modalities: tuple[str, ...]):
+        folders = [Path(folders)] if isinstance(folders, str | Path) else [Path(f) for f in folders]
+        tables, region, self.dims = [], [], None
+        for r, folder in enumerate(folders):
+            files = sorted(folder.glob(f"{split}-*.parquet"))
+            if not files:
+                raise ContractError(f"{folder}: no {split}-*.parquet token shards; run `geojepa tokens` first")
+            for f in files:
+                open_artifact(f, TOKENS)
+            meta = pq.read_schema(files[0]).metadata
+            dims = {"tags": int(meta[b"tag_dim"]), "geometry": int(meta[b"geometry_dim"]),
+                    "image": int(meta[b"image_dim"])}
+            if self.dims is not None and any(dims[m] != self.dims[m] for m in modalities):
+                raise ContractError(f"{folder}: token widths {dims} differ from {folders[0]}'s {self.dims}")
+            self.dims = self.dims or dims
+            if "image" in modalities and dims["image"] == 0:
+                raise ContractError(f"{folder}: modality 'image' asked for, but the shards have no image tokens "
+                                    "(tile with --imagery, or drop 'image' from train.modalities)")
+            table = pq.read_table(files)
+            if table.num_rows == 0:
+                raise ContractError(f"{folder}: the {split} token shards hold no tiles")
+            tables.append(table)
+            region.append(np.full(table.num_rows, r))
+        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        self.region = np.concatenate(region)
         self.modalities = modalities
-        if "image" in modalities and self.dims["image"] == 0:
-            raise ContractError(f"{folder}: modality 'image' asked for, but the shards have no image tokens "
-                                "(tile with --imagery, or drop 'image' from train.modalities)")
         self.rows = TokenRows(self.table, modalities)
         self.lengths = self.rows.lengths(modalities)
 
@@ -79,16 +92,47 @@ class TokenRows:
         return out
 
 
-class LengthBatches(torch.utils.data.Sampler):
-    """Batches of ``batch_tiles`` tiles of similar length, shuffled per epoch, dealt round-robin to ranks."""
+def region_quotas(counts: np.ndarray, weights: np.ndarray | None = None, cap: float = 2.0) -> np.ndarray:
+    """Tiles drawn from each region per epoch. Default: proportional to its tiles, but no region above ``cap``
+    times the median region's count, so one large region cannot swamp the small ones. With ``weights``: the
+    same total, shared in those proportions (a small region is then drawn with repetition)."""
+    counts = np.asarray(counts, float)
+    if weights is None:
+        base = np.minimum(counts, cap * np.median(counts))
+    else:
+        weights = np.asarray(weights, float)
+        base = weights / weights.sum() * counts.sum()
+    return np.maximum(np.round(base), 1).astype(int)
 
-    def __init__(self, lengths: np.ndarray, batch_tiles: int, seed: int, rank: int = 0, world: int = 1):
-        self.lengths, self.batch_tiles, self.seed, self.rank, self.world = lengths, batch_tiles, seed, rank, world
+
+class MixedBatches(torch.utils.data.Sampler):
+    """Batches of ``batch_tiles`` tiles with the regions mixed in every batch, dealt round-robin to ranks.
+
+    Each epoch draws ``quotas[r]`` tiles of region r (with repetition only when the quota exceeds its tiles),
+    orders each region's draw by length, and interleaves the regions by length quantile: a batch holds tiles
+    of every region in proportion to its quota, of similar length quantiles. The batch order is shuffled; all
+    of it is a function of (seed, epoch), so a resumed run draws the same batches.
+    """
+
+    def __init__(self, lengths: np.ndarray, region: np.ndarray, batch_tiles: int, seed: int, rank: int = 0,
+                 world: int = 1, quotas: np.ndarray | None = None):
+        self.lengths, self.region, self.batch_tiles = np.asarray(lengths), np.asarray(region), batch_tiles
+        self.seed, self.rank, self.world = seed, rank, world
+        self.members = [np.flatnonzero(self.region == r) for r in range(int(self.region.max()) + 1)]
+        self.quotas = np.array([len(m) for m in self.members]) if quotas is None else np.asarray(quotas)
         self.epoch = 0
 
     def batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = np.argsort(self.lengths + rng.random(len(self.lengths)) * 0.5, kind="stable")  # ties shuffled
+        order, key = [], []
+        for members, q in zip(self.members, self.quotas, strict=True):
+            reps = -(-q // len(members))
+            drawn = np.concatenate([rng.permutation(members) for _ in range(reps)])[:q]
+            drawn = drawn[np.argsort(self.lengths[drawn] + rng.random(q) * 0.5, kind="stable")]  # ties shuffled
+            order.append(drawn)
+            key.append((np.arange(q) + rng.random(q)) / q)  # length quantile within the region
+        order, key = np.concatenate(order), np.concatenate(key)
+        order = order[np.argsort(key, kind="stable")]
         chunks = [order[i : i + self.batch_tiles].tolist() for i in range(0, len(order), self.batch_tiles)]
         chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         usable = len(chunks) // self.world * self.world
@@ -98,7 +142,7 @@ class LengthBatches(torch.utils.data.Sampler):
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_tiles) // self.world
+        return -(-int(self.quotas.sum()) // self.batch_tiles) // self.world
 
 
 class Collator:

@@ -21,12 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from geojepa.model.jepa import GeoJEPA, ModelConfig
-from geojepa.train.data import Collator, LengthBatches, ShardDataset
+from geojepa.model.jepa import GeoJEPA, ModelConfig, load_checkpoint
+from geojepa.train.data import Collator, MixedBatches, ShardDataset, region_quotas
+from geojepa.train.masks import MaskConfig
+from geojepa.workdir import checkpoints_in
 
 log = logging.getLogger("geojepa.train")
 
@@ -64,8 +67,17 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+def load_last_good(folder: Path, device="cpu") -> dict:
+    """The newest checkpoint in ``folder`` that loads; damaged newer ones are named and passed over."""
+    for path in reversed(checkpoints_in(folder)):
+        try:
+            state = load_checkpoint(path, device)
+        except ValueError as e:
+            log.warning("%s; falling back to the checkpoint before it", e)
+            continue
+        log.info("resuming from %s", path)
+        return state
+    raise ValueError(f"{folder}: no checkpoint there loads; start afresh without --resume")
 
 
 def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, cfg: dict) -> Path:
@@ -75,7 +87,7 @@ def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: i
     torch.save({"step": step, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "config": cfg, "torch_rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
-    for old in _checkpoints(folder)[:-keep_last]:
+    for old in checkpoints_in(folder)[:-keep_last]:
         old.unlink()
     return path
 
@@ -91,7 +103,7 @@ def _tracker(cfg: dict, rank: int):
         return None
     mlflow.set_tracking_uri(cfg["tracking_uri"])
     mlflow.set_experiment(cfg.get("experiment", "geojepa"))
-    run = mlflow.start_run(run_id=cfg.get("mlflow_run_id"), run_name=f"train {Path(cfg['work_dir']).name}",
+    run = mlflow.start_run(run_id=cfg.get("mlflow_run_id"), run_name=f"train {Path(cfg['out_dir']).name}",
                            nested=bool(cfg.get("parent_run_id")), tags={"stage": "train"})
     if not cfg.get("mlflow_run_id"):
         mlflow.log_params({k: v for k, v in cfg.items() if not isinstance(v, dict | list)})
@@ -100,19 +112,32 @@ def _tracker(cfg: dict, rank: int):
 
 
 def train(cfg: dict) -> dict:
-    """Train per ``cfg`` (the resolved ``train`` section plus ``work_dir``); returns the final metrics."""
+    """Train per ``cfg`` (the resolved ``train`` section plus ``data``, the regions' work directories, and
+    ``out_dir``; a single-region config may give ``work_dir`` for both); returns the final metrics."""
     rank, world, device = _setup_distributed()
     torch.manual_seed(cfg["seed"])
-    work = Path(cfg["work_dir"])
+    cfg.setdefault("out_dir", cfg.get("work_dir"))
+    cfg.setdefault("data", [cfg["out_dir"]])
+    work = Path(cfg["out_dir"])
     ckpt_dir = work / "checkpoints"
     modalities = tuple(cfg["modalities"])
-    data = ShardDataset(work / "tokens", "train", modalities)
+    data = ShardDataset([Path(w) / "tokens" for w in cfg["data"]], "train", modalities)
+    names = cfg.get("regions") or [Path(w).name for w in cfg["data"]]
+    counts = np.bincount(data.region, minlength=len(names))
+    weights = cfg.get("region_weights") or None
+    quotas = region_quotas(counts, None if weights is None else [weights.get(n, 1.0) for n in names],
+                           cfg.get("region_cap", 2.0))
+    if rank == 0:
+        log.info("training tiles per region (drawn per epoch): %s",
+                 ", ".join(f"{n} {c} ({q})" for n, c, q in zip(names, counts, quotas, strict=True)))
     if cfg["batch_tiles"] % (world * cfg["accumulate"]):
         raise ValueError(f"train.batch_tiles={cfg['batch_tiles']} is not divisible by {world} ranks x "
                          f"{cfg['accumulate']} accumulation steps")
     micro = cfg["batch_tiles"] // (world * cfg["accumulate"])
-    sampler = LengthBatches(data.lengths, micro, cfg["seed"], rank, world)
-    collate = Collator(modalities, data.dims, cfg["seed"], pad_to_max=cfg.get("pad_to_max", False))
+    sampler = MixedBatches(data.lengths, data.region, micro, cfg["seed"], rank, world, quotas)
+    masks = {**cfg.get("masks", {})}
+    masks = MaskConfig(**{**masks, **({"area_aspect": tuple(masks["area_aspect"])} if "area_aspect" in masks else {})})
+    collate = Collator(modalities, data.dims, cfg["seed"], masks, pad_to_max=cfg.get("pad_to_max", False))
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
     sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
     model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
@@ -121,14 +146,14 @@ def train(cfg: dict) -> dict:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
-                            betas=(0.9, 0.95))
+                            betas=tuple(cfg.get("betas", (0.9, 0.95))))
     steps_per_epoch = len(sampler) // cfg["accumulate"]
     if steps_per_epoch == 0:
-        raise ValueError(f"{work / 'tokens'}: {len(data)} training tiles make no batch of {cfg['batch_tiles']} tiles")
+        raise ValueError(f"{cfg['data']}: {len(data)} training tiles make no batch of {cfg['batch_tiles']} tiles")
     total = cfg.get("max_steps") or cfg["epochs"] * steps_per_epoch
     step, epoch = 0, 0
-    if cfg.get("resume") and _checkpoints(ckpt_dir):
-        state = torch.load(_checkpoints(ckpt_dir)[-1], map_location=device, weights_only=False)
+    if cfg.get("resume") and checkpoints_in(ckpt_dir):
+        state = load_last_good(ckpt_dir, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
@@ -140,6 +165,7 @@ def train(cfg: dict) -> dict:
     history: list[dict] = []
     if step and (ckpt_dir / "history.json").exists():
         history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
+    loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight") if k in cfg}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     t_last, tokens_since = time.perf_counter(), 0
     while step < total:
@@ -165,7 +191,7 @@ def train(cfg: dict) -> dict:
                 no_sync = forward.no_sync() if world > 1 and not sync else contextlib.nullcontext()
                 with no_sync:  # gradients are all-reduced on the last micro-batch only
                     with amp:
-                        out = forward(batch)
+                        out = forward(batch, **loss_weights)
                     loss = out["loss"] / cfg["accumulate"]
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss at step {step} (lr {lr:.2e}); the last good "
