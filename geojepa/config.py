@@ -94,6 +94,19 @@ class TokensConfig(Section):
     seed: int = 0
 
 
+class MaskSettings(Section):
+    """JEPA masking (the fields of geojepa.train.masks.MaskConfig; the reference's settings)."""
+
+    blocks: int = Field(4, gt=0)  # target blocks per tile
+    p_modality: float = Field(0.2, ge=0, le=1)
+    p_random: float = Field(0.25, ge=0, le=1)
+    random_ratio: float = Field(0.45, gt=0, lt=1)
+    random_min_context: float = Field(0.10, gt=0, lt=1)
+    area_ratio: float = Field(0.35, gt=0, lt=1)
+    area_aspect: tuple[float, float] = (0.5, 2.0)
+    area_min_context: float = Field(0.15, gt=0, lt=1)
+
+
 class TrainConfig(Section):
     """token shards -> GeoJEPA checkpoints (the reference's settings; the demo overrides the sizes)."""
 
@@ -128,6 +141,15 @@ class TrainConfig(Section):
     keep_last: int = 3
     pad_to_max: bool = False  # the padded-attention baseline (benchmarks)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the transformer blocks; auto: on CUDA
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    vicreg_scale: float = Field(0.02, ge=0)  # loss = jepa + vicreg_scale x (var_weight x var + cov_weight x cov)
+    var_weight: float = Field(25.0, ge=0)
+    cov_weight: float = Field(1.0, ge=0)
+    masks: MaskSettings = MaskSettings()
+    # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap
+    # times the median region's; or explicit weights by region name (the same total, shared by weight).
+    region_cap: float = Field(2.0, gt=0)
+    region_weights: dict[str, float] | None = None
 
 
 class EvaluateConfig(Section):
