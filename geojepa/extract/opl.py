@@ -1,6 +1,6 @@
 """The fast path of extraction: libosmium writes OPL text, Arrow parses it in bulk.
 
-A child process (``python -m geojepa.extract.opl``) decodes the PBF in C++
+A child process (``python -m geojepa.extract.opl nodes-ways ...``) decodes the PBF in C++
 (pyosmium's ``apply`` with only C++ handlers: node-location index, tag filter
 and the OPL writer with ``locations_on_ways``) and streams one line per tagged
 node and per way, with coordinates inline, into a pipe. The parent reads the
@@ -138,9 +138,12 @@ def parse_members(field: pa.Array) -> tuple[pa.Array, np.ndarray, pa.Array, np.n
 
 
 def read_lines(stream, block_size: int = 1 << 24):
-    """Arrow string arrays of whole OPL lines from a binary stream."""
+    """Arrow string arrays of whole OPL lines from a buffered binary stream; nothing from an empty one
+    (a PBF without relations, or without nodes and ways)."""
     import pyarrow.csv as csv
 
+    if not stream.peek(1):  # Arrow's CSV reader refuses an empty stream ("Empty CSV file")
+        return
     reader = csv.open_csv(
         stream,
         read_options=csv.ReadOptions(column_names=["line"], block_size=block_size, use_threads=True),
@@ -152,15 +155,36 @@ def read_lines(stream, block_size: int = 1 << 24):
         yield batch.column(0)
 
 
-def write_relations(pbf: str, out: str) -> None:
-    """OPL of the tagged relations (relation blocks only; C++ throughout)."""
+# Objects to leave out, by OPL type letter ("n", "w", "r") -> ids: those whose text is not valid UTF-8,
+# which libosmium's OPL writer refuses ("invalid Unicode codepoint").
+Skip = dict[str, list[int]]
+INVALID_TEXT = "invalid Unicode codepoint"
+
+
+def _skipper(skip: Skip | None):
+    """A handler that drops the objects in ``skip`` from the chain (a callback returning True stops an
+    object); only the callbacks of the types with objects to drop exist, so nothing else enters Python."""
+    if not skip:
+        return None
+    callbacks = {}
+    for letter, name in (("n", "node"), ("w", "way"), ("r", "relation")):
+        ids = frozenset(skip.get(letter, ()))
+        if ids:
+            callbacks[name] = (lambda ids: lambda self, o: o.id in ids)(ids)
+    return type("SkipObjects", (), callbacks)()
+
+
+def write_relations(pbf: str, out: str, skip: Skip | None = None) -> None:
+    """OPL of the tagged relations (relation blocks only; C++ throughout but for ``skip``)."""
     import osmium
 
-    with osmium.SimpleWriter(osmium.io.File(out, "opl,add_metadata=false"), overwrite=True) as writer:
-        osmium.apply(osmium.io.Reader(pbf, osmium.osm.RELATION), osmium.filter.EmptyTagFilter(), writer)
+    writer = osmium.SimpleWriter(osmium.io.File(out, "opl,add_metadata=false"), overwrite=True)
+    handlers = [osmium.filter.EmptyTagFilter(), _skipper(skip), writer]
+    osmium.apply(osmium.io.Reader(pbf, osmium.osm.RELATION), *(h for h in handlers if h is not None))
+    writer.close()
 
 
-def produce(pbf: str, fd: int, node_index: str, member_nodes_file: str) -> None:
+def produce(pbf: str, fd: int, node_index: str, member_nodes_file: str, skip: Skip | None = None) -> None:
     """Child process: OPL for tagged nodes and all ways (with locations), then untagged member nodes.
 
     Writes to the inherited pipe ``fd``; the parent sees end-of-file only when this process exits.
@@ -172,8 +196,10 @@ def produce(pbf: str, fd: int, node_index: str, member_nodes_file: str) -> None:
     locations.ignore_errors()
     tagged_nodes = osmium.filter.EmptyTagFilter().enable_for(osmium.osm.NODE)
     opl = osmium.io.File(f"/dev/fd/{fd}", "opl,add_metadata=false,locations_on_ways=true")
-    with osmium.SimpleWriter(opl, overwrite=True) as writer:
-        osmium.apply(osmium.io.Reader(pbf, osmium.osm.NODE | osmium.osm.WAY), locations, tagged_nodes, writer)
+    writer = osmium.SimpleWriter(opl, overwrite=True)
+    handlers = [locations, tagged_nodes, _skipper(skip), writer]
+    osmium.apply(osmium.io.Reader(pbf, osmium.osm.NODE | osmium.osm.WAY), *(h for h in handlers if h is not None))
+    writer.close()
     # Relation members that are untagged nodes: their locations, as tag-less node lines.
     with open(fd, "w", closefd=True) as f:
         for ref in np.load(member_nodes_file).tolist():
@@ -185,9 +211,24 @@ def produce(pbf: str, fd: int, node_index: str, member_nodes_file: str) -> None:
                 f.write(f"n{ref} T x{loc.lon:.7f} y{loc.lat:.7f}\n")
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
+    """``relations PBF OUT [SKIP.json]`` or ``nodes-ways PBF FD INDEX MEMBERS.npy [SKIP.json]``."""
+    import json
+    import os
+
+    mode, args = argv[0], argv[1:]
     try:
-        produce(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        if mode == "relations":
+            skip = json.loads(open(args[2]).read()) if len(args) > 2 else None
+            write_relations(args[0], args[1], skip)
+        else:
+            skip = json.loads(open(args[4]).read()) if len(args) > 4 else None
+            produce(args[0], int(args[1]), args[2], args[3], skip)
     except Exception as e:  # reported to the parent through stderr and the exit code
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # At once: closing a libosmium writer after a failed write throws from a destructor (abort).
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,8 +1,9 @@
 """Streaming PBF reading: tagged objects out as Arrow batches of entities.
 
-1. Relations: libosmium writes the tagged relations as OPL text (relation
-   blocks only), parsed with Arrow: their tags, members, and the ids of the
-   nodes and ways whose geometry they need.
+1. Relations: libosmium (in a child process) writes the tagged relations as
+   OPL text (relation blocks only), parsed with Arrow: their tags, members,
+   and the ids of the nodes and ways whose geometry they need. A file without
+   relations gives none.
 2. Nodes and ways: a child process decodes the PBF in C++ and streams OPL
    lines with coordinates inline (``geojepa.extract.opl``); this process parses
    them in bulk with Arrow and builds geometries with shapely 2, a block of
@@ -12,10 +13,16 @@
 
 No Python code runs per node or way; relations are assembled one by one,
 except the common multipolygons (one closed outer way), built in bulk.
+
+Objects whose tags or roles are not valid UTF-8 make libosmium's OPL writer
+fail ("invalid Unicode codepoint"); the child's message is reported, the
+objects are found (one Python pass over the tagged objects, only then) and
+``InvalidText`` names them, so the caller can re-read with them skipped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -46,6 +53,52 @@ AREA_RELATIONS = frozenset({"multipolygon", "boundary"})
 # Batches carry the contract's columns plus the spatial sort key.
 BATCH_SCHEMA = ENTITIES.schema.append(pa.field(KEY, pa.int64(), nullable=False))
 Clip = tuple[float, float, float, float] | None
+
+
+class InvalidText(GeoJepaError):
+    """Objects of the PBF whose tags or member roles are not valid UTF-8 (``objects``: ``Skip``)."""
+
+    def __init__(self, pbf: Path, objects: opl.Skip, details: list[str]):
+        self.objects = objects
+        self.count = sum(len(v) for v in objects.values())
+        shown = ", ".join(details[:5]) + (f" and {self.count - 5} more" if self.count > 5 else "")
+        super().__init__(f"{pbf}: {self.count} object(s) with text that is not valid UTF-8 "
+                         f"(osmium: {opl.INVALID_TEXT}): {shown}")
+
+
+def find_invalid_text(pbf: Path) -> tuple[opl.Skip, list[str]]:
+    """The tagged objects whose tags (or, for relations, member roles) are not valid UTF-8, and a line
+    naming each (``way/10: tag value ...``). Python per tagged object: only run after a failure."""
+    bad: opl.Skip = {}
+    details: list[str] = []
+    for o in osmium.FileProcessor(str(pbf)).with_filter(osmium.filter.EmptyTagFilter()):
+        try:
+            for _ in o.tags:
+                pass
+            if o.is_relation():
+                for _ in o.members:
+                    pass
+        except UnicodeDecodeError as e:
+            letter = o.type_str()
+            bad.setdefault(letter, []).append(o.id)
+            details.append(f"{MEMBER_TYPE[letter]}/{o.id} ({e.reason} at byte {e.start} of "
+                           f"{e.object[max(0, e.start - 12):e.end + 12]!r})")
+    return bad, details
+
+
+def _child_failed(pbf: Path, message: str, skip: opl.Skip | None) -> GeoJepaError:
+    """The error for a failed child: ``InvalidText`` naming the objects libosmium could not write as
+    text, else a corrupt or truncated PBF with the child's last message."""
+    if opl.INVALID_TEXT in message and not skip:
+        objects, details = find_invalid_text(pbf)
+        if objects:
+            return InvalidText(pbf, objects, details)
+    return GeoJepaError(f"{pbf}: corrupt or truncated PBF: {message}")
+
+
+def _last_line(text: str, code: int) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {code}"
 
 
 def check_pbf(path: Path) -> osmium.osm.Box:
@@ -199,10 +252,14 @@ class _BlockParser:
 
 
 def _read_relations(pbf: Path, tmp_dir: Path, drop_prefixes: tuple[str, ...], tag_filter: TagFilter | None,
-                    stats: Counter):
+                    stats: Counter, skip_file: Path | None = None, skip: opl.Skip | None = None):
     """Tagged relations (after cleaning and filtering) and the ids of their node and way members."""
     path = tmp_dir / "relations.opl"
-    opl.write_relations(str(pbf), str(path))
+    # A child process: a libosmium failure can abort the process it runs in.
+    done = subprocess.run([sys.executable, "-m", "geojepa.extract.opl", "relations", str(pbf), str(path),
+                           *([str(skip_file)] if skip_file else [])], stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise _child_failed(pbf, _last_line(done.stderr, done.returncode), skip)
     relations: list[tuple[int, list[str], list[str], list[tuple[str, int, str]]]] = []
     with open(path, "rb") as stream:
         for lines in opl.read_lines(stream):
@@ -232,12 +289,17 @@ def _read_relations(pbf: Path, tmp_dir: Path, drop_prefixes: tuple[str, ...], ta
 
 def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str, tmp_dir: Path,
                   block_mb: int = 4, threads: int = 2, clip: Clip = None, tag_filter: TagFilter | None = None,
-                  stats: Counter, progress: Callable[[int], None] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``."""
-    try:
-        relations, member_nodes, member_ways = _read_relations(pbf, tmp_dir, drop_prefixes, tag_filter, stats)
-    except RuntimeError as e:
-        raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {e}") from None
+                  stats: Counter, progress: Callable[[int], None] | None = None,
+                  skip: opl.Skip | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the tagged entities of ``pbf`` as record batches of ``BATCH_SCHEMA``, leaving out the
+    objects in ``skip``. Raises ``InvalidText`` (before any batch when the bad text is in a relation)
+    when objects' text is not valid UTF-8: re-read with ``skip=error.objects``."""
+    skip_file = None
+    if skip:
+        skip_file = tmp_dir / "skip.json"
+        skip_file.write_text(json.dumps(skip))
+    relations, member_nodes, member_ways = _read_relations(pbf, tmp_dir, drop_prefixes, tag_filter, stats,
+                                                           skip_file, skip)
     members_file = tmp_dir / "member_nodes.npy"
     np.save(members_file, np.fromiter(member_nodes, np.int64, len(member_nodes)))
     parser = _BlockParser(drop_prefixes, tag_filter, clip, member_nodes, member_ways)
@@ -247,8 +309,9 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
     read_fd, write_fd = os.pipe()
     errors = tmp_dir / "producer.err"
     with open(errors, "wb") as err:
-        child = subprocess.Popen([sys.executable, "-m", "geojepa.extract.opl", str(pbf), str(write_fd), node_index,
-                                  str(members_file)], pass_fds=(write_fd,), stderr=err)
+        child = subprocess.Popen([sys.executable, "-m", "geojepa.extract.opl", "nodes-ways", str(pbf), str(write_fd),
+                                  node_index, str(members_file), *([str(skip_file)] if skip_file else [])],
+                                 pass_fds=(write_fd,), stderr=err)
     os.close(write_fd)
     ok = False
     try:
@@ -262,13 +325,21 @@ def read_entities(pbf: Path, *, drop_prefixes: tuple[str, ...], node_index: str,
                 if progress:
                     progress(sum(b.num_rows for b in parsed.batches))
         ok = True
+    except Exception:
+        # Output cut short by a failing child is not the parser's fault: report the child's reason.
+        try:
+            code = child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = 0
+        if code != 0:
+            raise _child_failed(pbf, _last_line(errors.read_text(errors="replace"), code), skip) from None
+        raise
     finally:
         if not ok and child.poll() is None:
             child.kill()
         code = child.wait()
     if code != 0:
-        message = errors.read_text().strip().splitlines()
-        raise GeoJepaError(f"{pbf}: corrupt or truncated PBF: {message[-1] if message else f'exit code {code}'}")
+        raise _child_failed(pbf, _last_line(errors.read_text(errors="replace"), code), skip)
 
     rows = list(_assemble_relations(relations, node_geoms, way_geoms, stats))
     # Repair invalid relation geometries in bulk (assembled polygons, collections holding them).

@@ -38,6 +38,11 @@ class SpatialSorter:
         self.kinds.update({d["values"]: d["counts"] for d in pc.value_counts(batch.column("kind")).to_pylist()})
         self.rows += batch.num_rows
 
+    def close(self) -> None:
+        """Abandon the staged rows (a re-read starts a new sorter)."""
+        self._sink.close()
+        self._staged.unlink(missing_ok=True)
+
     def sorted_tables(self) -> Iterator[pa.Table]:
         """The staged rows in key order, one bucket-sized table at a time (sort key dropped)."""
         self._sink.close()

@@ -22,7 +22,7 @@ from data_contracts import ENTITIES, ArtifactWriter
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
-from geojepa.extract.reader import BATCH_SCHEMA, check_pbf, node_index_spec, read_entities
+from geojepa.extract.reader import BATCH_SCHEMA, InvalidText, check_pbf, node_index_spec, read_entities
 from geojepa.extract.sort import SpatialSorter
 from geojepa.extract.tags import TagFilter
 from geojepa.tracking import stage_run
@@ -103,12 +103,25 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
         with stage_run("extract", work_dir, cfg, section="extract", inputs=expected["inputs"]) as run:
             spec = node_index_spec(pbf, section.node_index, section.disk_index_above_mb, tmp_dir)
             tag_filter = TagFilter(section.tag_filter) if section.tag_filter else None
-            sorter = SpatialSorter(tmp_dir, BATCH_SCHEMA)
-            with _progress(pbf) as progress:
-                for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
-                                           tmp_dir=tmp_dir, block_mb=section.read_block_mb, threads=section.threads,
-                                           clip=section.bbox, tag_filter=tag_filter, stats=stats, progress=progress):
-                    sorter.add(batch)
+            skip = None
+            while True:
+                sorter = SpatialSorter(tmp_dir, BATCH_SCHEMA)
+                try:
+                    with _progress(pbf) as progress:
+                        for batch in read_entities(pbf, drop_prefixes=section.drop_key_prefixes, node_index=spec,
+                                                   tmp_dir=tmp_dir, block_mb=section.read_block_mb,
+                                                   threads=section.threads, clip=section.bbox, tag_filter=tag_filter,
+                                                   stats=stats, progress=progress, skip=skip):
+                            sorter.add(batch)
+                    break
+                except InvalidText as e:
+                    if skip is not None:
+                        raise
+                    # Skipped and counted like other repairs; read again without them.
+                    log.warning("extract: %s; skipping them", e)
+                    sorter.close()
+                    skip = e.objects
+                    stats = Counter(skipped_invalid_utf8=e.count)
             rows = sorter.rows
             if rows == 0:
                 where = f" inside bbox {section.bbox}" if section.bbox else ""
