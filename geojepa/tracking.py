@@ -5,19 +5,27 @@ directories (``W/../mlruns.db``, ``W/../mlartifacts``), so all regions' runs
 sit in one store; ``tracking.uri`` in the config, or the ``MLFLOW_TRACKING_URI``
 variable (which wins), points elsewhere. mlflow is imported lazily: training
 hosts without it still import the library.
+
+A SQLite store is created under a lock file beside it (``mlruns.db.lock``), so
+stages started at once on a new store (regions in parallel) do not race on
+its creation; ``ensure_store`` does it once up front. URIs are logged and
+written with their credentials masked (``mask_uri``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from geojepa.config import Config, TrackingConfig
+from geojepa.errors import GeoJepaError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,72 @@ def tracking_uri(work_dir: Path, cfg: TrackingConfig) -> str:
     if cfg.uri:
         return cfg.uri
     return f"sqlite:///{(work_dir.resolve().parent / 'mlruns.db').as_posix()}"
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#]*=)[^&#]*", re.I)
+
+
+def mask_uri(uri: str | None) -> str | None:
+    """``uri`` fit for logs and files: a password in it (``user:password@``), a lone user name (often a
+    token) and query values named like secrets (``?password=``, ``token``, ``key``...) become ``***``."""
+    if not uri:
+        return uri
+    m = _USERINFO.match(uri)
+    if m:
+        user, sep, _ = m.group(2).partition(":")
+        uri = f"{m.group(1)}{user + ':***' if sep else '***'}@{uri[m.end():]}"
+    return _SECRET_QUERY.sub(r"\1***", uri)
+
+
+def _without_credentials(uri: str) -> str:
+    """``uri`` without its user name and password (for links: the browser asks for them)."""
+    m = _USERINFO.match(uri)
+    return mask_uri(f"{m.group(1)}{uri[m.end():]}" if m else uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores (or an in-memory database)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock file beside a SQLite store (nothing for other stores): MLflow creates its
+    tables and runs its migrations on first connection, and two processes doing that at once fail
+    (alembic CommandError, duplicate columns). Names the store when it cannot be created or opened."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "a+b")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise _store_error(db, e.strerror or str(e)) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _store_error(db: Path, reason: str) -> GeoJepaError:
+    return GeoJepaError(f"MLflow store {db}: cannot be created or opened ({reason}); point tracking.uri or "
+                        f"MLFLOW_TRACKING_URI at a writable place, or turn tracking off with "
+                        f"--set tracking.enabled=false")
+
+
+def ensure_store(work_dir: Path, cfg: Config | TrackingConfig) -> str | None:
+    """Create (once, safely under concurrency) and open the tracking store and experiment for ``work_dir``;
+    returns its URI, or None when tracking is off. Call it before starting stages in parallel."""
+    tracking = cfg.tracking if isinstance(cfg, Config) else cfg
+    if not tracking.enabled:
+        return None
+    return _use_store(Path(work_dir), tracking)
 
 
 def git_revision() -> str:
@@ -85,9 +159,10 @@ def stage_run(stage: str, work_dir: Path, cfg: Config, section: str | None = Non
     with mlflow.start_run(run_name=f"{stage} {work_dir.name}", nested=nested, tags=tags,
                           parent_run_id=None if nested else cfg.tracking.parent_run_id):
         config = cfg.model_dump(mode="json")
+        config["tracking"]["uri"] = mask_uri(config["tracking"]["uri"])
         mlflow.log_params(flatten(config[section] if section else config, f"{section}." if section else ""))
         mlflow.log_dict(config, "config.json")
-        log.info("MLflow run for %s in %s", stage, uri)
+        log.info("MLflow run for %s in %s", stage, mask_uri(uri))
         yield StageRun(mlflow)
 
 
@@ -96,13 +171,23 @@ def _use_store(work_dir: Path, cfg: TrackingConfig) -> str:
     import mlflow
 
     uri = tracking_uri(work_dir, cfg)
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.experiment)
+    db = _sqlite_path(uri)
+    with _store_lock(uri):
+        try:
+            mlflow.set_tracking_uri(uri)
+            if mlflow.get_experiment_by_name(cfg.experiment) is None:
+                location = None
+                if db is not None:
+                    artifacts = (db.parent / "mlartifacts").resolve()
+                    artifacts.mkdir(parents=True, exist_ok=True)
+                    location = artifacts.as_uri()
+                mlflow.create_experiment(cfg.experiment, artifact_location=location)
+            mlflow.set_experiment(cfg.experiment)
+        except Exception as e:
+            if db is None or isinstance(e, GeoJepaError):
+                raise
+            reason = e.strerror if isinstance(e, OSError) else str(getattr(e, "orig", None) or e).splitlines()[0]
+            raise _store_error(db, reason) from None
     return uri
 
 
@@ -135,5 +220,5 @@ def run_link(work_dir: Path, cfg: Config, run_id: str) -> str:
 
     uri = tracking_uri(work_dir, cfg.tracking)
     exp = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    base = _without_credentials(uri) if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id}"
