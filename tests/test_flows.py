@@ -1,6 +1,6 @@
 """Prefect flows on the Kotka sample against a real (temporary) Prefect API: the pipeline end to end with
 MLflow grouping and artifacts, skipping on re-runs, failures, a stage killed mid-way, Dask partitions,
-the deployments file and the compose stack."""
+the deployments file (the compose stack: tests/test_compose.py)."""
 
 from __future__ import annotations
 
@@ -221,34 +221,3 @@ def test_the_library_never_imports_prefect():
             "        importlib.import_module(m.name)\n"
             "assert 'prefect' not in sys.modules, 'prefect imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-
-
-def _compose() -> list[str] | None:
-    for cmd in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
-            return cmd
-    return None
-
-
-@pytest.mark.skipif(_compose() is None, reason="neither `docker compose` nor docker-compose is installed")
-def test_compose_stack_is_valid_and_wired(tmp_path):
-    raw = (ROOT / "docker-compose.yml").read_text()
-    out = subprocess.run([*_compose(), "--env-file", str(ROOT / ".env.example"), "config"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
-    for name, s in services.items():
-        for port in s.get("ports", []):
-            host = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
-            assert host == "127.0.0.1", (name, port)
-    assert "postgres/mlflow" in str(services["mlflow"]["command"]) and "s3://mlflow" in str(services["mlflow"]["command"])
-    assert "@postgres:5432/prefect" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    worker = services["prefect-worker"]
-    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "geojepa-process" in str(worker["command"]) and "deploy --all" in str(worker["command"])
-    # No secret in the file itself: every credential comes from the environment (.env).
-    for secret in ("change-me", "change-me-too"):
-        assert secret not in raw
-    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD" in raw and "MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD" in raw
