@@ -10,7 +10,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m flows.pipeline
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} $(PY) -m flows.pipeline
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q

@@ -40,7 +40,7 @@ def draw(geom, size: int = 96) -> Image.Image:
 def main(w: Path) -> None:
     te = pq.read_table(w / "tile_entities.parquet", columns=["entity_id", "kind", "tags", "geometry"])
     geoms = shapely.transform(shapely.from_wkb(te["geometry"].to_numpy(zero_copy_only=False)), lambda c: c * 300)
-    state = torch.load(w / "geometry_encoder.pt", map_location="cpu", weights_only=False)
+    state = torch.load(w / "geometry_encoder.pt", map_location="cpu", weights_only=True)
     enc = G.ShapeEncoder(state["dim"])
     enc.load_state_dict(state["model"])
     z = G.encode(enc, geoms)

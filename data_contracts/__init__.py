@@ -17,6 +17,7 @@ from data_contracts.io import (
 )
 from data_contracts.schemas import (
     ALL,
+    CORPUS_RESULTS,
     EMBEDDINGS,
     ENTITIES,
     EVAL_RESULTS,
@@ -30,7 +31,7 @@ from data_contracts.schemas import (
 )
 
 __all__ = [
-    "ALL", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
+    "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
     "replace_folder", "schema_diff", "sweep", "write_table",
 ]

@@ -196,5 +196,23 @@ EVAL_RESULTS = Contract(
     doc="W/eval/results.parquet: one row per (setting, task, model, probe, metric), test split.",
 )
 
+CORPUS_RESULTS = Contract(
+    name="corpus_results",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("group", pa.string(), nullable=False),  # all | trained (regions the model saw) | holdout
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("probe", pa.string(), nullable=False),  # mlp | median (Dummy)
+            pa.field("mae", pa.float64(), nullable=False),  # over the union of the group's test tiles
+            pa.field("std", pa.float64(), nullable=False),  # the regions' seed spreads, combined
+            pa.field("n_test", pa.int64(), nullable=False),
+            pa.field("regions", pa.int64(), nullable=False),
+        ]
+    ),
+    doc="OUT/corpus_results.parquet: masked test MAE pooled over a corpus's regions, by group, task and model.",
+)
+
 ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS,
-                           EVAL_RESULTS)}
+                           EVAL_RESULTS, CORPUS_RESULTS)}

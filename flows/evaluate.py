@@ -13,8 +13,9 @@ from tasks.stages import evaluate as evaluate_task
 
 @flow(name="evaluate")
 def evaluate(work_dir: str, config_path: str | None = None, overrides: list[str] | None = None,
-             checkpoint: str | None = None) -> dict:
-    summary = evaluate_task(work_dir, config_path, overrides, checkpoint)
+             checkpoint: str | None = None, model: str | None = None) -> dict:
+    """Evaluate one region with ``model`` (a checkpoint, a model folder or models:/name/N)."""
+    summary = evaluate_task(work_dir, config_path, overrides, checkpoint, model)
     report = Path(work_dir) / "eval" / "report.md"
     create_markdown_artifact(key=key("evaluation", Path(work_dir).name), markdown=report.read_text(),
                              description=f"evaluation report ({report})")

@@ -1,8 +1,10 @@
-"""pipeline: build-tiles, cache-tokens, train and evaluate for each region, grouped under one MLflow run per
-region; retrain: the same on a schedule, refreshing a Geofabrik extract first.
+"""pipeline: one model over a corpus of regions. build-tiles and cache-tokens mapped over the regions
+(concurrently), one frozen tokenizer fitted on the training regions, one training run on all their train
+splits, evaluate mapped over every region (holdouts included), then the corpus report; all grouped under one
+MLflow parent run. retrain: the same on a schedule, refreshing Geofabrik extracts first.
 
-``python -m flows.pipeline`` is the README's demo: both bundled samples, offline, with Prefect's temporary
-local API and MLflow on SQLite; it prints the outputs, the results and the ``mlflow ui`` command.
+``python -m flows.pipeline`` is the README's demo: ``configs/corpus-demo.yaml``, offline, with Prefect's
+temporary local API and MLflow on SQLite; it prints the outputs, the results and the ``mlflow ui`` command.
 """
 
 from __future__ import annotations
@@ -12,72 +14,108 @@ import logging
 import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from data_contracts import EVAL_RESULTS, read_table
 from flows.build_tiles import GEOFABRIK_INDEX, build_tiles
-from flows.cache_tokens import cache_tokens
-from flows.common import ROOT, SAMPLES, link_artifact, outputs_artifact, stage_row, work_dir_for
-from flows.evaluate import evaluate
-from flows.train import train
+from flows.common import ROOT, key, link_artifact, outputs_artifact, stage_row
+from geojepa.corpus import Corpus, load_corpus, mark_region
+from geojepa.evaluate.corpus import corpus_report
 from geojepa.evaluate.report import headline
-from geojepa.tracking import parent_run, run_link, tracking_uri
-from tasks.stages import config
+from geojepa.tracking import log_to_run, mask_uri, parent_run, run_link, tracking_uri
+from geojepa.workdir import WorkDir
+from tasks.stages import config, evaluate, fit_tokenizer, tokens, train
+
+DEMO = ROOT / "configs" / "corpus-demo.yaml"
 
 
-def run_region(region: str, work_dir: str, pbf: str | None, imagery, config_path: str | None,
-               overrides: list[str], nproc: int) -> list[dict]:
+@task(name="build-region", cache_policy=NO_CACHE)
+def build_region(region: str, pbf: str | None, imagery, work_dir: str, config_path: str | None,
+                 overrides: list[str], index_url: str) -> list[dict]:
+    """One region's build-tiles flow (its tile partitions stay mapped inside it)."""
+    return build_tiles(region=region, pbf=pbf, imagery=imagery, work_dir=work_dir, config_path=config_path,
+                       overrides=overrides, index_url=index_url)
+
+
+def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[str], nproc: int,
+               index_url: str = GEOFABRIK_INDEX) -> list[dict]:
     cfg = config(config_path, overrides)
-    w = Path(work_dir)
-    with parent_run(w, cfg, f"pipeline {region}", {"prefect_flow_run": str(flow_run.get_id())}) as parent:
+    root.mkdir(parents=True, exist_ok=True)
+    regions = {r.name: c.work_dir(r, root) for r in c.regions}
+    for r in c.regions:
+        mark_region(regions[r.name], c, r)
+    train_dirs = [str(regions[r.name].path) for r in c.train_regions()]
+    tokenizer, model = c.tokenizer_dir(root), c.model_dir(root)
+    tags = {"prefect_flow_run": str(flow_run.get_id()), "corpus": c.name, "corpus_file": str(c.path)}
+    # The parent run creates the tracking store before any region's stages start (no race on a fresh store).
+    with parent_run(model, cfg, f"pipeline {c.name}", tags) as parent:
         ov = [*overrides, *([f"tracking.parent_run_id={parent}"] if parent else [])]
-        rows = build_tiles(region=region, pbf=pbf, imagery=imagery, work_dir=work_dir, config_path=config_path,
-                           overrides=ov)
+        # A Geofabrik region is named by its id (downloaded into its work directory); the others by their PBF.
+        built = build_region.map([c.geofabrik_id(r) or r.name for r in c.regions],
+                                 [str(c.pbf(r)) if c.pbf(r) else None for r in c.regions],
+                                 [r.imagery for r in c.regions], [str(regions[r.name].path) for r in c.regions],
+                                 unmapped(config_path), unmapped(ov), unmapped(index_url))
+        rows = [row for f in built for row in f.result()]
+
         t0 = time.perf_counter()
-        tk = cache_tokens(work_dir, config_path, ov)
-        rows.append(stage_row(region, "tokens", tk, f"{tk.get('tokens', 0):,} tokens in {tk.get('tiles')} tiles",
-                              w / "tokens", time.perf_counter() - t0))
+        tk = fit_tokenizer(str(tokenizer), train_dirs, config_path, ov)
+        rows.append(stage_row(c.name, "tokenizer", tk, f"digest {tk.get('digest')}, {tk.get('vocab_entries')} "
+                              f"vocabulary entries, fitted on {', '.join(tk.get('regions', []))}", tokenizer,
+                              time.perf_counter() - t0))
         t0 = time.perf_counter()
-        tr = train(work_dir, config_path, ov, nproc=nproc)
-        rows.append(stage_row(region, "train", tr, f"{tr.get('steps')} steps, loss {tr.get('final_loss') or 0:.3f}",
-                              tr.get("checkpoint", w / "checkpoints"), time.perf_counter() - t0))
+        toks = tokens.map([str(regions[r.name].path) for r in c.regions], unmapped(config_path), unmapped(ov),
+                          tokenizer=unmapped(str(tokenizer)))
+        for r, f in zip(c.regions, toks, strict=True):
+            tk = f.result()
+            rows.append(stage_row(r.name, "tokens", tk, f"{tk.get('tokens', 0):,} tokens in {tk.get('tiles')} tiles",
+                                  regions[r.name].tokens, time.perf_counter() - t0))
+
         t0 = time.perf_counter()
-        ev = evaluate(work_dir, config_path, ov)
-        results = read_table(w / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
-        line = ("unchanged: " if ev.get("skipped") else "") + headline(results, ev["tasks"])  # skipped or not
-        rows.append(stage_row(region, "evaluate", {}, line, w / "eval" / "report.md", time.perf_counter() - t0))
-    outputs_artifact(f"pipeline-{region}", rows, f"pipeline outputs for {region} in {work_dir}")
+        tr = train(str(model), config_path, ov, nproc=nproc, data=train_dirs)
+        rows.append(stage_row(c.name, "train", tr, f"{tr.get('steps')} steps on {', '.join(tr.get('regions', []))}, "
+                              f"loss {tr.get('final_loss') or 0:.3f}", tr.get("checkpoint", model),
+                              time.perf_counter() - t0))
+
+        t0 = time.perf_counter()
+        evals = evaluate.map([str(regions[r.name].path) for r in c.regions], unmapped(config_path), unmapped(ov),
+                             model=unmapped(str(model)))
+        for r, f in zip(c.regions, evals, strict=True):
+            ev, w = f.result(), regions[r.name]
+            results = read_table(w.eval / "results.parquet", EVAL_RESULTS).to_pylist()
+            line = f"{r.role}: " + headline(results, ev["tasks"])
+            rows.append(stage_row(r.name, "evaluate", ev, line, w.eval / "report.md", time.perf_counter() - t0))
+            create_markdown_artifact(key=key("evaluation", c.name, r.name), markdown=(w.eval / "report.md").read_text(),
+                                     description=f"evaluation report of {r.name} ({r.role})")
+
+        pooled = corpus_report([regions[r.name] for r in c.regions], model, c.name)
+        report = model / "corpus_report.md"
+        log_to_run(model, cfg, parent, pooled, [report, model / "corpus_results.parquet"])
+        create_markdown_artifact(key=key("corpus-report", c.name), markdown=report.read_text(),
+                                 description=f"corpus report of {c.name}")
+        rows.append(stage_row(c.name, "report", {}, f"{len(pooled) // 2} pooled figures", report, 0.0))
+    outputs_artifact(f"pipeline-{c.name}", rows, f"pipeline outputs for corpus {c.name} in {root}")
     if parent:
-        link_artifact(f"mlflow-{region}", run_link(w, cfg, parent), f"MLflow: pipeline {region} and its stage runs")
+        link_artifact(f"mlflow-{c.name}", run_link(model, cfg, parent), f"MLflow: pipeline {c.name} and its runs")
     return rows
 
 
 @flow(name="pipeline")
-def pipeline(regions: list[str] = ["helsinki", "kotka"], work_root: str = "work",  # noqa: B006 (Prefect parameter)
-             imagery: str | list[str] | None = "render", config_path: str | None = None,
-             overrides: list[str] | None = None, nproc: int = 1) -> list[dict]:
-    """Every stage for each region (a bundled sample or a Geofabrik region) into ``work_root/<region>``."""
-    rows = []
-    for region in regions:
-        rows += run_region(region, work_dir_for(region, work_root), None, imagery, config_path,
-                           list(overrides or []), nproc)
-    return rows
+def pipeline(corpus: str = str(DEMO), work_root: str = "work", config_path: str | None = None,
+             overrides: list[str] | None = None, nproc: int = 1, index_url: str = GEOFABRIK_INDEX) -> list[dict]:
+    """Every stage for every region of ``corpus`` (a corpus file) into ``work_root/<region>``; the tokenizer in
+    ``work_root/<corpus>-tokenizer``, the model in ``work_root/<corpus>-model``."""
+    return run_corpus(load_corpus(corpus), Path(work_root), config_path, list(overrides or []), nproc, index_url)
 
 
 @flow(name="retrain")
-def retrain(region: str = "kotka", work_root: str = "work", imagery: str | list[str] | None = "render",
-            config_path: str | None = None, overrides: list[str] | None = None, nproc: int = 1,
-            index_url: str = GEOFABRIK_INDEX) -> list[dict]:
-    """The scheduled run: the latest extract (Geofabrik regions are re-downloaded when they changed), then
-    every stage; stages whose inputs did not change are skipped, so an unchanged week costs seconds."""
-    w = work_dir_for(region, work_root)
-    pbf = None
-    if not (SAMPLES / f"{region}.osm.pbf").exists():
-        from tasks.stages import fetch_osm
-
-        pbf = fetch_osm(region, w, index_url)
-    return run_region(region, w, pbf, imagery, config_path, list(overrides or []), nproc)
+def retrain(corpus: str = str(DEMO), work_root: str = "work", config_path: str | None = None,
+            overrides: list[str] | None = None, nproc: int = 1, index_url: str = GEOFABRIK_INDEX) -> list[dict]:
+    """The scheduled run: Geofabrik regions are re-downloaded when they changed, then every stage; stages whose
+    inputs did not change are skipped (the tokenizer stays frozen), so an unchanged week costs seconds."""
+    return run_corpus(load_corpus(corpus), Path(work_root), config_path, list(overrides or []), nproc, index_url)
 
 
 def main() -> None:
@@ -85,27 +123,30 @@ def main() -> None:
     from rich.table import Table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--regions", nargs="+", default=sorted(f.name.removesuffix(".osm.pbf")
-                                                         for f in SAMPLES.glob("*.osm.pbf")))
+    p.add_argument("--corpus", default=str(DEMO))
     p.add_argument("--work-root", default=str(ROOT / "work"))
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    p.add_argument("--nproc", type=int, default=1)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    rows = pipeline(regions=a.regions, work_root=a.work_root, config_path=a.config, overrides=a.overrides)
+    c = load_corpus(a.corpus)
+    rows = pipeline(corpus=a.corpus, work_root=a.work_root, config_path=a.config, overrides=a.overrides,
+                    nproc=a.nproc)
     console = Console()
-    table = Table(title=f"GeoJEPA pipeline ({time.perf_counter() - t0:.0f} s)")
+    table = Table(title=f"GeoJEPA pipeline, corpus {c.name} ({time.perf_counter() - t0:.0f} s)")
     for col in ("region", "stage", "result", "seconds", "output"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("region", "stage", "result", "seconds", "output")))
+        table.add_row(*(str(r[k]) for k in ("region", "stage", "result", "seconds", "output")))
     console.print(table)
-    for region in a.regions:
-        console.print(f"Report for {region}: {Path(work_dir_for(region, a.work_root)) / 'eval' / 'report.md'}")
-    uri = tracking_uri(Path(a.work_root) / "any", config(a.config, a.overrides).tracking)
+    for r in c.regions:
+        console.print(f"Report for {r.name} ({r.role}): {WorkDir(Path(a.work_root) / r.name).eval / 'report.md'}")
+    console.print(f"Corpus report: {c.model_dir(a.work_root) / 'corpus_report.md'}")
+    uri = mask_uri(tracking_uri(c.model_dir(a.work_root), config(a.config, a.overrides).tracking))
     console.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri}[/] (then open http://127.0.0.1:5000)")
 
 

@@ -1,4 +1,4 @@
-"""train: torchrun on the token shards (its log streams into this run; a failure carries its last lines)."""
+"""train: torchrun on the regions' train token shards (its log streams into this run; a failure carries its last lines)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from tasks.stages import train as train_task
 
 @flow(name="train")
 def train(work_dir: str, config_path: str | None = None, overrides: list[str] | None = None, nproc: int = 1,
-          resume: bool = False, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
+          resume: bool = False, nnodes: int = 1, rdzv_endpoint: str | None = None,
+          data: list[str] | None = None) -> dict:
+    """One model in ``work_dir`` (the model folder) on the train splits of the ``data`` regions (default: the
+    region ``work_dir`` itself)."""
     summary = train_task(work_dir, config_path, overrides, nproc=nproc, resume=resume, nnodes=nnodes,
-                         rdzv_endpoint=rdzv_endpoint)
+                         rdzv_endpoint=rdzv_endpoint, data=data)
     region = Path(work_dir).name
     outputs_artifact(f"train-{region}", [{k: v for k, v in summary.items() if k != "mlflow_run_id"}],
                      f"training in {work_dir}")

@@ -24,7 +24,7 @@ from data_contracts import TOKENS, open_artifact
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
-from geojepa.tracking import stage_run
+from geojepa.lifecycle import Lifecycle
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 
             open_artifact(f, TOKENS)
             if pq.ParquetFile(f).metadata.num_rows == 0:
                 raise GeoJepaError(f"{f}: token shard holds no tiles")
-        dims = w.token_dims()
+        dims = w.token_dims("train")
         for m in cfg.train.modalities:
             if dims[m] == 0:
                 raise GeoJepaError(f"{shards[0]}: train.modalities asks for {m!r}, but the shards have no {m} tokens")
@@ -58,7 +58,7 @@ def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 
         listing = ", ".join(f"{n}: {d or 'its own tokenizer'}" for n, d in digests.items())
         raise GeoJepaError("train: the regions were not tokenised with one tokenizer (" + listing + "); tokenise "
                            "each with `geojepa tokens W --tokenizer T` using the same T")
-    dims = {w.name: {m: w.token_dims()[m] for m in cfg.train.modalities} for w in regions}
+    dims = {w.name: {m: w.token_dims("train")[m] for m in cfg.train.modalities} for w in regions}
     if len({json.dumps(d, sort_keys=True) for d in dims.values()}) > 1:
         raise GeoJepaError(f"train: the regions' token widths differ: {dims}")
     world = nproc * nnodes
@@ -83,7 +83,6 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
     logger), and a non-zero exit raises with the last 40 lines."""
     out = WorkDir(out_dir)
     regions = [WorkDir(w) for w in (data or [out.path])]
-    manifest.recover(out.path)
     digest = check_inputs(regions, cfg, nproc, nnodes)
     ckpt = out.checkpoints_dir
     if resume and ckpt.is_dir() and out.checkpoints():
@@ -94,15 +93,14 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
         except ValueError as e:
             log.warning("train: %s; --resume falls back to the last good checkpoint", e)
     inputs = {f"tokens.{w.name}": w.tokens for w in regions}
-    expected = manifest.expected_manifest("train", inputs, cfg.train.model_dump(mode="json"),
-                                          manifest.code_version("geojepa.model", "geojepa.train"))
-    if not resume and manifest.is_fresh(out.path, expected):
-        log.info("train: %s is up to date with the tokens and config, skipping", ckpt)
-        return {**json.loads(out.manifest("train").read_text())["summary"], "skipped": True}
+    life = Lifecycle("train", out.path, cfg, inputs, cfg.train.model_dump(mode="json"),
+                     ("geojepa.model", "geojepa.train"), section="train")
+    if not resume and (done := life.skipped()):
+        return done
     ckpt.mkdir(parents=True, exist_ok=True)
     if not resume:
         _set_aside(ckpt)
-    with stage_run("train", out.path, cfg, section="train", inputs=expected["inputs"]) as run:
+    with life.run() as run:
         resolved = {**cfg.train.model_dump(mode="json"), "out_dir": str(out.path.resolve()),
                     "data": [str(w.path.resolve()) for w in regions], "regions": [w.name for w in regions],
                     "tokenizer_digest": digest, "resume": resume,
@@ -141,10 +139,8 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
         if cfg.tracking.enabled and checkpoints:
             version = _register(checkpoints[-1], cfg.tracking.experiment, resolved)
     summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1]),
-               "regions": [w.name for w in regions], "tokenizer_digest": digest, "mlflow_run_id": run.run_id,
-               "model_version": version}
-    manifest.write_manifest(out.path, expected, [f"checkpoints/{checkpoints[-1].name}"], summary=summary)
-    return {**summary, "skipped": False}
+               "regions": [w.name for w in regions], "tokenizer_digest": digest, "model_version": version}
+    return life.publish([f"checkpoints/{checkpoints[-1].name}"], summary)
 
 
 def _set_aside(ckpt: Path) -> None:

@@ -172,9 +172,16 @@ def _use_store(work_dir: Path, cfg: TrackingConfig) -> str:
 
     uri = tracking_uri(work_dir, cfg)
     db = _sqlite_path(uri)
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     with _store_lock(uri):
         try:
             mlflow.set_tracking_uri(uri)
+            # mlflow also exports the URI as MLFLOW_TRACKING_URI, which tracking_uri() would then take for the
+            # user's choice: the next work directory in this process (another root) would land in this store.
+            if user_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = user_env
             if mlflow.get_experiment_by_name(cfg.experiment) is None:
                 location = None
                 if db is not None:
@@ -222,3 +229,35 @@ def run_link(work_dir: Path, cfg: Config, run_id: str) -> str:
     exp = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
     base = _without_credentials(uri) if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id}"
+
+
+def record_skip(stage: str, work_dir: Path, cfg: Config, made_by: str | None) -> None:
+    """Under a pipeline's parent run, a finished run saying the stage was skipped, linking to the run that made
+    its artifacts, so the parent always shows its whole pipeline. Nothing outside a pipeline."""
+    if not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
+        return
+    from mlflow import MlflowClient
+
+    uri = _use_store(work_dir, cfg.tracking)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    note = (f"Inputs, config and code unchanged since run {made_by}, which made the artifacts: skipped."
+            if made_by else "Inputs, config and code unchanged: skipped (the run that made the artifacts is unknown).")
+    run = client.create_run(exp.experiment_id, run_name=f"{stage} {work_dir.name} (skipped)", tags={
+        "mlflow.parentRunId": cfg.tracking.parent_run_id, "stage": stage, "skipped": "true",
+        "made_by_run": made_by or "", "work_dir": str(work_dir.resolve()), "mlflow.note.content": note})
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def log_to_run(work_dir: Path, cfg: Config, run_id: str | None, metrics: dict[str, float],
+               files: list[Path]) -> None:
+    """Metrics and files into an existing run (a pipeline's parent run: the corpus-level results)."""
+    if not cfg.tracking.enabled or not run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(_use_store(work_dir, cfg.tracking))
+    for name, value in metrics.items():
+        client.log_metric(run_id, name, float(value))
+    for f in files:
+        client.log_artifact(run_id, str(f))

@@ -73,17 +73,18 @@ class WorkDir:
         pattern = f"{split}-*.parquet" if split else "*.parquet"
         return sorted(self.tokens.glob(pattern))
 
-    def token_meta(self) -> dict[str, str]:
-        """The key-value metadata of the token shards (the same in every shard of a run); empty without shards."""
-        shards = self.token_shards()
+    def token_meta(self, split: str | None = None) -> dict[str, str]:
+        """The key-value metadata of the token shards (of ``split``; the same in every shard of a run); empty
+        without shards."""
+        shards = self.token_shards(split)
         if not shards:
             return {}
         meta = pq.read_schema(shards[0]).metadata or {}
         return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW")}
 
-    def token_dims(self) -> dict[str, int]:
+    def token_dims(self, split: str | None = None) -> dict[str, int]:
         """Token widths per modality (0: the shards have none of that modality)."""
-        meta = self.token_meta()
+        meta = self.token_meta(split)
         return {m: int(meta.get(key, 0) or 0) for m, key in MODALITY_DIMS.items()}
 
     def tokenizer_digest(self) -> str | None:

@@ -60,28 +60,41 @@ def cut_partition(work, part: tuple[int, int]):
 
 @task(name="tokens", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=30),
       retry_condition_fn=_retry_unless_bad_input)
-def tokens(work_dir: str, config_path: str | None, overrides: list[str] | None, train_geometry: bool = False) -> dict:
+def tokens(work_dir: str, config_path: str | None, overrides: list[str] | None, train_geometry: bool = False,
+           tokenizer: str | None = None) -> dict:
     """Tokens (the Voyage API, when used, retries per request too; embedded texts are kept between tries)."""
     from geojepa.tokens import tokens as run
 
-    return log_outcome("tokens", run(Path(work_dir), config(config_path, overrides), train_geometry=train_geometry))
+    return log_outcome("tokens", run(Path(work_dir), config(config_path, overrides), train_geometry=train_geometry,
+                                     tokenizer=tokenizer))
+
+
+@task(name="fit-tokenizer", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=30),
+      retry_condition_fn=_retry_unless_bad_input)
+def fit_tokenizer(folder: str, work_dirs: list[str], config_path: str | None, overrides: list[str] | None) -> dict:
+    """The corpus's frozen tokenizer (kept as it is when it exists)."""
+    from geojepa.tokens.tokenizer import fit
+
+    return log_outcome("tokenizer", fit(Path(folder), [Path(w) for w in work_dirs], config(config_path, overrides)))
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(work_dir: str, config_path: str | None, overrides: list[str] | None, nproc: int = 1, resume: bool = False,
-          nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
-    """torchrun in a subprocess; its output streams into this task's log, a failure carries its last lines."""
+          nnodes: int = 1, rdzv_endpoint: str | None = None, data: list[str] | None = None) -> dict:
+    """torchrun in a subprocess; its output streams into this task's log, a failure carries its last lines.
+    ``work_dir`` is the model folder; ``data`` the regions (default: ``work_dir`` alone)."""
     from geojepa.launch import train as run
 
     logger = get_run_logger()
-    summary = run(Path(work_dir), config(config_path, overrides), nproc=nproc, nnodes=nnodes,
+    summary = run(Path(work_dir), config(config_path, overrides), data=data, nproc=nproc, nnodes=nnodes,
                   rdzv_endpoint=rdzv_endpoint, resume=resume, echo=logger.info)
     return log_outcome("train", summary)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(work_dir: str, config_path: str | None, overrides: list[str] | None,
-             checkpoint: str | None = None) -> dict:
+             checkpoint: str | None = None, model: str | None = None) -> dict:
     from geojepa.evaluate import evaluate as run
 
-    return log_outcome("evaluate", run(Path(work_dir), config(config_path, overrides), checkpoint=checkpoint))
+    return log_outcome("evaluate", run(Path(work_dir), config(config_path, overrides), checkpoint=checkpoint,
+                                       model=model))

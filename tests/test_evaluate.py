@@ -89,10 +89,10 @@ def test_unchanged_inputs_skip_and_failures_keep_the_earlier_results(evaluated):
     w, c, _ = evaluated
     assert evaluate(w, c)["skipped"]
     before = (w / "eval" / "report.md").read_bytes()
-    with pytest.raises(GeoJepaError, match="checkpoint not found"):
+    with pytest.raises(GeoJepaError, match="no such checkpoint"):
         evaluate(w, c, checkpoint=w / "checkpoints" / "missing.pt")
     wrong = w / "checkpoints" / "wrong.pt"
-    state = torch.load(sorted((w / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)
+    state = torch.load(sorted((w / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
     for k in [k for k in state["model"] if k.endswith("proj.0.weight")]:
         state["model"][k] = torch.zeros(state["model"][k].shape[0], 7)
     torch.save(state, wrong)

@@ -74,8 +74,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     off = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     launch_train(one, _cfg(off, accumulate=2, max_steps=3), nproc=1)
     launch_train(two, _cfg(off, max_steps=3), nproc=2)
-    a = torch.load(one / "checkpoints" / "step-00000003.pt", weights_only=False)["model"]
-    b = torch.load(two / "checkpoints" / "step-00000003.pt", weights_only=False)["model"]
+    a = torch.load(one / "checkpoints" / "step-00000003.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "step-00000003.pt", weights_only=True)["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     ha = json.loads((one / "checkpoints" / "history.json").read_text())
     hb = json.loads((two / "checkpoints" / "history.json").read_text())

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from data_contracts import (EMBEDDINGS, ENTITIES, EVAL_RESULTS, TAG_VOCAB, TASK_LABELS, TILE_ENTITIES, TILE_IMAGES,
                             TILES, TOKENS, open_artifact, read_table, replace_folder, write_table)
-from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import figures
@@ -41,7 +40,7 @@ from geojepa.evaluate.labels import TASKS, task_labels
 from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
 from geojepa.evaluate.report import write_report
 from geojepa.tokens.vocab import Vocab
-from geojepa.tracking import stage_run
+from geojepa.lifecycle import Lifecycle
 from geojepa.train.data import TokenRows
 from geojepa.workdir import WorkDir
 
@@ -67,7 +66,6 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
 
     w = WorkDir(work_dir)
     work_dir = w.path
-    manifest.recover(work_dir)
     section = cfg.evaluate
     spec = model or checkpoint or section.checkpoint
     ckpt = resolve_model(spec, cfg, work_dir.parent / ".models") if spec else last_checkpoint(work_dir)
@@ -95,11 +93,10 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         open_artifact(paths[name], contract)
     # The vocabulary of a corpus tokenizer grows with other regions: it enters by the shards' digest instead.
     inputs = {k: v for k, v in paths.items() if not (k == "tag_vocab" and region_digest)}
-    expected = manifest.expected_manifest("evaluate", inputs, section.model_dump(mode="json"),
-                                          manifest.code_version("geojepa.evaluate", "geojepa.model"))
-    if not force and manifest.is_fresh(work_dir, expected):
-        log.info("evaluate: %s is up to date, skipping", w.eval)
-        return {**json.loads(w.manifest("evaluate").read_text())["summary"], "skipped": True}
+    life = Lifecycle("evaluate", work_dir, cfg, inputs, section.model_dump(mode="json"),
+                     ("geojepa.evaluate", "geojepa.model"), section="evaluate")
+    if done := life.skipped(force):
+        return done
 
     import torch
 
@@ -122,7 +119,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     tmp = work_dir / f".{EVAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with stage_run("evaluate", work_dir, cfg, section="evaluate", inputs=expected["inputs"]) as run:
+    with life.run() as run:
         try:
             tiles_emb, entity_emb = emb(encoder, items)
             untrained_emb, _ = emb(untrained, items)
@@ -190,9 +187,8 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         for f in ("report.md", "results.parquet", "task_labels.parquet", *pictures.values()):
             run.artifact(out / f, "eval")
         run.dict(summary, "eval_summary.json")
-    manifest.write_manifest(work_dir, expected, [EVAL_DIR], summary=summary)
     log.info("evaluate: %s written in %.1fs; report %s", out, summary["seconds"], out / "report.md")
-    return {**summary, "skipped": False}
+    return life.publish([EVAL_DIR], summary)
 
 
 def _metric_name(r: dict) -> str:

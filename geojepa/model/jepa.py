@@ -162,7 +162,7 @@ class GeoJEPA(nn.Module):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
 
-def load_checkpoint(path: Path, device="cpu") -> dict:
+def load_checkpoint(path, device="cpu") -> dict:
     """A checkpoint's contents, loaded as plain data (weights only: no pickled code can run). A damaged or
     foreign file raises ``ValueError`` naming it."""
     try:

@@ -34,7 +34,7 @@ from geojepa.tokens import geometry as G
 from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
 from geojepa.tokens.text import batches, open_embedder
 from geojepa.tokens.vocab import Vocab, entry_text, wanted_entries
-from geojepa.tracking import stage_run
+from geojepa.lifecycle import Lifecycle
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,6 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
 
     w = WorkDir(work_dir)
     work_dir = w.path
-    manifest.recover(work_dir)
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok and train_geometry:
         raise GeoJepaError(f"{tok.geometry_encoder}: the tokenizer's shape encoder is frozen; --train-geometry "
@@ -215,11 +214,10 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     encoder_path = Path(section.geometry_checkpoint) if section.geometry_checkpoint else w.geometry_encoder
     # The tokenizer enters by its record (digest), not its vocabulary file, which other regions may grow.
     inputs = {**paths, **({"tokenizer": tok.folder / "tokenizer.json"} if tok else {})}
-    expected = manifest.expected_manifest("tokens", inputs, section.model_dump(mode="json"),
-                                          manifest.code_version("geojepa.tokens", "data_contracts"))
-    if not force and not train_geometry and manifest.is_fresh(work_dir, expected):
-        log.info("tokens: %s is up to date, skipping", w.tokens)
-        return {"skipped": True}
+    life = Lifecycle("tokens", work_dir, cfg, inputs, section.model_dump(mode="json"), ("geojepa.tokens", "data_contracts"),
+                     section="tokens")
+    if done := life.skipped(force or train_geometry):
+        return done
 
     t0 = time.perf_counter()
     tiles = read_table(paths["tiles"], TILES, columns=["tile_id", "split"])
@@ -230,7 +228,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         raise GeoJepaError(f"{paths['tile_entities']}: no entities in non-gap tiles; nothing to tokenise")
     images = _Images(read_table(paths["tile_images"], TILE_IMAGES))
 
-    with stage_run("tokens", work_dir, cfg, section="tokens", inputs=expected["inputs"]) as run:
+    with life.run() as run:
         tag_lists = [list(t) for t in te["tags"].to_pylist()]
         with tok.growing() if tok else contextlib.nullcontext():
             vocab, embedded = build_vocab(vocab_path, tag_lists, section, run)
@@ -289,12 +287,11 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
                    **{f"shards_{k}": v for k, v in counts.items()}, "seconds": round(seconds, 3),
                    "tiles_per_s": round(todo_count / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                    **(report or {})}
-        manifest.write_manifest(work_dir, expected, [TOKENS_DIR], summary=summary)
         run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         run.dict(summary, "tokens_summary.json")
     log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(hashes), todo_count, len(reused),
              n_tokens, seconds)
-    return {"skipped": False, **summary}
+    return life.publish([TOKENS_DIR], summary)
 
 
 def vocab_model(path: Path) -> str:

@@ -36,7 +36,7 @@ from data_contracts import TILE_ENTITIES, TILES, atomic_path, read_table
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
 from geojepa.tokens import vocab as V
-from geojepa.tracking import stage_run
+from geojepa.tracking import record_skip, stage_run
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
         tok = load_tokenizer(folder)
         log.info("tokenizer: %s is frozen (digest %s, fitted on %s); kept", folder, tok.digest,
                  [r["name"] for r in tok.record["fitted_on"]])
-        return {"skipped": True, "digest": tok.digest, "tokenizer": str(folder)}
+        record_skip("tokenizer", folder, cfg, tok.record.get("mlflow_run_id"))
+        return {**tok.record.get("summary", {}), "stage": "tokenizer", "skipped": True,
+                "mlflow_run_id": tok.record.get("mlflow_run_id")}
     t0 = time.perf_counter()
     section = cfg.tokens
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,14 +167,14 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
                   "geometry_encoder_sha256": manifest.file_sha256(folder / "geometry_encoder.pt"),
                   "tag_dim": int(vocab.vectors.shape[1]), "fitted_on": fitted_on}
         record["digest"] = _digest(record)
+        summary = {"digest": record["digest"], "tokenizer": str(folder), "regions": [r["name"] for r in fitted_on],
+                   "vocab_entries": len(vocab.index), "vocab_embedded": embedded, "shapes": len(sample), **report,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        record.update(summary=summary, mlflow_run_id=run.run_id)  # outside the digest
         with atomic_path(folder / TOKENIZER_FILE) as tmp:
             tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        summary = {"skipped": False, "digest": record["digest"], "tokenizer": str(folder),
-                   "regions": [r["name"] for r in fitted_on], "vocab_entries": len(vocab.index),
-                   "vocab_embedded": embedded, "shapes": len(sample), **report,
-                   "seconds": round(time.perf_counter() - t0, 1)}
         run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)})
         run.dict(record, "tokenizer.json")
     log.info("tokenizer: %s fitted on %s (digest %s, %d vocabulary entries, %d shapes)", folder,
              summary["regions"], record["digest"], len(vocab.index), len(sample))
-    return summary
+    return {**summary, "stage": "tokenizer", "skipped": False, "mlflow_run_id": record["mlflow_run_id"]}

@@ -1,0 +1,173 @@
+"""The corpus path on real regions: two small ones (Kotka, Helsinki) share one frozen tokenizer and train one
+model; a third (central Moscow) is tokenised with it and evaluated as a holdout it never saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_contracts import TAG_VOCAB, TOKENS, read_table
+from geojepa.corpus import load_corpus, mark_region
+from geojepa.errors import GeoJepaError
+from geojepa.train.data import MixedBatches, ShardDataset, region_quotas
+from geojepa.workdir import WorkDir
+from tests.conftest import SAMPLES, small_tokens
+
+TINY = {"width": 32, "depth": 1, "heads": 2, "mlp": 64, "pred_width": 16, "pred_depth": 1, "pred_heads": 2,
+        "batch_tiles": 8, "max_steps": 3, "num_workers": 0, "log_every": 1, "device": "cpu"}
+FAST_EVAL = {"seeds": 1, "max_epochs": 20, "patience": 3, "map": "pca", "gallery_queries": 1,
+             "tasks": ("building_count",)}
+
+
+def _cfg(cfg):
+    cfg = small_tokens(cfg, geometry_epochs=1, geometry_max_shapes=600, geometry_dim=32)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=TINY),
+                                  "evaluate": cfg.evaluate.model_copy(update=FAST_EVAL)})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, extracted, cfg):
+    """Kotka and Helsinki (train) and central Moscow (holdout) tiled, one tokenizer, all tokenised, one model."""
+    from geojepa.extract import extract
+    from geojepa.launch import train
+    from geojepa.tile import tile
+    from geojepa.tokens import tokens
+    from geojepa.tokens.tokenizer import fit
+
+    cfg = _cfg(cfg)
+    root = tmp_path_factory.mktemp("corpus")
+    c = load_corpus(_corpus_file(root, "kotka", "helsinki", holdout="moscow-centre-2020"))
+    w = {r.name: c.work_dir(r, root) for r in c.regions}
+    for r in c.regions:
+        mark_region(w[r.name], c, r)
+    for name in ("kotka", "helsinki"):
+        shutil.copy(extracted[name] / "entities.parquet", w[name].entities)
+    extract(SAMPLES / "moscow-centre-2020.osm.pbf", w["moscow-centre-2020"].path, cfg)
+    for x in w.values():
+        tile(x.path, cfg)
+    fitted = fit(root / "T", [w["kotka"].path, w["helsinki"].path], cfg)
+    vocab_before = read_table(root / "T" / "tag_vocab.parquet", TAG_VOCAB)
+    for x in w.values():
+        tokens(x.path, cfg, tokenizer=root / "T")
+    trained = train(root / "model", cfg, data=[w["kotka"].path, w["helsinki"].path])
+    return {"root": root, "w": w, "cfg": cfg, "fitted": fitted, "vocab_before": vocab_before, "trained": trained,
+            "corpus": c}
+
+
+def _corpus_file(root: Path, *train: str, holdout: str) -> Path:
+    f = root / "corpus.yaml"
+    regions = [{"name": n, "source": n, "role": "train"} for n in train]
+    regions.append({"name": holdout, "source": holdout, "role": "holdout"})
+    f.write_text(json.dumps({"name": "test", "regions": regions}))
+    return f
+
+
+def test_one_tokenizer_gives_every_region_the_same_digest_and_its_vocabulary_only_grows(corpus):
+    w, digest = corpus["w"], corpus["fitted"]["digest"]
+    assert {x.tokenizer_digest() for x in w.values()} == {digest}
+    for x in w.values():
+        for shard in x.token_shards():
+            assert pq.read_schema(shard).metadata[b"tokenizer_digest"].decode() == digest
+    before, after = corpus["vocab_before"], read_table(corpus["root"] / "T" / "tag_vocab.parquet", TAG_VOCAB)
+    assert after.num_rows > before.num_rows  # Moscow brought new tag values
+    assert after.slice(0, before.num_rows).equals(before)  # no vector written before ever changes
+    # The frozen tokenizer is kept on a second fit (same digest), even with other regions listed.
+    from geojepa.tokens.tokenizer import fit
+
+    again = fit(corpus["root"] / "T", [w["kotka"].path], corpus["cfg"])
+    assert again["skipped"] and again["digest"] == digest
+
+
+def test_batches_mix_regions_and_the_holdout_never_reaches_training(corpus):
+    w = corpus["w"]
+    config = json.loads((corpus["root"] / "model" / "checkpoints" / "train_config.json").read_text())
+    assert config["regions"] == ["kotka", "helsinki"] and config["tokenizer_digest"] == corpus["fitted"]["digest"]
+    data = ShardDataset([Path(d) / "tokens" for d in config["data"]], "train", ("tags", "geometry"))
+    moscow = set(read_table(w["moscow-centre-2020"].tokens, TOKENS, columns=["tile_id"])["tile_id"].to_pylist())
+    trained = set(data.table["tile_id"].to_pylist())
+    assert moscow and not (moscow & trained)
+    sampler = MixedBatches(data.lengths, data.region, 8, seed=0)
+    batches = sampler.batches()
+    assert all(len(set(data.region[b])) == 2 for b in batches)  # both regions in every batch
+    with pytest.raises(GeoJepaError, match="holdout region"):
+        from geojepa.launch import train
+
+        train(corpus["root"] / "model2", corpus["cfg"], data=[w["kotka"].path, w["moscow-centre-2020"].path])
+
+
+def test_evaluation_says_whether_the_region_was_trained_on(corpus):
+    from geojepa.evaluate import evaluate
+
+    w, cfg = corpus["w"], corpus["cfg"]
+    held = evaluate(w["moscow-centre-2020"].path, cfg, model=corpus["root"] / "model")
+    assert held["seen_in_training"] is False and held["role"].startswith("holdout")
+    assert "holdout: the model never saw this region" in (w["moscow-centre-2020"].eval / "report.md").read_text()
+    seen = evaluate(w["kotka"].path, cfg, model=corpus["root"] / "model")
+    assert seen["seen_in_training"] is True
+    assert seen["checkpoint"] == corpus["trained"]["checkpoint"]
+
+
+def test_regions_of_another_tokenizer_are_refused_before_any_work(corpus, tmp_path):
+    from geojepa.evaluate import evaluate
+    from geojepa.launch import train
+    from geojepa.tokens import tokens
+
+    w, cfg = corpus["w"], corpus["cfg"]
+    own = WorkDir(tmp_path / "kotka-own")
+    for f in ("tiles.parquet", "tile_entities.parquet", "tile_images.parquet", "entities.parquet"):
+        src = w["kotka"] / f
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, own / f)
+    tokens(own.path, cfg)  # its own vocabulary and shape encoder: no digest
+    with pytest.raises(GeoJepaError, match="not tokenised with one tokenizer"):
+        train(tmp_path / "m", cfg, data=[w["kotka"].path, own.path])
+    assert not (tmp_path / "m" / "checkpoints").exists()
+    with pytest.raises(GeoJepaError, match="trained on tokens of tokenizer"):
+        evaluate(own.path, cfg, model=corpus["root"] / "model")
+
+
+def test_corpus_files_with_bad_regions_are_refused_naming_the_file_and_region(tmp_path):
+    cases = {
+        "missing": ({"name": "x", "source": "no-such-extract", "role": "train"}, "no bundled extract"),
+        "role": ({"name": "x", "source": "kotka", "role": "test"}, "region 'x': role"),
+        "key": ({"name": "x", "source": "kotka", "role": "train", "colour": 1}, "unknown key"),
+        "pbf": ({"name": "x", "source": "nowhere/x.osm.pbf", "role": "train"}, "no file"),
+    }
+    for case, (region, needle) in cases.items():
+        f = tmp_path / f"{case}.yaml"
+        f.write_text(json.dumps({"name": "c", "regions": [region]}))
+        with pytest.raises(GeoJepaError, match=needle) as e:
+            load_corpus(f)
+        assert str(f) in str(e.value)
+    f = tmp_path / "holdout-only.yaml"
+    f.write_text(json.dumps({"name": "c", "regions": [{"name": "k", "source": "kotka", "role": "holdout"}]}))
+    with pytest.raises(GeoJepaError, match="no region has role 'train'"):
+        load_corpus(f)
+    assert [r.role for r in load_corpus(Path(__file__).parent.parent / "configs" / "corpus.yaml").regions].count(
+        "holdout") == 2
+
+
+def test_region_quotas_cap_a_large_region_and_follow_explicit_weights():
+    q = region_quotas(np.array([10_000, 100, 120]), cap=2.0)
+    assert list(q) == [220, 100, 120]  # the large region capped at twice the median
+    q = region_quotas(np.array([300, 100]), weights=np.array([1.0, 1.0]))
+    assert list(q) == [200, 200]  # same total, equal shares: the small region is drawn with repetition
+
+
+def test_mixed_batches_are_deterministic_per_epoch_and_disjoint_across_ranks():
+    rng = np.random.default_rng(0)
+    lengths, region = rng.integers(5, 500, 300), np.repeat([0, 1, 2], 100)
+    a = MixedBatches(lengths, region, 6, seed=3, rank=0, world=2)
+    b = MixedBatches(lengths, region, 6, seed=3, rank=1, world=2)
+    assert a.batches() == MixedBatches(lengths, region, 6, seed=3, rank=0, world=2).batches()
+    assert len(a.batches()) == len(a) == len(b.batches())
+    seen_a = {i for batch in a.batches() for i in batch}
+    seen_b = {i for batch in b.batches() for i in batch}
+    assert not (seen_a & seen_b)
+    assert all(len(set(region[batch])) == 3 for batch in a.batches())
+    a.epoch = 1
+    assert a.batches() != b.batches()
