@@ -14,6 +14,7 @@ from prefect import flow, unmapped
 
 from flows.common import SAMPLES, outputs_artifact, stage_row, task_runner, work_dir_for
 from geojepa.tile import tile
+from geojepa.workdir import WorkDir
 from tasks.stages import config, cut_partition, extract, fetch_osm, log_outcome
 
 GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
@@ -46,12 +47,12 @@ def build_tiles(region: str = "kotka", pbf: str | None = None, imagery: str | li
         pbf = str(sample) if sample.exists() else fetch_osm(region, w, index_url)
     t0 = time.perf_counter()
     ex = extract(pbf, w, config_path, overrides)
-    rows = [stage_row(region, "extract", ex, f"{ex.get('entities', '-')} entities", Path(w) / "entities.parquet",
+    rows = [stage_row(region, "extract", ex, f"{ex.get('entities', '-')} entities", WorkDir(w).entities,
                       time.perf_counter() - t0)]
     t0 = time.perf_counter()
     ti = tile_partitions.with_options(task_runner=task_runner(cfg))(w, imagery, config_path, overrides)
     splits = ", ".join(f"{k.removeprefix('split_')} {v}" for k, v in ti.items() if k.startswith("split_"))
-    rows.append(stage_row(region, "tile", ti, f"{ti.get('tiles')} tiles ({splits})", Path(w) / "tiles.parquet",
+    rows.append(stage_row(region, "tile", ti, f"{ti.get('tiles')} tiles ({splits})", WorkDir(w).tiles,
                           time.perf_counter() - t0))
     outputs_artifact(f"build-tiles-{region}", rows, f"build-tiles outputs for {region} in {w}")
     return rows

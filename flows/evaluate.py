@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import key
+from geojepa.workdir import WorkDir
 from tasks.stages import evaluate as evaluate_task
 
 
@@ -16,7 +17,7 @@ def evaluate(work_dir: str, config_path: str | None = None, overrides: list[str]
              checkpoint: str | None = None, model: str | None = None) -> dict:
     """Evaluate one region with ``model`` (a checkpoint, a model folder or models:/name/N)."""
     summary = evaluate_task(work_dir, config_path, overrides, checkpoint, model)
-    report = Path(work_dir) / "eval" / "report.md"
+    report = WorkDir(work_dir).eval / "report.md"
     create_markdown_artifact(key=key("evaluation", Path(work_dir).name), markdown=report.read_text(),
                              description=f"evaluation report ({report})")
     return summary

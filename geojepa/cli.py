@@ -19,6 +19,7 @@ import typer
 from data_contracts import ContractError
 from geojepa.config import Config, load_config
 from geojepa.errors import GeoJepaError
+from geojepa.workdir import WorkDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GeoJEPA: self-supervised embeddings of urban tiles from OpenStreetMap and imagery.")
@@ -174,7 +175,7 @@ def evaluate(
     def call():
         summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
                                model=model)
-        return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(work_dir / "eval" / "report.md")}
+        return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(WorkDir(work_dir).eval / "report.md")}
 
     _run(call)
 

@@ -86,3 +86,26 @@ def test_errors_name_the_override_not_the_file(tmp_path):
 def test_override_below_a_value_is_named():
     with pytest.raises(GeoJepaError, match=r"--set extract\.threads\.x=1: 'threads' is not a section"):
         load_config(overrides=["extract.threads.x=1"])
+
+
+def test_default_yaml_and_the_typed_defaults_never_drift_apart():
+    """configs/default.yaml spells out every key with the value the pydantic model would use anyway."""
+    import yaml
+
+    from geojepa.config import DEFAULT_CONFIG, Config
+    from geojepa.train.masks import MaskConfig
+
+    written = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    typed = Config().model_dump(mode="json")
+
+    def same(a, b, where=""):
+        if isinstance(b, dict):
+            assert isinstance(a, dict) and set(a) == set(b), f"{where}: keys differ: {set(a) ^ set(b)}"
+            for k in b:
+                same(a[k], b[k], f"{where}.{k}")
+        else:
+            assert (list(a) if isinstance(a, tuple) else a) == b, f"{where}: {a!r} in default.yaml, {b!r} typed"
+
+    same(written, typed)
+    # The mask settings are the training code's own defaults (training hosts read them without pydantic).
+    assert Config().train.masks.model_dump() == MaskConfig().__dict__

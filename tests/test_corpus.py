@@ -171,3 +171,34 @@ def test_mixed_batches_are_deterministic_per_epoch_and_disjoint_across_ranks():
     assert all(len(set(region[batch])) == 3 for batch in a.batches())
     a.epoch = 1
     assert a.batches() != b.batches()
+
+
+def test_every_stage_shares_one_lifecycle_skip_force_and_recovery(corpus, tmp_path):
+    """Each stage, run again on unchanged inputs, skips with the summary it recorded (one shape for all), sweeps
+    what a killed run left behind, and runs again when forced."""
+    from geojepa.evaluate import evaluate
+    from geojepa.extract import extract
+    from geojepa.launch import train
+    from geojepa.tile import tile
+    from geojepa.tokens import tokens
+
+    root, w, cfg = corpus["root"], corpus["w"]["moscow-centre-2020"], corpus["cfg"]
+    model = root / "model"
+    stages = {
+        "extract": (w.path, lambda force=False: extract(SAMPLES / "moscow-centre-2020.osm.pbf", w.path, cfg, force=force)),
+        "tile": (w.path, lambda force=False: tile(w.path, cfg, force=force)),
+        "tokens": (w.path, lambda force=False: tokens(w.path, cfg, tokenizer=root / "T", force=force)),
+        "train": (model, lambda force=False: train(model, cfg, data=[corpus["w"]["kotka"].path,
+                                                                        corpus["w"]["helsinki"].path])),
+        "evaluate": (w.path, lambda force=False: evaluate(w.path, cfg, model=model, force=force)),
+    }
+    for stage, (folder, run) in stages.items():
+        dead = folder / f".{stage}-leftover.tmp-999999999"  # a temporary of a process that no longer exists
+        dead.write_text("half-written")
+        again = run()
+        assert again["stage"] == stage and again["skipped"] is True, stage
+        assert not dead.exists(), f"{stage}: the dead run's temporary was not swept"
+        recorded = json.loads((folder / "manifests" / f"{stage}.json").read_text())
+        assert {k: again[k] for k in recorded["summary"]} == recorded["summary"], stage
+    forced = stages["evaluate"][1](force=True)
+    assert forced["stage"] == "evaluate" and forced["skipped"] is False

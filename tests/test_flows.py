@@ -37,13 +37,22 @@ def prefect_api():
 
 @pytest.fixture(scope="module")
 def piped(tmp_path_factory):
-    """The pipeline flow on Kotka, with MLflow on, into a fresh work root."""
+    """The pipeline flow on a corpus of Kotka (train) and central Moscow (holdout), with MLflow on, into a fresh
+    work root."""
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
+    corpus = root / "corpus.yaml"
+    corpus.write_text(yaml.safe_dump({"name": "mini", "regions": [
+        {"name": "kotka", "source": "kotka", "role": "train"},
+        {"name": "moscow", "source": "moscow-centre-2020", "role": "holdout", "imagery": None}]}))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    rows = pipeline(regions=["kotka"], work_root=str(root), overrides=FAST)
-    return root, rows
+    rows = pipeline(corpus=str(corpus), work_root=str(root), overrides=FAST)
+    return root, rows, corpus
+
+
+STAGES = ["extract", "tile", "extract", "tile", "tokenizer", "tokens", "tokens", "train", "evaluate", "evaluate",
+          "report"]
 
 
 def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped):
@@ -51,44 +60,69 @@ def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    root, rows = piped
-    assert [r["stage"] for r in rows] == ["extract", "tile", "tokens", "train", "evaluate"]
+    root, rows, _ = piped
+    assert sorted(r["stage"] for r in rows) == sorted(STAGES)
     assert not any(r["result"].startswith("unchanged") for r in rows)
-    assert (root / "kotka" / "eval" / "report.md").exists()
+    assert (root / "kotka" / "eval" / "report.md").exists() and (root / "moscow" / "eval" / "report.md").exists()
+    evaluated = {r["region"]: r["result"] for r in rows if r["stage"] == "evaluate"}
+    assert evaluated["kotka"].startswith("train:") and evaluated["moscow"].startswith("holdout:")
+    assert "holdout: the model never saw" in (root / "moscow" / "eval" / "report.md").read_text()
+    assert (root / "mini-model" / "corpus_report.md").exists()
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
     exp = client.get_experiment_by_name("geojepa")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert children == {"extract", "tile", "tokens", "train", "evaluate"}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(s for s in STAGES if s != "report")
+    assert any(k.startswith("corpus.all.masked.building_count.") for k in parent[0].data.metrics)
+    trained = next(r for r in children if r.data.tags["stage"] == "train")
+    assert [i.dataset.name for i in trained.inputs.dataset_inputs] == ["kotka/tokens/train"]
+    version = client.search_model_versions("name = 'geojepa-encoder'")[0]
+    assert version.tags["regions"] == "kotka" and version.tags["tokenizer_digest"] and version.tags["corpus"] == "mini"
+    assert "trained on the train splits of kotka" in version.description
 
-    wanted = {"pipeline-kotka", "build-tiles-kotka", "cache-tokens-kotka", "train-kotka", "mlflow-train-kotka",
-              "evaluation-kotka", "mlflow-kotka"}
+    wanted = {"pipeline-mini", "build-tiles-kotka", "build-tiles-moscow", "evaluation-mini-kotka",
+              "evaluation-mini-moscow", "corpus-report-mini", "mlflow-mini"}
     with get_client(sync_client=True) as c:
         found = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(wanted))))
     assert {a.key for a in found} == wanted
-    link = next(a for a in found if a.key == "mlflow-kotka")
+    link = next(a for a in found if a.key == "mlflow-mini")
     assert parent[0].info.run_id in link.data
 
 
-def test_rerun_on_unchanged_inputs_skips_every_stage_and_says_so(piped, caplog):
+def test_rerun_on_unchanged_inputs_skips_every_stage_and_the_parent_still_shows_them(piped, caplog):
+    import logging
+
+    import mlflow
+
     from flows.pipeline import pipeline
 
-    root, _ = piped
-    rows = pipeline(regions=["kotka"], work_root=str(root), overrides=FAST)
-    assert all(r["result"].startswith("unchanged") for r in rows), rows
+    root, first, corpus = piped
+    caplog.set_level(logging.INFO)
+    rows = pipeline(corpus=str(corpus), work_root=str(root), overrides=FAST)
+    assert all(r["result"].startswith("unchanged") for r in rows if r["stage"] != "report"), rows
     assert "unchanged since the last run: skipped" in caplog.text
+    assert "is up to date with its inputs" in caplog.text  # the library's own lines reach the flow's log
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("geojepa")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    made = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id}
+    skipped = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["stage"] for r in skipped) == sorted(s for s in STAGES if s != "report")
+    assert all(r.data.tags["skipped"] == "true" and r.data.tags["made_by_run"] in made for r in skipped)
 
 
 def test_scheduled_retrain_on_unchanged_data_skips_every_stage(piped):
     from flows.pipeline import retrain
 
-    root, _ = piped
-    rows = retrain(region="kotka", work_root=str(root), overrides=FAST)
-    assert [r["stage"] for r in rows] == ["extract", "tile", "tokens", "train", "evaluate"]
-    assert all(r["result"].startswith("unchanged") for r in rows), rows
+    root, _, corpus = piped
+    rows = retrain(corpus=str(corpus), work_root=str(root), overrides=FAST)
+    assert sorted(r["stage"] for r in rows) == sorted(STAGES)
+    assert all(r["result"].startswith("unchanged") for r in rows if r["stage"] != "report"), rows
 
 
 def test_build_tiles_downloads_a_geofabrik_region_through_transient_errors(server, tmp_path):  # noqa: F811
@@ -130,13 +164,14 @@ def test_tasks_retry_transient_failures_but_never_bad_input():
 def test_a_failed_training_fails_the_flow_with_the_tail_of_its_log(piped):
     from flows.train import train
 
-    root, _ = piped
+    root, _, _ = piped
     w = root / "kotka"
     before = (w / "manifests" / "tokens.json").read_bytes()
-    state = train(str(w), overrides=[*FAST, "train.batch_tiles=7", "train.accumulate=2"], return_state=True)
+    state = train(str(root / "other-model"), overrides=[*FAST, "train.batch_tiles=4096"], data=[str(w)],
+                  return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "torchrun exit" in message and "not divisible" in message  # the child's own error, from the log tail
+    assert "torchrun exit" in message and "make no batch" in message  # the child's own error, from the log tail
     assert (w / "manifests" / "tokens.json").read_bytes() == before
 
 
@@ -158,13 +193,13 @@ def test_a_stage_killed_midway_leaves_earlier_artifacts_and_the_next_run_resumes
     from flows.cache_tokens import cache_tokens
     from geojepa import manifest
 
-    root, _ = piped
+    root, _, _ = piped
     w = tmp_path / "kotka"
     w.mkdir()
     for name in ("entities.parquet", "tiles.parquet", "tile_entities.parquet", "tile_images.parquet", "manifests"):
         (shutil.copytree if (root / "kotka" / name).is_dir() else shutil.copy)(root / "kotka" / name, w / name)
     for later in ("tokens", "train", "evaluate"):
-        (w / "manifests" / f"{later}.json").unlink()
+        (w / "manifests" / f"{later}.json").unlink(missing_ok=True)
     tiles_hash = manifest.file_sha256(w / "tile_entities.parquet")
     overrides = ["tracking.enabled=false", *FAST]
     cmd = [sys.executable, "-m", "geojepa.cli", "tokens", str(w), *[a for o in overrides for a in ("--set", o)]]
@@ -209,7 +244,7 @@ def test_deployments_name_real_flows_with_valid_parameters_and_a_retraining_sche
         f.validate_parameters(d.get("parameters", {}))
         names.add(f"{f.name}/{d['name']}")
         assert d["work_pool"]["name"] == "geojepa-process"
-    assert {"build-tiles/sample", "pipeline/sample", "retrain/sample"} <= names
+    assert {"build-tiles/sample", "pipeline/corpus-demo", "pipeline/corpus", "retrain/corpus-demo"} <= names
     retrain = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":retrain"))
     assert retrain["schedules"][0]["cron"]
 

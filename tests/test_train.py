@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -93,6 +94,49 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, w, cfg):
     a = [h["loss"] for h in json.loads((whole / "checkpoints" / "history.json").read_text())]
     b = [h["loss"] for h in json.loads((cut / "checkpoints" / "history.json").read_text())]
     assert len(a) == 6 and a == pytest.approx(b, rel=1e-6)
+
+
+def test_resume_passes_over_a_damaged_last_checkpoint_and_names_it(tmp_path, w, cfg, caplog):
+    import logging
+
+    from geojepa.model.jepa import load_checkpoint
+
+    d = tmp_path / "cut"
+    shutil.copytree(w / "tokens", d / "tokens")
+    train({**_resolved(cfg, d, max_steps=6, epochs=2, checkpoint_every=2, keep_last=3), "stop_after": 4})
+    last = d / "checkpoints" / "step-00000004.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk or a killed copy
+    with pytest.raises(ValueError, match="step-00000004.pt: damaged"):
+        load_checkpoint(last)
+    caplog.set_level(logging.WARNING)
+    train({**_resolved(cfg, d, max_steps=6, epochs=2, checkpoint_every=2, keep_last=3), "resume": True})
+    assert "step-00000004.pt: damaged" in caplog.text and "falling back" in caplog.text
+    history = json.loads((d / "checkpoints" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # resumed at step 2, redid 3 and 4
+
+
+def test_a_failed_check_leaves_the_previous_checkpoints_where_evaluate_finds_them(w, cfg):
+    launch_train(w, _cfg(cfg))
+    before = sorted(p.name for p in (w / "checkpoints").glob("step-*.pt"))
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        launch_train(w, _cfg(cfg, device="cpu"), nproc=3)
+    assert sorted(p.name for p in (w / "checkpoints").glob("step-*.pt")) == before and before
+
+
+def test_checkpoints_load_as_data_only_so_a_pickled_payload_never_runs(tmp_path):
+    import pickle
+
+    from geojepa.model.jepa import load_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    bad = tmp_path / "step-00000001.pt"
+    torch.save({"model": {}, "config": {}, "step": 1, "x": Payload()}, bad, pickle_module=pickle)
+    with pytest.raises(ValueError, match="damaged or not a GeoJEPA checkpoint"):
+        load_checkpoint(bad)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_schedules_follow_the_reference():

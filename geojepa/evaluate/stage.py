@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_contracts import (EMBEDDINGS, ENTITIES, EVAL_RESULTS, TAG_VOCAB, TASK_LABELS, TILE_ENTITIES, TILE_IMAGES,
                             TILES, TOKENS, open_artifact, read_table, replace_folder, write_table)
@@ -39,8 +38,8 @@ from geojepa.evaluate.knn import class_histograms, class_of, knn_regression_mae,
 from geojepa.evaluate.labels import TASKS, task_labels
 from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
 from geojepa.evaluate.report import write_report
-from geojepa.tokens.vocab import Vocab
 from geojepa.lifecycle import Lifecycle
+from geojepa.tokens.vocab import Vocab
 from geojepa.train.data import TokenRows
 from geojepa.workdir import WorkDir
 
@@ -233,8 +232,7 @@ def _score(setting, task, feats, y, sp, section, settings, dummy=True) -> list[d
 def _load(paths: dict, modalities: tuple[str, ...], encoder) -> dict:
     """Token rows as items, with each tile's entities' tags, kinds, tile geometries, images and footprints."""
     tok = read_table(paths["tokens"], TOKENS)
-    meta = pq.read_schema(next(iter(sorted(Path(paths["tokens"]).glob("*.parquet"))))).metadata
-    dims = {"tags": int(meta[b"tag_dim"]), "geometry": int(meta[b"geometry_dim"]), "image": int(meta[b"image_dim"])}
+    dims = WorkDir(Path(paths["tokens"]).parent).token_dims()
     for i, m in enumerate(("tags", "geometry", "image")):
         want = getattr(encoder.proj[i], "in_features", 0)
         if m in modalities and want != dims[m]:

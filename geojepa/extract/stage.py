@@ -17,19 +17,18 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-
 from data_contracts import ENTITIES, ArtifactWriter
-from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.extract.reader import BATCH_SCHEMA, InvalidText, check_pbf, node_index_spec, read_entities
 from geojepa.extract.sort import SpatialSorter
 from geojepa.extract.tags import TagFilter
-from geojepa.tracking import stage_run
+from geojepa.lifecycle import Lifecycle
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
-ENTITIES_FILE = "entities.parquet"
+ENTITIES_FILE = WorkDir(".").entities.name
 
 
 def _check_work_dir(work_dir: Path) -> None:
@@ -87,20 +86,17 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if section.bbox is not None:
         _check_bbox(pbf, header_box, section.bbox)
     _check_work_dir(work_dir)
-    manifest.recover(work_dir)
     out = work_dir / ENTITIES_FILE
-
-    expected = manifest.expected_manifest("extract", {"pbf": pbf}, section.model_dump(mode="json"),
-                                          manifest.code_version("geojepa.extract", "data_contracts"))
-    if not force and manifest.is_fresh(work_dir, expected):
-        log.info("extract: %s is up to date with %s, skipping", out, pbf)
-        return {"skipped": True, "output": str(out)}
+    life = Lifecycle("extract", work_dir, cfg, {"pbf": pbf}, section.model_dump(mode="json"),
+                     ("geojepa.extract", "data_contracts"), section="extract")
+    if done := life.skipped(force):
+        return {**done, "output": str(out)}
 
     stats: Counter = Counter()
     t0 = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=".extract-", dir=work_dir))
     try:
-        with stage_run("extract", work_dir, cfg, section="extract", inputs=expected["inputs"]) as run:
+        with life.run() as run:
             spec = node_index_spec(pbf, section.node_index, section.disk_index_above_mb, tmp_dir)
             tag_filter = TagFilter(section.tag_filter) if section.tag_filter else None
             skip = None
@@ -142,7 +138,6 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
                 "input_mb_per_s": round(pbf.stat().st_size / 1e6 / seconds, 3),
                 "node_index_on_disk": int(spec != "flex_mem"),
             }
-            manifest.write_manifest(work_dir, expected, [ENTITIES_FILE], summary=summary)
             run.metrics(summary)
             run.dict(summary, "extract_summary.json")
     finally:
@@ -151,4 +146,4 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if repaired:
         log.info("extract: repaired or skipped geometries: %s", repaired)
     log.info("extract: %d entities from %s in %.1fs -> %s", rows, pbf, seconds, out)
-    return {"skipped": False, "output": str(out), **summary}
+    return {**life.publish([ENTITIES_FILE], summary), "output": str(out)}

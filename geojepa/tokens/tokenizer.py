@@ -61,11 +61,11 @@ class Tokenizer:
 
     @property
     def vocab(self) -> Path:
-        return self.folder / "tag_vocab.parquet"
+        return WorkDir(self.folder).tag_vocab
 
     @property
     def geometry_encoder(self) -> Path:
-        return self.folder / "geometry_encoder.pt"
+        return WorkDir(self.folder).geometry_encoder
 
     def tokens_config(self, section: TokensConfig) -> TokensConfig:
         """``section`` with the tokenizer's frozen settings and files in place of the region's own."""
@@ -94,9 +94,9 @@ def load_tokenizer(folder: Path | str) -> Tokenizer:
         raise GeoJepaError(f"{path}: damaged tokenizer record ({e})") from None
     if record.get("digest") != _digest(record):
         raise GeoJepaError(f"{path}: its digest does not match its content (edited or damaged)")
-    for f in ("tag_vocab.parquet", "geometry_encoder.pt"):
-        if not (folder / f).is_file():
-            raise GeoJepaError(f"{folder / f}: missing from the tokenizer folder")
+    for f in (WorkDir(folder).tag_vocab, WorkDir(folder).geometry_encoder):
+        if not f.is_file():
+            raise GeoJepaError(f"{f}: missing from the tokenizer folder")
     if record["rules"] != rules_sha():
         raise GeoJepaError(f"{path}: made with other vocabulary bucketing rules ({record['rules']}, this code "
                            f"{rules_sha()}); fit a new tokenizer")
@@ -154,17 +154,18 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
             tag_lists += tags
             shapes.append(geoms)
             fitted_on.append({"name": w.name, "entities": len(geoms)})
-        (folder / "tag_vocab.parquet").unlink(missing_ok=True)
-        vocab, embedded = build_vocab(folder / "tag_vocab.parquet", tag_lists, section, run)
+        files = WorkDir(folder)  # a tokenizer folder holds its files under the work directories' names
+        files.tag_vocab.unlink(missing_ok=True)
+        vocab, embedded = build_vocab(files.tag_vocab, tag_lists, section, run)
         # Shapes from every region, each region's share capped so a large one does not drown the rest.
         rng = np.random.default_rng(section.seed)
         share = max(section.geometry_max_shapes // len(shapes), 1)
         sample = np.concatenate([g[rng.permutation(len(g))[:share]] for g in shapes])
-        report = train_geometry_encoder(folder / "geometry_encoder.pt", section, sample, run)
+        report = train_geometry_encoder(files.geometry_encoder, section, sample, run)
         from geojepa import manifest
 
         record = {"settings": {k: getattr(section, k) for k in FROZEN}, "rules": rules_sha(),
-                  "geometry_encoder_sha256": manifest.file_sha256(folder / "geometry_encoder.pt"),
+                  "geometry_encoder_sha256": manifest.file_sha256(files.geometry_encoder),
                   "tag_dim": int(vocab.vectors.shape[1]), "fitted_on": fitted_on}
         record["digest"] = _digest(record)
         summary = {"digest": record["digest"], "tokenizer": str(folder), "regions": [r["name"] for r in fitted_on],

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from geojepa.model.jepa import GeoJEPA, ModelConfig, load_checkpoint
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, region_quotas
 from geojepa.train.masks import MaskConfig
-from geojepa.workdir import checkpoints_in
+from geojepa.workdir import WorkDir, checkpoints_in
 
 log = logging.getLogger("geojepa.train")
 
@@ -119,9 +119,9 @@ def train(cfg: dict) -> dict:
     cfg.setdefault("out_dir", cfg.get("work_dir"))
     cfg.setdefault("data", [cfg["out_dir"]])
     work = Path(cfg["out_dir"])
-    ckpt_dir = work / "checkpoints"
+    ckpt_dir = WorkDir(work).checkpoints_dir
     modalities = tuple(cfg["modalities"])
-    data = ShardDataset([Path(w) / "tokens" for w in cfg["data"]], "train", modalities)
+    data = ShardDataset([WorkDir(w).tokens for w in cfg["data"]], "train", modalities)
     names = cfg.get("regions") or [Path(w).name for w in cfg["data"]]
     counts = np.bincount(data.region, minlength=len(names))
     weights = cfg.get("region_weights") or None
