@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
+PRECLIP_COORDS = 256  # polygons and collections with more vertices are cut to the block and its columns first
+
 
 @dataclass
 class Pieces:
@@ -35,12 +37,17 @@ def project(geoms: np.ndarray, transformer) -> np.ndarray:
 
 
 def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_range: tuple[int, int],
-           simplify_m: float, min_side: float) -> Pieces:
+           simplify_m: float | None, min_side: float) -> Pieces:
     """Cut UTM geometries into tile pieces for the tiles with col in [c0, c1) and row in [r0, r1).
 
-    Geometries are simplified once, before cutting, so the pieces of an entity tile it exactly.
+    Geometries are simplified once, before cutting, so the pieces of an entity tile it exactly
+    (``simplify_m=None``: they already are). A polygon or collection of more than ``PRECLIP_COORDS``
+    vertices that reaches beyond these tiles is first cut to their block, once, so that cutting it
+    per tile costs the vertices near each tile, not all of them (the result is the same geometry:
+    a tile lies in the block; coordinates computed on the block's border may differ in the last bits).
     """
-    geoms_utm = shapely.simplify(geoms_utm, simplify_m, preserve_topology=True)
+    if simplify_m is not None:
+        geoms_utm = shapely.simplify(geoms_utm, simplify_m, preserve_topology=True)
     b = shapely.bounds(geoms_utm)
     c_lo = np.floor(b[:, 0] / size).astype(np.int64)
     c_hi = np.floor(b[:, 2] / size).astype(np.int64)
@@ -70,8 +77,14 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
             geom[at] = shapely.clip_by_rect(geom[at], x0[at[0]], y0[at[0]], x0[at[0]] + size, y0[at[0]] + size)
     cross = np.flatnonzero(~inside & ((dims != 1) | (shapely.get_type_id(geom) == 7)))
     if len(cross):
+        src = _sources(geoms_utm, entity[cross], col[cross], size, col_range, row_range)
         boxes = shapely.box(x0[cross], y0[cross], x0[cross] + size, y0[cross] + size)
-        geom[cross] = _drop_lower_dimensions(shapely.intersection(geom[cross], boxes), dims[cross])
+        # Only where the geometry meets the tile (a bbox overlap is not enough): an overlay costs more
+        # than the predicate, and the others cut to nothing.
+        meet = shapely.intersects(src, boxes)
+        geom[cross] = shapely.GeometryCollection()
+        at = cross[meet]
+        geom[at] = _drop_lower_dimensions(shapely.intersection(src[meet], boxes[meet]), dims[at])
     keep = ~shapely.is_empty(geom)
     entity, col, row, geom, x0, y0 = entity[keep], col[keep], row[keep], geom[keep], x0[keep], y0[keep]
     position = rotated_bbox(geom, min_side)
@@ -83,6 +96,30 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     offsets = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=len(geom)) * 2)]).astype(np.int32)
     vertices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(coords.astype(np.float32).ravel()))
     return Pieces(entity, col, row, geom, vertices, position.astype(np.float32))
+
+
+def _sources(geoms: np.ndarray, entity: np.ndarray, col: np.ndarray, size: float, col_range: tuple[int, int],
+             row_range: tuple[int, int]) -> np.ndarray:
+    """The geometry to cut to each (entity, tile) pair's tile: ``geoms[entity]``, or for a polygon or
+    collection of more than ``PRECLIP_COORDS`` vertices, its part in the tile's column of the block
+    (the entity cut to the block once when it reaches beyond, then to each column once)."""
+    n = shapely.get_num_coordinates(geoms)
+    out = geoms[entity]
+    heavy = np.flatnonzero(n[entity] > PRECLIP_COORDS)
+    if not len(heavy):
+        return out
+    bx0, by0, bx1, by1 = col_range[0] * size, row_range[0] * size, col_range[1] * size, row_range[1] * size
+    src = geoms.copy()
+    ents = np.unique(entity[heavy])
+    b = shapely.bounds(geoms[ents])
+    beyond = ents[(b[:, 0] < bx0) | (b[:, 1] < by0) | (b[:, 2] > bx1) | (b[:, 3] > by1)]
+    if len(beyond):
+        src[beyond] = shapely.intersection(geoms[beyond], shapely.box(bx0, by0, bx1, by1))
+    key = (entity[heavy] - 0) * (col_range[1] - col_range[0]) + (col[heavy] - col_range[0])
+    strips, inv = np.unique(key, return_inverse=True)
+    se, sc = strips // (col_range[1] - col_range[0]), col_range[0] + strips % (col_range[1] - col_range[0])
+    out[heavy] = shapely.intersection(src[se], shapely.box(sc * size, by0, (sc + 1) * size, by1))[inv]
+    return out
 
 
 def _drop_lower_dimensions(geom: np.ndarray, dim: np.ndarray) -> np.ndarray:

@@ -18,7 +18,10 @@ from pyproj import CRS, Transformer
 
 
 def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 UTM zone holding (lon, lat)."""
+    """EPSG code of the WGS84 UTM zone holding (lon, lat); lon may be past +-180 (a region across the
+    antimeridian)."""
+    if not -180 <= lon <= 180:
+        lon = 180 - (180 - lon) % 360
     zone = int(np.clip((lon + 180) // 6 + 1, 1, 60))
     return (32600 if lat >= 0 else 32700) + zone
 
@@ -56,10 +59,18 @@ class Grid:
 
     def ring_lonlat(self, x0: float, y0: float, x1: float, y1: float, densify: int = 8) -> np.ndarray:
         """(4 * (densify + 1), 2) lon/lat points around a UTM box, edges densified (they are curves in lon/lat)."""
-        t = np.linspace(0, 1, densify + 1)
-        xs = np.concatenate([x0 + (x1 - x0) * t, np.full_like(t, x1), x1 - (x1 - x0) * t, np.full_like(t, x0)])
-        ys = np.concatenate([np.full_like(t, y0), y0 + (y1 - y0) * t, np.full_like(t, y1), y1 - (y1 - y0) * t])
-        return np.column_stack(self.to_lonlat().transform(xs, ys))
+        return self.rings_lonlat(np.array([x0]), np.array([y0]), np.array([x1]), np.array([y1]), densify)[0]
+
+    def rings_lonlat(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+                     densify: int = 8) -> np.ndarray:
+        """``ring_lonlat`` of many boxes at once: (n, 4 * (densify + 1), 2)."""
+        t = np.linspace(0, 1, densify + 1)[None, :]
+        x0, y0, x1, y1 = (np.asarray(a, float)[:, None] for a in (x0, y0, x1, y1))
+        ones = np.ones_like(t)
+        xs = np.concatenate([x0 + (x1 - x0) * t, x1 * ones, x1 - (x1 - x0) * t, x0 * ones], axis=1)
+        ys = np.concatenate([y0 * ones, y0 + (y1 - y0) * t, y1 * ones, y1 - (y1 - y0) * t], axis=1)
+        lon, lat = self.to_lonlat().transform(xs.ravel(), ys.ravel())
+        return np.stack([np.reshape(lon, xs.shape), np.reshape(lat, xs.shape)], axis=-1)
 
     def lonlat_bounds(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, ...]:
         """A lon/lat box holding the UTM box."""

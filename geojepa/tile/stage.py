@@ -2,18 +2,20 @@
 ``W/tile_images.parquet/``.
 
 The region is cut into partitions (blocks of tile groups, ``tile.partition_groups``
-groups a side); each partition reads only the entities whose bbox meets it
-(row groups pruned by the bbox statistics of the Hilbert-sorted entities),
-cuts them into tiles, drops tiles with too few or too many entities, attaches
-imagery and writes one Parquet shard per artifact. Memory is bounded by one
-partition. ``tile_entities.parquet`` and ``tile_images.parquet`` are Parquet
+groups a side). A plan (``geojepa.tile.plan``, one pass over the entities) keeps only
+the partitions where some tile can reach ``tile.min_entities`` entities and lists each
+one's entities; each partition reads only those rows (row groups of the Hilbert-sorted
+entities, cached per process), cuts them into tiles, drops tiles with too few or too
+many entities, attaches imagery and writes one Parquet shard per artifact. Memory is
+bounded by one partition, a few row groups and the plan. The counts of occupied and
+dropped tiles cover the partitions cut (a skipped partition's tiles would all have been
+dropped for too few entities). ``tile_entities.parquet`` and ``tile_images.parquet`` are Parquet
 datasets (folders of shards, readable as one table by pyarrow, DuckDB and
 geopandas); ``tiles.parquet`` is one file with the split.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,58 +27,32 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import rasterio
 import shapely
 
-from data_contracts import ENTITIES, TILE_ENTITIES, TILE_IMAGES, TILES, open_artifact, replace_folder, write_table
+from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, replace_folder, write_table
 from geojepa import manifest
 from geojepa.config import Config, TileConfig
 from geojepa.errors import GeoJepaError
 from geojepa.tile import render as renderer
-from geojepa.tile.clip import pieces, project
-from geojepa.tile.grid import Grid, assign_splits, utm_epsg
+from geojepa.tile import plan as planner
+from geojepa.tile.clip import pieces
+from geojepa.tile.grid import assign_splits
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
+from geojepa.tile.plan import Region, extent_partitions, plan_region
 from geojepa.parallel import bounded_map
 from geojepa.tracking import stage_run
 
 log = logging.getLogger(__name__)
 TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR = "tiles.parquet", "tile_entities.parquet", "tile_images.parquet"
-
-
-@dataclass
-class Region:
-    grid: Grid
-    cols: tuple[int, int]  # [first, last + 1)
-    rows: tuple[int, int]
-    lonlat: tuple[float, float, float, float]
-
-
-def plan_region(entities: Path, cfg: TileConfig) -> Region:
-    """The grid and the tile ranges covering the entities' extent."""
-    pf = open_artifact(entities, ENTITIES)[0]
-    geo = json.loads((pf.metadata.metadata or {}).get(b"geo", b"{}"))
-    bbox = geo.get("columns", {}).get("geometry", {}).get("bbox")
-    if not bbox or pf.metadata.num_rows == 0:
-        raise GeoJepaError(f"{entities}: no entities (or no GeoParquet bbox); run `geojepa extract` first")
-    lon0, lat0, lon1, lat1 = bbox
-    grid = Grid(utm_epsg((lon0 + lon1) / 2, (lat0 + lat1) / 2), cfg.size_m, cfg.group_size, cfg.partition_groups)
-    lon = np.array([lon0, lon1, lon1, lon0, (lon0 + lon1) / 2, (lon0 + lon1) / 2])
-    lat = np.array([lat0, lat0, lat1, lat1, lat0, lat1])
-    x, y = grid.to_utm().transform(lon, lat)
-    width, height = x.max() - x.min(), y.max() - y.min()
-    if width < cfg.size_m and height < cfg.size_m:
-        raise GeoJepaError(f"{entities}: the region is {width:.0f} x {height:.0f} m, smaller than one "
-                           f"{cfg.size_m:g} m tile")
-    cols = (int(np.floor(x.min() / cfg.size_m)), int(np.floor(x.max() / cfg.size_m)) + 1)
-    rows = (int(np.floor(y.min() / cfg.size_m)), int(np.floor(y.max() / cfg.size_m)) + 1)
-    return Region(grid, cols, rows, (lon0, lat0, lon1, lat1))
+# Dictionary-encode the small columns of tile_images, not the pixels (unique blobs: hashing them only to
+# fall back to plain encoding cost 40% of writing them).
+IMAGE_DICTIONARY = ["tile_id", "bands", "source", "acquired"]
 
 
 def partitions(region: Region) -> list[tuple[int, int]]:
-    span = region.grid.partition_span()
-    return [(pc, pr) for pc in range(region.cols[0] // span, (region.cols[1] - 1) // span + 1)
-            for pr in range(region.rows[0] // span, (region.rows[1] - 1) // span + 1)]
+    """Every partition of the region's extent (``tile`` cuts only those its plan keeps)."""
+    return extent_partitions(region)
 
 
 def _check_overlap(source, region: Region) -> None:
@@ -84,7 +60,8 @@ def _check_overlap(source, region: Region) -> None:
         return
     lon0, lat0, lon1, lat1 = region.lonlat
     boxes = source.lonlat_bounds()
-    if not any(b[0] < lon1 and b[2] > lon0 and b[1] < lat1 and b[3] > lat0 for _, b in boxes):
+    if not any(b[0] + shift < lon1 and b[2] + shift > lon0 and b[1] < lat1 and b[3] > lat0
+               for _, b in boxes for shift in (0, 360)):  # lon1 > 180 across the antimeridian
         names = ", ".join(label for label, _ in boxes)
         raise GeoJepaError(f"{names}: imagery does not overlap the region ({lon0:.5f}, {lat0:.5f}, {lon1:.5f}, "
                            f"{lat1:.5f})")
@@ -102,19 +79,17 @@ class Cut:
 
 
 def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: TileConfig) -> Cut:
-    """Cut one partition's entities into tiles and drop tiles with too few or too many (thread-safe)."""
+    """Cut one partition's entities into tiles and drop tiles with too few or too many (thread-safe;
+    ``region`` carries the plan from ``plan.plan_partitions``)."""
     grid, size, stats = region.grid, cfg.size_m, Counter()
     span = grid.partition_span()
     c0, r0 = max(part[0] * span, region.cols[0]), max(part[1] * span, region.rows[0])
     c1, r1 = min((part[0] + 1) * span, region.cols[1]), min((part[1] + 1) * span, region.rows[1])
     lon0, lat0, lon1, lat1 = grid.lonlat_bounds(c0 * size, r0 * size, c1 * size, r1 * size)
-    flt = ((ds.field("bbox", "xmax") >= lon0) & (ds.field("bbox", "xmin") <= lon1)
-           & (ds.field("bbox", "ymax") >= lat0) & (ds.field("bbox", "ymin") <= lat1))
-    table = ds.dataset(entities).to_table(columns=["entity_id", "kind", "tags", "geometry"], filter=flt)
+    table, geoms = planner.read_partition(entities, region, part, cfg.simplify_m, grid.to_utm())
     if table.num_rows == 0:
         return Cut(part, (lon0, lat0, lon1, lat1), None, [], stats)
-    geoms = project(shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False)), grid.to_utm())
-    p = pieces(geoms, size, (c0, c1), (r0, r1), cfg.simplify_m, cfg.min_side_m)
+    p = pieces(geoms, size, (c0, c1), (r0, r1), None, cfg.min_side_m)
     key = (p.col - c0) * (r1 - r0) + (p.row - r0)
     counts = np.bincount(key, minlength=(c1 - c0) * (r1 - r0))
     occupied = counts > 0
@@ -155,16 +130,12 @@ def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.
     px, size, grid = cfg.image_px, cfg.size_m, region.grid
     if imagery is None:
         return [TileImage(None, [], 0.0, "missing", None) for _ in tiles]
-    if imagery == "render":
-        te_ids = te.column("tile_id").to_numpy(zero_copy_only=False)
+    if imagery == "render":  # te holds the tiles' entities tile after tile, in the order of ``tiles``
         geoms = shapely.from_wkb(te.column("geometry").to_numpy(zero_copy_only=False))
-        tags = te.column("tags").to_pylist()
-        out = []
-        for t in tiles:
-            a, b = np.searchsorted(te_ids, t["tile_id"]), np.searchsorted(te_ids, t["tile_id"], side="right")
-            pixels = renderer.render(t["tile_id"], list(geoms[a:b]), [dict(x) for x in tags[a:b]], px, size)
-            out.append(TileImage(pixels, ["R", "G", "B"], 1.0, renderer.SOURCE, None))
-        return out
+        tags = [dict(x) for x in te.column("tags").to_pylist()]
+        offsets = np.concatenate([[0], np.cumsum([t["n_entities"] for t in tiles])]).tolist()
+        images = renderer.render_tiles([t["tile_id"] for t in tiles], geoms, tags, offsets, px, size)
+        return [TileImage(pixels, ["R", "G", "B"], 1.0, renderer.SOURCE, None) for pixels in images]
     mosaic = imagery.for_area(lonlat) if isinstance(imagery, StacNaip) else imagery
     with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):
         return [mosaic.read((t["col"] * size, t["row"] * size, (t["col"] + 1) * size, (t["row"] + 1) * size),
@@ -176,7 +147,7 @@ def _images_table(tiles: list[dict], out: list[TileImage], px: int, stats: Count
     stats["images_partial"] += sum(i.pixels is not None and i.coverage < 1 for i in out)
     return pa.table({
         "tile_id": pa.array([t["tile_id"] for t in tiles], pa.string()),
-        "pixels": pa.array([i.pixels.tobytes() if i.pixels is not None else None for i in out], pa.binary()),
+        "pixels": _pixels_array(out),
         "height": pa.array([px] * len(out), pa.int32()),
         "width": pa.array([px] * len(out), pa.int32()),
         "bands": pa.array([i.bands for i in out], pa.list_(pa.string())),
@@ -186,14 +157,27 @@ def _images_table(tiles: list[dict], out: list[TileImage], px: int, stats: Count
     })
 
 
+def _pixels_array(out: list[TileImage]) -> pa.Array:
+    """The images' pixels as one binary array (null where missing), built on one contiguous buffer."""
+    have = [i.pixels is not None for i in out]
+    if not any(have):
+        return pa.nulls(len(out), pa.binary())
+    sizes = np.array([i.pixels.nbytes if h else 0 for i, h in zip(out, have, strict=True)], np.int64)
+    if sizes.sum() >= 2**31:  # past 32-bit offsets: let Arrow chunk it
+        return pa.array([i.pixels.tobytes() if h else None for i, h in zip(out, have, strict=True)], pa.binary())
+    data = np.concatenate([i.pixels.reshape(-1) for i, h in zip(out, have, strict=True) if h]).view(np.uint8)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    valid = pa.array(have).buffers()[1] if not all(have) else None
+    return pa.Array.from_buffers(pa.binary(), len(out), [valid, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 def _tiles_table(region: Region, rows: list[dict], cfg: TileConfig) -> pa.Table:
     grid, size = region.grid, cfg.size_m
     col = np.array([r["col"] for r in rows], np.int64)
     row = np.array([r["row"] for r in rows], np.int64)
     split = assign_splits(col, row, cfg.group_size, cfg.split, cfg.seed)
-    footprints = [grid.ring_lonlat(c * size, r * size, (c + 1) * size, (r + 1) * size, densify=4)
-                  for c, r in zip(col.tolist(), row.tolist(), strict=True)]
-    polys = shapely.polygons(footprints) if footprints else np.array([], dtype=object)
+    footprints = grid.rings_lonlat(col * size, row * size, (col + 1) * size, (row + 1) * size, densify=4)
+    polys = shapely.polygons(footprints) if len(col) else np.array([], dtype=object)
     bounds = shapely.bounds(polys) if len(polys) else np.zeros((0, 4))
     return pa.table({
         "tile_id": pa.array(grid.tile_id(col, row), pa.string()),
@@ -249,13 +233,19 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     t0 = time.perf_counter()
     tmp_e = work_dir / f".{TILE_ENTITIES_DIR}.tmp-{os.getpid()}"
     tmp_i = work_dir / f".{TILE_IMAGES_DIR}.tmp-{os.getpid()}"
+    tmp_p = work_dir / f".tile_plan.tmp-{os.getpid()}"
     try:
         with stage_run("tile", work_dir, cfg, section="tile", inputs=expected["inputs"]) as run:
-            for d in (tmp_e, tmp_i):
+            for d in (tmp_e, tmp_i, tmp_p):
                 shutil.rmtree(d, ignore_errors=True)
+            for d in (tmp_e, tmp_i):
                 d.mkdir()
             tiles: list[dict] = []
-            parts = partitions(region)
+            plan = planner.plan_partitions(entities, region, section, tmp_p)
+            parts = plan.parts
+            log.info("tile: %d of the extent's %d partitions can hold a tile of %d+ entities (%d hold any; "
+                     "%d wide entities)", len(parts), plan.extent, max(section.min_entities, 1), plan.occupied,
+                     plan.wide)
             rasters = source is not None  # GDAL handles are not thread-safe: raster reads stay on this thread
 
             def work(part: tuple[int, int]) -> Cut:
@@ -266,7 +256,7 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                     if not rasters:
                         images = _images(c.tiles, region, section, imagery, c.entities, None)
                         write_table(_images_table(c.tiles, images, section.image_px, c.stats), tmp_i / _shard(part),
-                                    TILE_IMAGES)
+                                    TILE_IMAGES, use_dictionary=IMAGE_DICTIONARY)
                 return c
 
             run_all = map_partitions or (lambda fn, items: bounded_map(fn, items, section.threads))
@@ -278,18 +268,21 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                 if rasters:
                     images = _images(c.tiles, region, section, source, c.entities, c.lonlat)
                     write_table(_images_table(c.tiles, images, section.image_px, stats), tmp_i / _shard(c.part),
-                                TILE_IMAGES)
+                                TILE_IMAGES, use_dictionary=IMAGE_DICTIONARY)
                 tiles += c.tiles
             if not tiles:
                 raise GeoJepaError(f"{entities}: no tile has between {section.min_entities} and "
                                    f"{section.max_entities} entities; nothing written")
+            span = region.grid.partition_span()  # the order of the extent's partitions, then col, row
+            tiles.sort(key=lambda t: (t["col"] // span, t["row"] // span, t["col"], t["row"]))
             table = _tiles_table(region, tiles, section)
             write_table(table, work_dir / TILES_FILE, TILES)
             replace_folder(tmp_e, work_dir / TILE_ENTITIES_DIR)
             replace_folder(tmp_i, work_dir / TILE_IMAGES_DIR)
             seconds = time.perf_counter() - t0
             splits = Counter(table.column("split").to_pylist())
-            summary = {"tiles": len(tiles), "partitions": len(parts), "crs": region.grid.crs,
+            summary = {"tiles": len(tiles), "partitions": len(parts), "partitions_skipped": plan.extent - len(parts),
+                       "wide_entities": plan.wide, "crs": region.grid.crs,
                        **{f"split_{k}": v for k, v in sorted(splits.items())}, **dict(sorted(stats.items())),
                        "seconds": round(seconds, 3), "tiles_per_s": round(len(tiles) / seconds, 1),
                        "pieces_per_s": round(stats["pieces"] / seconds, 1)}
@@ -298,7 +291,8 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
             run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
             run.dict(summary, "tile_summary.json")
     finally:
-        for d in (tmp_e, tmp_i):
+        planner.clear_caches()
+        for d in (tmp_e, tmp_i, tmp_p):
             shutil.rmtree(d, ignore_errors=True)
     log.info("tile: %d tiles (%s) in %.1fs; dropped %d with < %d and %d with > %d entities", len(tiles),
              dict(splits), seconds, stats["dropped_too_few"], section.min_entities, stats["dropped_too_many"],
