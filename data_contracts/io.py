@@ -102,18 +102,26 @@ def schema_diff(expected: pa.Schema, actual: pa.Schema) -> list[str]:
 
 
 def _wkb_type_names(column: pa.Array | pa.ChunkedArray) -> set[str]:
-    """Geometry type names read from the WKB headers (byte 0: order, bytes 1-4: type)."""
+    """Geometry type names read from the WKB headers (byte 0: order, bytes 1-4: type). Only the first five
+    bytes of each value are touched, so chunked, sliced and large (64-bit offset) columns of any size work."""
     names: set[str] = set()
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     for arr in chunks:
+        arr = arr.drop_null()
         if len(arr) == 0:
             continue
-        arr = arr.drop_null()
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr)]
-        data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-        little = data[offsets] == 1
-        b = [data[offsets + i].astype(np.uint32) for i in range(1, 5)]
-        code = np.where(little, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24, b[3] | b[2] << 8 | b[1] << 16 | b[0] << 24)
+        heads = pc.binary_slice(arr, 0, 5).cast(pa.binary())  # a fresh, contiguous array of <= 5-byte values
+        short = pc.less(pc.binary_length(heads), 5).to_numpy(zero_copy_only=False)
+        if short.any():
+            names.add("Unknown")
+            heads = heads.filter(pa.array(~short))
+        if len(heads) == 0:
+            continue
+        starts = np.frombuffer(heads.buffers()[1], dtype=np.int32)[heads.offset : heads.offset + len(heads)]
+        data = np.frombuffer(heads.buffers()[2], dtype=np.uint8)[starts[:, None] + np.arange(5)].astype(np.uint32)
+        little = data[:, 0] == 1
+        code = np.where(little, data[:, 1] | data[:, 2] << 8 | data[:, 3] << 16 | data[:, 4] << 24,
+                        data[:, 4] | data[:, 3] << 8 | data[:, 2] << 16 | data[:, 1] << 24)
         code = (code & 0xFFFF) % 1000  # drop EWKB flags and ISO Z/M offsets
         names.update(WKB_TYPES.get(int(c), "Unknown") for c in np.unique(code))
     return names

@@ -90,3 +90,29 @@ def test_sweep_undoes_what_a_killed_writer_left_and_spares_live_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", f".tiles.parquet.tmp-{os.getpid()}"])
     assert (tmp_path / "eval" / "report.md").read_text() == "earlier"
     assert len(done) == 3
+
+
+def test_wkb_types_read_from_chunked_sliced_and_large_binary_columns():
+    """The type scan reads five header bytes per value, whatever the column's layout: chunked, sliced (an offset
+    into shared buffers), 64-bit offsets, values past 2 GB of data (a sparse synthetic buffer), short values."""
+    import numpy as np
+    import pyarrow as pa
+    import shapely
+
+    from data_contracts.io import _wkb_type_names
+
+    point, line = shapely.to_wkb(shapely.Point(1, 2)), shapely.to_wkb(shapely.LineString([(0, 0), (1, 1)]))
+    poly = shapely.to_wkb(shapely.box(0, 0, 1, 1), byte_order=0)  # big-endian
+    chunked = pa.chunked_array([pa.array([point, None], pa.binary()), pa.array([line], pa.binary())])
+    assert _wkb_type_names(chunked) == {"Point", "LineString"}
+    sliced = pa.array([point, line, poly], pa.binary()).slice(1, 2)
+    assert _wkb_type_names(sliced) == {"LineString", "Polygon"}
+    assert _wkb_type_names(pa.array([poly, b"\x01"], pa.large_binary())) == {"Polygon", "Unknown"}
+    # One huge value (2.1 GB of zeros after a point header) then a polygon whose header lies past 2**31 bytes.
+    big = 2**31 + 100
+    data = np.zeros(big + len(poly), np.uint8)
+    data[: len(point)] = np.frombuffer(point, np.uint8)
+    data[big:] = np.frombuffer(poly, np.uint8)
+    offsets = np.array([0, big, big + len(poly)], np.int64)
+    huge = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 2, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    assert _wkb_type_names(huge) == {"Point", "Polygon"}
