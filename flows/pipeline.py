@@ -98,7 +98,9 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
         rows.append(stage_row(c.name, "report", {}, f"{len(pooled) // 2} pooled figures", report, 0.0))
     outputs_artifact(f"pipeline-{c.name}", rows, f"pipeline outputs for corpus {c.name} in {root}")
     if parent:
-        link_artifact(f"mlflow-{c.name}", run_link(model, cfg, parent), f"MLflow: pipeline {c.name} and its runs")
+        uri = mask_uri(tracking_uri(model, cfg.tracking))
+        serve = "" if uri.startswith("http") else f" (serve it first: mlflow ui --backend-store-uri {uri})"
+        link_artifact(f"mlflow-{c.name}", run_link(model, cfg, parent), f"MLflow: pipeline {c.name} and its runs{serve}")
     return rows
 
 

@@ -159,19 +159,19 @@ def _set_aside(ckpt: Path) -> None:
 
 
 def _log_datasets(regions: list[WorkDir], digest: str | None) -> None:
-    """The training data as MLflow inputs: one dataset per region (its train shards), with the tokenizer digest."""
+    """The training data as MLflow inputs: one dataset per region (its train shards: where they are, their
+    content digest, tiles and shards as tags, and the tokenizer digest)."""
     import mlflow
-    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
 
     for w in regions:
         shards = w.token_shards("train")
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
-        frame = pd.DataFrame({"region": [w.name], "train_tiles": [rows], "shards": [len(shards)],
-                              "tokenizer_digest": [digest or ""]})
-        source = w.tokens.resolve().as_uri()
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{w.name}/tokens/train",
-                                          digest=manifest.file_sha256(w.tokens)[:16])
-        mlflow.log_input(dataset, context="training", tags={"region": w.name, "tokenizer_digest": digest or ""})
+        dataset = MetaDataset(resolve_dataset_source(w.tokens.resolve().as_uri()), name=f"{w.name}/tokens/train",
+                              digest=manifest.file_sha256(w.tokens)[:16])
+        mlflow.log_input(dataset, context="training", tags={"region": w.name, "tokenizer_digest": digest or "",
+                                                            "train_tiles": str(rows), "shards": str(len(shards))})
 
 
 def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:

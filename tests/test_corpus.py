@@ -119,6 +119,7 @@ def test_regions_of_another_tokenizer_are_refused_before_any_work(corpus, tmp_pa
 
     w, cfg = corpus["w"], corpus["cfg"]
     own = WorkDir(tmp_path / "kotka-own")
+    own.path.mkdir()
     for f in ("tiles.parquet", "tile_entities.parquet", "tile_images.parquet", "entities.parquet"):
         src = w["kotka"] / f
         (shutil.copytree if src.is_dir() else shutil.copy)(src, own / f)
