@@ -132,6 +132,7 @@ class Plan:
     extent: int  # partitions of the extent
     occupied: int  # partitions any entity's bbox meets
     wide: int  # wide entities
+    refined: int = 0  # partitions decided tile by tile (where wide entities could make up the count)
 
 
 class _Extent:
@@ -252,7 +253,8 @@ def plan_partitions(entities: Path, region: Region, cfg, folder: Path) -> Plan:
     keep = small_max >= need
     order = np.argsort(wide_part, kind="stable")
     wide_part, wide_item = wide_part[order], wide_item[order]
-    for key in np.flatnonzero(~keep & (small_max + wide_n >= need)).tolist():
+    refine = np.flatnonzero(~keep & (small_max + wide_n >= need))
+    for key in refine.tolist():
         c0, c1, r0, r1 = ext.part_tiles(key)
         cols, rows = (a.ravel() for a in np.meshgrid(np.arange(c0, c1), np.arange(r0, r1), indexing="ij"))
         boxes = ext.boxes(cols, cols + 1, rows, rows + 1)
@@ -291,7 +293,7 @@ def plan_partitions(entities: Path, region: Region, cfg, folder: Path) -> Plan:
     _write_wide(pf, wide_rows[used], wide_geoms[used], folder / WIDE_FILE)
     region.plan, region.plan_id = folder, uuid.uuid4().hex
     return Plan([tuple(p) for p in parts[read].tolist()], nparts, int(((small_max > 0) | (wide_n > 0)).sum()),
-                len(used))
+                len(used), len(refine))
 
 
 def _write_wide(pf: pq.ParquetFile, rows: np.ndarray, geoms: np.ndarray, path: Path) -> None:
