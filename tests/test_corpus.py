@@ -154,7 +154,7 @@ def test_corpus_files_with_bad_regions_are_refused_naming_the_file_and_region(tm
 
 def test_region_quotas_cap_a_large_region_and_follow_explicit_weights():
     q = region_quotas(np.array([10_000, 100, 120]), cap=2.0)
-    assert list(q) == [220, 100, 120]  # the large region capped at twice the median
+    assert list(q) == [240, 100, 120]  # the large region capped at twice the median (120)
     q = region_quotas(np.array([300, 100]), weights=np.array([1.0, 1.0]))
     assert list(q) == [200, 200]  # same total, equal shares: the small region is drawn with repetition
 
@@ -203,3 +203,20 @@ def test_every_stage_shares_one_lifecycle_skip_force_and_recovery(corpus, tmp_pa
         assert {k: again[k] for k in recorded["summary"]} == recorded["summary"], stage
     forced = stages["evaluate"][1](force=True)
     assert forced["stage"] == "evaluate" and forced["skipped"] is False
+
+
+def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
+    from typer.testing import CliRunner
+
+    from geojepa.cli import app
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    runner = CliRunner()
+    out = runner.invoke(app, ["train", str(tmp_path / "out"), "--data", str(a), str(b), "--set",
+                              "tracking.enabled=false"])
+    assert out.exit_code == 1 and f"{a / 'tokens'}: no train-*.parquet token shards" in out.output
+    out = runner.invoke(app, ["tokenizer", "fit", str(tmp_path / "T"), "--data", str(a), str(b), "--set",
+                              "tracking.enabled=false"])
+    assert out.exit_code == 1 and f"{a / 'tiles.parquet'}: missing" in out.output
+    assert not (tmp_path / "T").exists() and not (tmp_path / "out").exists()
