@@ -31,7 +31,6 @@ import rasterio
 import shapely
 
 from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, replace_folder, write_table
-from geojepa import manifest
 from geojepa.config import Config, TileConfig
 from geojepa.errors import GeoJepaError
 from geojepa.tile import render as renderer
@@ -41,10 +40,12 @@ from geojepa.tile.grid import assign_splits
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
 from geojepa.tile.plan import Region, extent_partitions, plan_region
 from geojepa.parallel import bounded_map
-from geojepa.tracking import stage_run
+from geojepa.lifecycle import Lifecycle
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
-TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR = "tiles.parquet", "tile_entities.parquet", "tile_images.parquet"
+TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR = (WorkDir(".").tiles.name, WorkDir(".").tile_entities.name,
+                                                   WorkDir(".").tile_images.name)
 # Dictionary-encode the small columns of tile_images, not the pixels (unique blobs: hashing them only to
 # fall back to plain encoding cost 40% of writing them).
 IMAGE_DICTIONARY = ["tile_id", "bands", "source", "acquired"]
@@ -86,10 +87,10 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
     c0, r0 = max(part[0] * span, region.cols[0]), max(part[1] * span, region.rows[0])
     c1, r1 = min((part[0] + 1) * span, region.cols[1]), min((part[1] + 1) * span, region.rows[1])
     lon0, lat0, lon1, lat1 = grid.lonlat_bounds(c0 * size, r0 * size, c1 * size, r1 * size)
-    table, geoms = planner.read_partition(entities, region, part, cfg.simplify_m, grid.to_utm())
+    table, geoms, block = planner.read_partition(entities, region, part, cfg.simplify_m, grid.to_utm())
     if table.num_rows == 0:
         return Cut(part, (lon0, lat0, lon1, lat1), None, [], stats)
-    p = pieces(geoms, size, (c0, c1), (r0, r1), None, cfg.min_side_m)
+    p = pieces(geoms, size, (c0, c1), (r0, r1), None, cfg.min_side_m, block_pieces=block)
     key = (p.col - c0) * (r1 - r0) + (p.row - r0)
     counts = np.bincount(key, minlength=(c1 - c0) * (r1 - r0))
     occupied = counts > 0
@@ -214,20 +215,19 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     or GeoTIFF path(s) / a folder. ``map_partitions(work, parts)`` runs ``work`` over the partitions and
     yields the results in order (default: ``tile.threads`` threads; the Prefect flow passes mapped tasks,
     locally or on a Dask cluster: ``work`` writes its shards itself, so W must be shared storage)."""
-    work_dir = Path(work_dir)
-    manifest.recover(work_dir)
+    w = WorkDir(work_dir)
+    work_dir = w.path
     section = cfg.tile
-    entities = work_dir / "entities.parquet"
+    entities = w.entities
     region = plan_region(entities, section)
     source = None if imagery in (None, "render") else open_source(imagery)
     if source is not None:
         _check_overlap(source, region)
-    expected = manifest.expected_manifest(
-        "tile", {"entities": entities}, {**section.model_dump(mode="json"), **_imagery_spec(imagery)},
-        manifest.code_version("geojepa.tile", "data_contracts"))
-    if not force and manifest.is_fresh(work_dir, expected):
-        log.info("tile: %s is up to date, skipping", work_dir)
-        return {"skipped": True}
+    life = Lifecycle("tile", work_dir, cfg, {"entities": entities},
+                     {**section.model_dump(mode="json"), **_imagery_spec(imagery)}, ("geojepa.tile", "data_contracts"),
+                     section="tile")
+    if done := life.skipped(force):
+        return done
 
     stats: Counter = Counter()
     t0 = time.perf_counter()
@@ -235,7 +235,7 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     tmp_i = work_dir / f".{TILE_IMAGES_DIR}.tmp-{os.getpid()}"
     tmp_p = work_dir / f".tile_plan.tmp-{os.getpid()}"
     try:
-        with stage_run("tile", work_dir, cfg, section="tile", inputs=expected["inputs"]) as run:
+        with life.run() as run:
             for d in (tmp_e, tmp_i, tmp_p):
                 shutil.rmtree(d, ignore_errors=True)
             for d in (tmp_e, tmp_i):
@@ -286,8 +286,6 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
                        **{f"split_{k}": v for k, v in sorted(splits.items())}, **dict(sorted(stats.items())),
                        "seconds": round(seconds, 3), "tiles_per_s": round(len(tiles) / seconds, 1),
                        "pieces_per_s": round(stats["pieces"] / seconds, 1)}
-            manifest.write_manifest(work_dir, expected, [TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR],
-                                    summary=summary)
             run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
             run.dict(summary, "tile_summary.json")
     finally:
@@ -297,4 +295,4 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     log.info("tile: %d tiles (%s) in %.1fs; dropped %d with < %d and %d with > %d entities", len(tiles),
              dict(splits), seconds, stats["dropped_too_few"], section.min_entities, stats["dropped_too_many"],
              section.max_entities)
-    return {"skipped": False, **summary}
+    return life.publish([TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR], summary)
