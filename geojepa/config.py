@@ -132,6 +132,9 @@ class TrainConfig(Section):
     final_wd: float = 0.4
     ema: float = 0.997
     final_ema: float = 0.99999
+    # Over the run, sum(1 - momentum) >= ema_turnover (e^-5: < 1% of the target's initial weights left): long
+    # runs keep the ramp above, short ones move it away from 1. 0: the plain ramp.
+    ema_turnover: float = Field(5.0, ge=0)
     clip: float = 10.0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

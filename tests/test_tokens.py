@@ -183,3 +183,20 @@ def test_vit_refuses_random_weights_unless_asked():
         ViTB16(None)
     tokens_ = ViTB16(None, allow_random=True).tokens([np.zeros((224, 224, 3), np.uint8)])
     assert tokens_.shape == (1, 197, 768)
+
+
+def test_retiling_with_another_seed_rewrites_every_split_in_the_shards(tokenised, tmp_path, cfg):
+    """The per-tile hash covers the split: rows reused from the previous shards never keep their old split
+    (before, 52 tiles in test-* shards carried 'train' after re-tiling with tile.seed=7)."""
+    from geojepa.tile import tile
+
+    src, _ = tokenised
+    w = tmp_path / "w"
+    shutil.copytree(src, w)
+    reseeded = cfg.model_copy(update={"tile": cfg.tile.model_copy(update={"seed": 7})})
+    tile(w, reseeded, imagery="render")
+    tokens(w, _cfg(reseeded))
+    split = dict(zip(*read_table(w / "tiles.parquet", TILES, columns=["tile_id", "split"]).to_pydict().values()))
+    for shard in sorted((w / "tokens").glob("*.parquet")):
+        rows = read_table(shard, TOKENS, columns=["tile_id", "split"]).to_pydict()
+        assert all(s == shard.name.split("-")[0] == split[t] for t, s in zip(rows["tile_id"], rows["split"]))

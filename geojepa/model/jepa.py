@@ -66,8 +66,13 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.proj = nn.ModuleList(nn.Linear(d, cfg.width) if d else nn.Identity() for d in cfg.dims)
+        # Each modality's projection is normalised, and the modality embedding starts small (std 0.02): at
+        # N(0, 1) it was a vector of length ~sqrt(width) beside content of length ~1, so the modality alone
+        # explained most of the outputs' variance and the predictor could lower the loss by predicting it.
+        self.proj_norm = nn.ModuleList(nn.LayerNorm(cfg.width) if d else nn.Identity() for d in cfg.dims)
         self.pos = PositionMLP(cfg.width)
         self.modality = nn.Embedding(len(MODALITIES), cfg.width)
+        nn.init.normal_(self.modality.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.width = cfg.width
@@ -76,7 +81,7 @@ class Encoder(nn.Module):
         x = b.pos.new_zeros(b.n_tokens, self.width)
         for m, f in b.features.items():
             rows = b.modality == m
-            x[rows] = self.proj[m](f)[b.slot[rows]].to(x.dtype)
+            x[rows] = self.proj_norm[m](self.proj[m](f))[b.slot[rows]].to(x.dtype)
         return x + self.pos(b.pos) + self.modality(b.modality)
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -93,6 +98,7 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.pos = PositionMLP(cfg.pred_width)
         self.modality = nn.Embedding(len(MODALITIES), cfg.pred_width)
+        nn.init.normal_(self.modality.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.pred_width, cfg.pred_heads, 4 * cfg.pred_width)
                                     for _ in range(cfg.pred_depth))
         self.norm = nn.LayerNorm(cfg.pred_width)

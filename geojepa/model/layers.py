@@ -124,7 +124,8 @@ class PositionMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        # Normalised output: position is one part of a token's input, on the same scale as its content.
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.LayerNorm(dim))
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         return self.net(pos)

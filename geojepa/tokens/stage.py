@@ -151,7 +151,9 @@ class _Images:
         return (self.table["pixels"][i].as_py() or b"") if i is not None else b""
 
 
-def _tile_hashes(te: pa.Table, images: _Images, fingerprint: str) -> dict[str, str]:
+def _tile_hashes(te: pa.Table, images: _Images, fingerprint: str, split_of: dict[str, str]) -> dict[str, str]:
+    """Per tile, a hash of everything its token row is made of, its split included (re-tiling with another
+    seed must not reuse rows that carry their old split)."""
     ids = te["tile_id"].to_pylist()
     geoms = te["geometry"].to_pylist()
     tags = te["tags"].to_pylist()
@@ -166,6 +168,7 @@ def _tile_hashes(te: pa.Table, images: _Images, fingerprint: str) -> dict[str, s
         h.update(np.asarray(p, np.float32).tobytes())
     out = {}
     for t, h in hashes.items():
+        h.update(split_of[t].encode())
         h.update(images.pixels(t))
         out[t] = h.hexdigest()
     return out
@@ -238,7 +241,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         encoder, encoder_sha, report = _geometry_encoder(encoder_path, section, geoms_m, train_geometry, run)
         vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
         fingerprint = json.dumps([section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True)
-        hashes = _tile_hashes(te, images, fingerprint)
+        hashes = _tile_hashes(te, images, fingerprint, split_of)
         old_hashes = _existing_hashes(work_dir / TOKENS_DIR)
         reused = {t for t, h in hashes.items() if old_hashes.get(t) == h}
         ids_np = te["tile_id"].to_numpy(zero_copy_only=False)

@@ -40,7 +40,8 @@ class NonFiniteLoss(RuntimeError):
 
 def schedules(step: int, total: int, c: dict) -> tuple[float, float, float]:
     """(learning rate, weight decay, EMA momentum) at ``step``: linear warm-up from 0.1x then cosine to
-    ``final_lr``; weight decay cosine from ``wd`` to ``final_wd``; momentum linear ``ema`` -> ``final_ema``."""
+    ``final_lr``; weight decay cosine from ``wd`` to ``final_wd``; momentum linear ``ema`` -> ``final_ema``,
+    moved away from 1 in short runs so the target turns over (``ema_turnover``)."""
     warm = max(1, int(c["warmup"] * total))
     if step < warm:
         lr = c["lr"] * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warm)
@@ -50,6 +51,13 @@ def schedules(step: int, total: int, c: dict) -> tuple[float, float, float]:
     t = step / max(1, total)
     wd = c["final_wd"] + 0.5 * (c["wd"] - c["final_wd"]) * (1 + math.cos(math.pi * t))
     momentum = c["ema"] + (c["final_ema"] - c["ema"]) * t
+    # The target must move in a run of any length: over the run, sum(1 - momentum) is at least ema_turnover
+    # (e^-5: under 1% of the initial weights left). Long runs keep the reference's ramp; shorter ones scale
+    # its distance from 1 up (a 600-step run kept 40% of its initial weights with the plain ramp).
+    turnover = total * (1 - (c["ema"] + c["final_ema"]) / 2)
+    need = c.get("ema_turnover", 0.0)
+    if 0 < turnover < need:
+        momentum = max(0.0, 1 - (1 - momentum) * need / turnover)
     return lr, wd, momentum
 
 
@@ -65,6 +73,10 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in module.parameters()])
 
 
 def load_last_good(folder: Path, device="cpu") -> dict:
@@ -141,6 +153,9 @@ def train(cfg: dict) -> dict:
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
     sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
     model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
+    # The target's initial weights (the untrained twin evaluation compares against; rebuilt the same way on
+    # resume, since the model is built from the seed): its drift from them is logged.
+    target_init = _flat(model.target_encoder) if rank == 0 else None
     if cfg.get("compile", "auto") == "on" or (cfg.get("compile", "auto") == "auto" and device.type == "cuda"):
         model.compile_blocks()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -213,11 +228,13 @@ def train(cfg: dict) -> dict:
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_since * world / (now - t_last)
+                record["target_drift"] = float((_flat(model.target_encoder) - target_init).norm() / target_init.norm())
                 t_last, tokens_since = now, 0
                 if device.type == "cuda":
                     record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log.info("step %d/%d loss %.4f jepa %.4f var %.4f cov %.4f lr %.2e", step, total, parts["loss"],
-                         parts["jepa"], parts["var"], parts["cov"], lr)
+                log.info("step %d/%d loss %.4f jepa %.4f var %.4f cov %.4f lr %.2e ema %.5f target drift %.3f", step,
+                         total, parts["loss"], parts["jepa"], parts["var"], parts["cov"], lr, momentum,
+                         record["target_drift"])
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
