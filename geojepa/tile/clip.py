@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-PRECLIP_COORDS = 256  # polygons and collections with more vertices are cut to the block and its columns first
+PRECLIP_COORDS = 256  # geometries with more vertices, or collections with more parts than
+MANY_PARTS = 8  # this, are cut to each tile from less than the whole: see _sources
 
 
 @dataclass
@@ -41,10 +42,10 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     """Cut UTM geometries into tile pieces for the tiles with col in [c0, c1) and row in [r0, r1).
 
     Geometries are simplified once, before cutting, so the pieces of an entity tile it exactly
-    (``simplify_m=None``: they already are). A polygon or collection of more than ``PRECLIP_COORDS``
-    vertices that reaches beyond these tiles is first cut to their block, once, so that cutting it
-    per tile costs the vertices near each tile, not all of them (the result is the same geometry:
-    a tile lies in the block; coordinates computed on the block's border may differ in the last bits).
+    (``simplify_m=None``: they already are). Polygons and collections of more than ``PRECLIP_COORDS``
+    vertices are cut to each tile from less than the whole (``_sources``); the pieces are the same
+    geometries, but their coordinates may differ in the last bits and their rings or parts may start
+    elsewhere.
     """
     if simplify_m is not None:
         geoms_utm = shapely.simplify(geoms_utm, simplify_m, preserve_topology=True)
@@ -77,7 +78,7 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
             geom[at] = shapely.clip_by_rect(geom[at], x0[at[0]], y0[at[0]], x0[at[0]] + size, y0[at[0]] + size)
     cross = np.flatnonzero(~inside & ((dims != 1) | (shapely.get_type_id(geom) == 7)))
     if len(cross):
-        src = _sources(geoms_utm, entity[cross], col[cross], size, col_range, row_range)
+        src = _sources(geoms_utm, entity[cross], col[cross], row[cross], size, col_range, row_range)
         boxes = shapely.box(x0[cross], y0[cross], x0[cross] + size, y0[cross] + size)
         # Only where the geometry meets the tile (a bbox overlap is not enough): an overlay costs more
         # than the predicate, and the others cut to nothing.
@@ -98,27 +99,89 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     return Pieces(entity, col, row, geom, vertices, position.astype(np.float32))
 
 
-def _sources(geoms: np.ndarray, entity: np.ndarray, col: np.ndarray, size: float, col_range: tuple[int, int],
-             row_range: tuple[int, int]) -> np.ndarray:
-    """The geometry to cut to each (entity, tile) pair's tile: ``geoms[entity]``, or for a polygon or
-    collection of more than ``PRECLIP_COORDS`` vertices, its part in the tile's column of the block
-    (the entity cut to the block once when it reaches beyond, then to each column once)."""
-    n = shapely.get_num_coordinates(geoms)
+MULTI = {4: shapely.multipoints, 5: shapely.multilinestrings, 6: shapely.multipolygons,
+         7: shapely.geometrycollections}
+
+
+def _sources(geoms: np.ndarray, entity: np.ndarray, col: np.ndarray, row: np.ndarray, size: float,
+             col_range: tuple[int, int], row_range: tuple[int, int]) -> np.ndarray:
+    """The geometry to cut to each (entity, tile) pair's tile: ``geoms[entity]``, or for a heavy entity
+    (more than ``PRECLIP_COORDS`` vertices or ``MANY_PARTS`` parts) the same set within the tile from
+    less: narrowed to the block,
+    then to the tile's column of it (once per column), then to the tile. Each narrowing keeps the parts
+    of a collection (a relation's members) or multi-geometry whose bounds meet the box (an overlay of a
+    collection unions all its parts first), and cuts what is left to the box if it is still large and
+    reaches beyond it."""
+    heavy = np.flatnonzero(_heavy(geoms)[entity])
     out = geoms[entity]
-    heavy = np.flatnonzero(n[entity] > PRECLIP_COORDS)
     if not len(heavy):
         return out
-    bx0, by0, bx1, by1 = col_range[0] * size, row_range[0] * size, col_range[1] * size, row_range[1] * size
-    src = geoms.copy()
-    ents = np.unique(entity[heavy])
-    b = shapely.bounds(geoms[ents])
-    beyond = ents[(b[:, 0] < bx0) | (b[:, 1] < by0) | (b[:, 2] > bx1) | (b[:, 3] > by1)]
-    if len(beyond):
-        src[beyond] = shapely.intersection(geoms[beyond], shapely.box(bx0, by0, bx1, by1))
-    key = (entity[heavy] - 0) * (col_range[1] - col_range[0]) + (col[heavy] - col_range[0])
-    strips, inv = np.unique(key, return_inverse=True)
-    se, sc = strips // (col_range[1] - col_range[0]), col_range[0] + strips % (col_range[1] - col_range[0])
-    out[heavy] = shapely.intersection(src[se], shapely.box(sc * size, by0, (sc + 1) * size, by1))[inv]
+    e, c, r = entity[heavy], col[heavy], row[heavy]
+    (c0, c1), (r0, r1) = col_range, row_range
+    ents, of_ent = np.unique(e, return_inverse=True)
+    block = _narrow(geoms[ents], np.tile([[c0 * size, r0 * size, c1 * size, r1 * size]], (len(ents), 1)))
+    strips, of_strip = np.unique(of_ent * (c1 - c0) + (c - c0), return_inverse=True)
+    s_col = c0 + strips % (c1 - c0)
+    strip = _narrow(block[strips // (c1 - c0)],
+                    np.column_stack([s_col * size, np.full(len(strips), r0 * size), (s_col + 1) * size,
+                                     np.full(len(strips), r1 * size)]))
+    tiles = np.column_stack([c * size, r * size, (c + 1) * size, (r + 1) * size])
+    out[heavy] = _narrow(strip[of_strip], tiles, collections_only=True)
+    return out
+
+
+def _heavy(geoms: np.ndarray) -> np.ndarray:
+    return (shapely.get_num_coordinates(geoms) > PRECLIP_COORDS) | (
+        (shapely.get_num_geometries(geoms) > MANY_PARTS) & np.isin(shapely.get_type_id(geoms), list(MULTI)))
+
+
+def _narrow(geoms: np.ndarray, boxes: np.ndarray, collections_only: bool = False) -> np.ndarray:
+    """Each geometry as the same set within its box (x0, y0, x1, y1): its parts that meet the box; then,
+    if still heavy and reaching beyond the box, cut to it (a collection part by part: an overlay of a
+    whole collection unions its parts, the cost this avoids; other geometries only unless
+    ``collections_only``, for the tile itself, which ``pieces`` cuts them to)."""
+    out = _parts_meeting(geoms, boxes)
+    b = shapely.bounds(out)
+    big = _heavy(out) & (
+        (b[:, 0] < boxes[:, 0]) | (b[:, 1] < boxes[:, 1]) | (b[:, 2] > boxes[:, 2]) | (b[:, 3] > boxes[:, 3]))
+    collection = big & (shapely.get_type_id(out) == 7)
+    cut = np.flatnonzero(big & ~collection & (not collections_only))
+    out[cut] = shapely.intersection(out[cut], shapely.box(*boxes[cut].T))
+    collection = np.flatnonzero(collection)
+    if len(collection):
+        parts, owner = shapely.get_parts(out[collection], return_index=True)
+        parts = shapely.intersection(parts, shapely.box(*boxes[collection][owner].T))
+        keep = ~shapely.is_empty(parts)
+        made = np.full(len(collection), None, dtype=object)
+        if keep.any():
+            made = shapely.geometrycollections(parts[keep], indices=owner[keep], out=made)
+        made[np.equal(made, None)] = shapely.GeometryCollection()
+        out[collection] = made
+    return out
+
+
+def _parts_meeting(geoms: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """A heavy multi-geometry or collection (``_heavy``) as one of the same type holding its parts whose
+    bounds meet the box (in their order; empty if none); other geometries as they are. One geometry
+    may come with many boxes (the same object in several items)."""
+    out = geoms.copy()
+    kind = shapely.get_type_id(geoms)
+    sel = np.flatnonzero(np.isin(kind, list(MULTI)) & (shapely.get_num_geometries(geoms) > 1) & _heavy(geoms))
+    if not len(sel):
+        return out
+    same = np.array([id(g) for g in geoms[sel]])
+    sel = sel[np.argsort(same, kind="stable")]
+    firsts = np.flatnonzero(np.diff(np.sort(same), prepend=-1)).tolist()
+    for a, b in zip(firsts, [*firsts[1:], len(sel)], strict=True):
+        items = sel[a:b]
+        parts = shapely.get_parts(geoms[items[0]])
+        item, part = shapely.STRtree(parts).query(shapely.box(*boxes[items].T))  # bounds meet
+        order = np.lexsort((part, item))  # each item's parts in their order
+        made = np.full(len(items), None, dtype=object)
+        if len(order):
+            made = MULTI[int(kind[items[0]])](parts[part[order]], indices=item[order], out=made)
+        made[np.equal(made, None)] = shapely.GeometryCollection()
+        out[items] = made
     return out
 
 

@@ -173,6 +173,13 @@ class _Extent:
         return shapely.box(c_lo * s - PAD_M, r_lo * s - PAD_M, c_hi * s + PAD_M, r_hi * s + PAD_M)
 
 
+def _meets(geom, boxes: np.ndarray) -> np.ndarray:
+    """Which boxes the geometry meets, part by part (a prepared collection is tested whole, slowly)."""
+    hit = np.zeros(len(boxes), bool)
+    hit[shapely.STRtree(shapely.get_parts(geom)).query(boxes, predicate="intersects")[0]] = True
+    return hit
+
+
 def _utm_bounds(bb: pa.StructArray, to_utm) -> tuple[np.ndarray, np.ndarray]:
     """UTM bounds (n, 4) of lon/lat bboxes from their corners, and which bboxes are too big for that."""
     xmin, ymin, xmax, ymax = (bb.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax"))
@@ -234,14 +241,11 @@ def plan_partitions(entities: Path, region: Region, cfg, folder: Path) -> Plan:
         c_lo, c_hi, r_lo, r_hi, valid = ext.tile_ranges(np.array([shapely.bounds(g)]))
         if not valid[0]:
             continue
-        shapely.prepare(g)
         _, pc, pr = _explode(c_lo // ext.span, c_hi // ext.span, r_lo // ext.span, r_hi // ext.span)
         for a in range(0, len(pc), 100_000):  # bounded memory for a line across a huge extent
             pcs, prs = pc[a:a + 100_000], pr[a:a + 100_000]
-            hit = shapely.intersects(g, ext.boxes(np.maximum(pcs * ext.span, ext.c0),
-                                                  np.minimum((pcs + 1) * ext.span, ext.c1),
-                                                  np.maximum(prs * ext.span, ext.r0),
-                                                  np.minimum((prs + 1) * ext.span, ext.r1)))
+            hit = _meets(g, ext.boxes(np.maximum(pcs * ext.span, ext.c0), np.minimum((pcs + 1) * ext.span, ext.c1),
+                                      np.maximum(prs * ext.span, ext.r0), np.minimum((prs + 1) * ext.span, ext.r1)))
             wide_part.append((pcs[hit] - ext.pc0) * ext.npr + (prs[hit] - ext.pr0))
             wide_item.append(np.full(int(hit.sum()), w))
     wide_part = np.concatenate(wide_part) if wide_part else np.zeros(0, np.int64)
@@ -265,7 +269,7 @@ def plan_partitions(entities: Path, region: Region, cfg, folder: Path) -> Plan:
             ub += np.where(tile_key[at] == tk, tile_n[at], 0)
         a, b = np.searchsorted(wide_part, key), np.searchsorted(wide_part, key, side="right")
         for w in wide_item[a:b].tolist():
-            ub += shapely.intersects(wide_geoms[w], boxes)
+            ub += _meets(wide_geoms[w], boxes)
         keep[key] = ub.max() >= need
 
     # Each kept partition's small rows (file order) and wide entities.

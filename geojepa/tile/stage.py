@@ -87,10 +87,10 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
     c0, r0 = max(part[0] * span, region.cols[0]), max(part[1] * span, region.rows[0])
     c1, r1 = min((part[0] + 1) * span, region.cols[1]), min((part[1] + 1) * span, region.rows[1])
     lon0, lat0, lon1, lat1 = grid.lonlat_bounds(c0 * size, r0 * size, c1 * size, r1 * size)
-    table, geoms, block = planner.read_partition(entities, region, part, cfg.simplify_m, grid.to_utm())
+    table, geoms = planner.read_partition(entities, region, part, cfg.simplify_m, grid.to_utm())
     if table.num_rows == 0:
         return Cut(part, (lon0, lat0, lon1, lat1), None, [], stats)
-    p = pieces(geoms, size, (c0, c1), (r0, r1), None, cfg.min_side_m, block_pieces=block)
+    p = pieces(geoms, size, (c0, c1), (r0, r1), None, cfg.min_side_m)
     key = (p.col - c0) * (r1 - r0) + (p.row - r0)
     counts = np.bincount(key, minlength=(c1 - c0) * (r1 - r0))
     occupied = counts > 0
