@@ -31,6 +31,9 @@ ROAD_WIDTH_M = {"motorway": 18, "trunk": 16, "primary": 13, "secondary": 11, "te
                 "path": 1.5, "steps": 2}
 ROAD = (88, 88, 90)
 ROOF = (150, 120, 110)
+SHADES = range(-25, 25)  # a building's roof is ROOF shaded by a draw from this range
+ROOFS = {shade: tuple(min(max(c + shade, 0), 255) for c in ROOF) for shade in SHADES}
+TAG_KEYS = tuple(dict.fromkeys(["building", "highway", "railway", *(key for key, _, _ in FILLS)]))  # all read here
 
 
 def _fill(tags: dict[str, str]) -> tuple[int, int, int] | None:
@@ -122,12 +125,12 @@ def _draw(tile_id: str, paths: list, tags: list[dict[str, str]], dims: list[int]
             colour = (60, 55, 55) if "railway" in t else ROAD
             for path in rings:
                 draw.line(path, fill=colour, width=max(1, round(width * px_per_m)))
-    for rings, t, _ in polys:
-        if "building" in t:
-            shade = int(rng.integers(-25, 25))
-            roof = tuple(min(max(c + shade, 0), 255) for c in ROOF)
-            if rings:
-                draw.polygon(rings[0], fill=roof, outline=(90, 80, 75))
-                for hole in rings[1:]:
-                    draw.polygon(hole, fill=GROUND)
+    buildings = [rings for rings, t, _ in polys if "building" in t]
+    # one draw per building, in order (the same numbers as one call each)
+    shades = rng.integers(SHADES.start, SHADES.stop, size=len(buildings)).tolist() if buildings else []
+    for rings, shade in zip(buildings, shades, strict=True):
+        if rings:
+            draw.polygon(rings[0], fill=ROOFS[shade], outline=(90, 80, 75))
+            for hole in rings[1:]:
+                draw.polygon(hole, fill=GROUND)
     return np.asarray(img, dtype=np.uint8)

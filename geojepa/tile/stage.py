@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import rasterio
 import shapely
 
@@ -133,7 +134,7 @@ def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.
         return [TileImage(None, [], 0.0, "missing", None) for _ in tiles]
     if imagery == "render":  # te holds the tiles' entities tile after tile, in the order of ``tiles``
         geoms = shapely.from_wkb(te.column("geometry").to_numpy(zero_copy_only=False))
-        tags = [dict(x) for x in te.column("tags").to_pylist()]
+        tags = _tags(te.column("tags"), renderer.TAG_KEYS)
         offsets = np.concatenate([[0], np.cumsum([t["n_entities"] for t in tiles])]).tolist()
         images = renderer.render_tiles([t["tile_id"] for t in tiles], geoms, tags, offsets, px, size)
         return [TileImage(pixels, ["R", "G", "B"], 1.0, renderer.SOURCE, None) for pixels in images]
@@ -141,6 +142,20 @@ def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.
     with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):
         return [mosaic.read((t["col"] * size, t["row"] * size, (t["col"] + 1) * size, (t["row"] + 1) * size),
                             grid.crs, px) for t in tiles]
+
+
+def _tags(column: pa.ChunkedArray, keys) -> list[dict[str, str]]:
+    """Each row's tags as a dict, holding only ``keys`` (all the renderer reads)."""
+    tags = column.combine_chunks()
+    offsets = tags.offsets.to_numpy()
+    names = tags.keys
+    at = np.flatnonzero(pc.is_in(names, pa.array(list(keys), pa.string())).to_numpy(zero_copy_only=False))
+    out: list[dict[str, str]] = [{} for _ in range(len(tags))]
+    rows = np.searchsorted(offsets, at + offsets[0], side="right") - 1
+    for row, key, value in zip(rows.tolist(), names.take(pa.array(at)).to_pylist(),
+                               tags.items.take(pa.array(at)).to_pylist(), strict=True):
+        out[row][key] = value
+    return out
 
 
 def _images_table(tiles: list[dict], out: list[TileImage], px: int, stats: Counter) -> pa.Table:
