@@ -155,7 +155,8 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
             shapes.append(geoms)
             fitted_on.append({"name": w.name, "entities": len(geoms)})
         files = WorkDir(folder)  # a tokenizer folder holds its files under the work directories' names
-        files.tag_vocab.unlink(missing_ok=True)
+        if force:  # a refit starts its vocabulary afresh; an interrupted first fit resumes its own
+            files.tag_vocab.unlink(missing_ok=True)
         vocab, embedded = build_vocab(files.tag_vocab, tag_lists, section, run)
         # Shapes from every region, each region's share capped so a large one does not drown the rest.
         rng = np.random.default_rng(section.seed)
