@@ -82,6 +82,13 @@ def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped
     version = client.search_model_versions("name = 'geojepa-encoder'")[0]
     assert version.tags["regions"] == "kotka" and version.tags["tokenizer_digest"] and version.tags["corpus"] == "mini"
     assert "trained on the train splits of kotka" in version.description
+    # The registered version resolves to its checkpoint, for `evaluate --model models:/geojepa-encoder/N`.
+    from geojepa.config import load_config
+    from geojepa.evaluate.model import resolve_model
+
+    got = resolve_model(f"models:/geojepa-encoder/{version.version}", load_config(), root / ".models")
+    made = sorted((root / "mini-model" / "checkpoints").glob("step-*.pt"))[-1]
+    assert got.read_bytes() == made.read_bytes()
 
     wanted = {"pipeline-mini", "build-tiles-kotka", "build-tiles-moscow", "evaluation-mini-kotka",
               "evaluation-mini-moscow", "corpus-report-mini", "mlflow-mini"}
