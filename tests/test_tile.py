@@ -334,3 +334,28 @@ def test_region_around_the_globe_is_refused(tmp_path, cfg):
         plan_region(w / "entities.parquet", cfg.tile)
     with pytest.raises(GeoJepaError, match="geojepa extract --bbox"):
         tile(w, cfg)
+
+
+def test_a_failed_run_keeps_the_earlier_artifacts_and_leaves_no_plan(w, cfg, monkeypatch):
+    from geojepa.tile import stage
+
+    tile(w, _cfg(cfg, min_entities=1, partition_groups=1))
+    before = {p.name: p.stat().st_mtime_ns for p in w.iterdir()}
+    stale = w / ".tile_plan.tmp-999999999"  # left by a killed run (no such process)
+    stale.mkdir()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return pieces(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "pieces", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        tile(w, _cfg(cfg, min_entities=1, partition_groups=1), force=True)
+    assert {p.name: p.stat().st_mtime_ns for p in w.iterdir()} == before  # nothing replaced, nothing left
+    monkeypatch.undo()
+    summary = tile(w, _cfg(cfg, min_entities=1, partition_groups=1), force=True)
+    assert summary["tiles"] == read_table(w / "tiles.parquet", TILES).num_rows
+    assert not list(w.glob(".*tmp*"))
