@@ -70,12 +70,9 @@ def pieces(geoms_utm: np.ndarray, size: float, col_range: tuple[int, int], row_r
     # Lines are cut with GEOS's fast rectangle clipping; polygons (and collections) with a robust
     # intersection, keeping the entity's own dimension (a cut polygon may also touch the border with a line).
     lines = np.flatnonzero(~inside & (dims == 1) & (shapely.get_type_id(geom) != 7))
-    if len(lines):  # clip_by_rect takes one rectangle: one vectorised call per tile
-        lines = lines[np.lexsort((row[lines], col[lines]))]
-        starts = np.flatnonzero(np.diff(col[lines], prepend=-1 << 62) | np.diff(row[lines], prepend=-1 << 62))
-        for a, b in zip(starts, [*starts[1:], len(lines)], strict=True):
-            at = lines[a:b]
-            geom[at] = shapely.clip_by_rect(geom[at], x0[at[0]], y0[at[0]], x0[at[0]] + size, y0[at[0]] + size)
+    if len(lines):  # GEOS's clip_by_rect; shapely's wrapper takes one rectangle, its ufunc one per geometry
+        geom[lines] = shapely.lib.clip_by_rect(geom[lines], x0[lines].astype(float), y0[lines].astype(float),
+                                               (x0[lines] + size).astype(float), (y0[lines] + size).astype(float))
     cross = np.flatnonzero(~inside & ((dims != 1) | (shapely.get_type_id(geom) == 7)))
     if len(cross):
         src = _sources(geoms_utm, entity[cross], col[cross], row[cross], size, col_range, row_range)
