@@ -72,6 +72,14 @@ print(json.dumps({"tiles": s["tiles"], "stage_seconds": s["seconds"], "partition
                   "pieces": s["pieces"], "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 """
 
+EXTRACT_REAL = """
+import json, sys
+from geojepa.config import load_config
+from geojepa.extract import extract
+s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]), force=True)
+print(json.dumps({"entities": s.get("entities")}))
+"""
+
 TOKENS_REAL = """
 import json, sys
 from geojepa.config import load_config
@@ -170,7 +178,7 @@ def real(args) -> None:
     for name in args.regions:
         pbf, w = _pbf(name, args.osm), DATA / f"real-{name}"
         if not (w / "entities.parquet").exists() or args.extract:
-            ext = run_child(EXTRACT, pbf, w)
+            ext = run_child(EXTRACT_REAL, pbf, w)
             totals["extract"] += ext["seconds"]
             print(f"{name}: extracted {ext['entities']:,} entities in {ext['seconds']:.1f} s, "
                   f"peak {ext['peak_rss_mb']:.0f} MB", flush=True)
