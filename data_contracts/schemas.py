@@ -144,7 +144,7 @@ TOKENS = Contract(
 
 EMBEDDINGS = Contract(
     name="embeddings",
-    version=2,
+    version=3,
     schema=pa.schema(
         [
             pa.field("level", pa.string(), nullable=False),  # tile | entity
@@ -154,12 +154,17 @@ EMBEDDINGS = Contract(
             pa.field("embedding", VECTOR, nullable=False),
             pa.field("pc", pa.list_(pa.float32(), 3), nullable=False),  # first 3 principal components (colours)
             pa.field("model", pa.string(), nullable=False),
-            pa.field("geometry", pa.binary(), nullable=False),  # tile footprint or whole entity, WKB EPSG:4326
+            # tile footprint, or the entity's piece in that tile (clipped to it), WKB EPSG:4326
+            pa.field("geometry", pa.binary(), nullable=False),
             pa.field("bbox", BBOX, nullable=False),
         ]
     ),
     geometry=(("geometry", "EPSG:4326"),),
-    doc="W/eval/embeddings.parquet: GeoParquet (opens in QGIS), one row per tile and per entity in a tile.",
+    doc="W/eval/embeddings.parquet: GeoParquet (opens in QGIS), one row per tile and per entity piece in a tile. "
+        "An entity row's geometry is its piece in that tile (tile_entities' clipped geometry, from tile "
+        "coordinates to EPSG:4326 through the tile's CRS, origin and size), not the whole entity: a coastline "
+        "or ferry route crossing 300 tiles is 300 short pieces, not 300 copies of itself (version 2 wrote the "
+        "whole entity per piece). Tile rows first, then the entity rows a tile_entities shard at a time.",
 )
 
 TASK_LABELS = Contract(

@@ -1,4 +1,6 @@
-"""Evaluation on the Kotka sample: task labels, masking, embeddings, probes, retrieval, report, bad input."""
+"""Evaluation on the Kotka sample: task labels, masking, embeddings, probes, retrieval, report, bad input; the
+streaming pieces (entity scan, masking edits, bag-of-tags counts, stacked probes, chunked kNN) against the
+whole-region reference functions they replace."""
 
 from __future__ import annotations
 
@@ -6,20 +8,47 @@ import shutil
 
 import geopandas as gpd
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
 import torch
 
-from data_contracts import EVAL_RESULTS, TASK_LABELS, TILE_ENTITIES, TOKENS, read_table
+from data_contracts import (
+    EVAL_RESULTS,
+    TASK_LABELS,
+    TILE_ENTITIES,
+    TILES,
+    TOKENS,
+    read_table,
+)
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import evaluate
-from geojepa.evaluate.embed import embed, masked_items
-from geojepa.evaluate.knn import topk_cosine
+from geojepa.evaluate.embed import (
+    bag_of_tags,
+    bag_of_tags_counts,
+    embed,
+    kept_tag_vectors,
+    mask_item,
+    masked_items,
+)
+from geojepa.evaluate.knn import topk_cosine, topk_cosine_chunks
 from geojepa.evaluate.labels import TASKS, parse_speed, task_labels
-from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
-from geojepa.evaluate.stage import _load
+from geojepa.evaluate.probe import (
+    ProbeSettings,
+    fit_predict,
+    fit_predict_seeds,
+    metrics,
+    standardise,
+)
+from geojepa.evaluate.region import (
+    pieces_lonlat,
+    scan_entities,
+    tiles_meta,
+    token_index,
+)
+from geojepa.evaluate.stage import _unusable, _vocab
 from geojepa.model.jepa import Encoder, ModelConfig
 from geojepa.train.data import TokenRows
 from geojepa.train.train import train
@@ -73,6 +102,37 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
     assert (emb.level == "entity").sum() == sum(len(e) for e in tokens["entity_id"].to_pylist())
     assert len(tiles.embedding.iloc[0]) == 2 * TINY["width"]  # concat(mean, max)
     assert (tiles.geometry.geom_type == "Polygon").all() and tiles.geometry.is_valid.all()
+    assert set(summary["timing"]) == {"loading", "embedding", "probes", "probes_wall", "retrieval", "pictures",
+                                      "writing"}
+    assert set(summary["timing"]["probes"]) == {"building_count"}
+    assert "Time:" in (out / "report.md").read_text()
+
+
+def test_entity_rows_hold_their_piece_in_the_tile_not_the_whole_entity(evaluated):
+    """Each entity row's geometry is its tile_entities piece taken to EPSG:4326 (independently, with pyproj),
+    inside its tile's footprint; an entity crossing several tiles has a different piece in each."""
+    from pyproj import Transformer
+
+    w, _, _ = evaluated
+    emb = gpd.read_parquet(w / "eval" / "embeddings.parquet")
+    ents = emb[emb.level == "entity"].set_index(["tile_id", "entity_id"])
+    foot = emb[emb.level == "tile"].set_index("tile_id").geometry
+    tiles = read_table(w / "tiles.parquet", TILES).to_pandas().set_index("tile_id")
+    te = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "geometry"]).to_pandas()
+    te = te[te.tile_id.isin(foot.index)].drop_duplicates(["tile_id", "entity_id"], keep=False)
+    to_lonlat = Transformer.from_crs(tiles.crs.iloc[0], "EPSG:4326", always_xy=True)
+    for r in te.sample(min(300, len(te)), random_state=0).itertuples():
+        t = tiles.loc[r.tile_id]
+        piece = shapely.transform(shapely.from_wkb(r.geometry),
+                                  lambda c, t=t: np.column_stack(to_lonlat.transform(t.origin_x + c[:, 0] * t.size_m,
+                                                                                     t.origin_y + c[:, 1] * t.size_m)))
+        got = ents.loc[(r.tile_id, r.entity_id)].geometry
+        assert shapely.equals_exact(got, piece, tolerance=1e-9), (r.tile_id, r.entity_id)
+        assert foot[r.tile_id].buffer(1e-7).covers(got)
+    crossing = te.groupby("entity_id").tile_id.nunique()
+    eid = crossing[crossing > 1].index[0]
+    pieces = ents.xs(eid, level="entity_id").geometry
+    assert len(pieces) > 1 and not pieces.iloc[0].equals(pieces.iloc[1])
 
 
 def test_dummy_baseline_is_the_training_median(evaluated):
@@ -132,23 +192,85 @@ def test_building_labels_match_an_independent_count_from_entities(tokenised):
     assert checked >= 50 and sum(labels.values()) > 1000
 
 
-@pytest.mark.parametrize("task", list(TASKS))
-def test_label_tags_are_absent_from_masked_task_tiles(tokenised, task):
+@pytest.fixture(scope="module")
+def region(tokenised):
+    """Kotka as the streaming evaluation sees it (token index, entity scan over every task, vocabulary) and as
+    the reference functions want it: every tile's items and its entities' (kind, tags), in token order."""
     w, _ = tokenised
-    enc = Encoder(ModelConfig(dims=(384, 64, 0), width=16, depth=1, heads=2, mlp=32))
-    data = _load({"tokens": w / "tokens", "tile_entities": w / "tile_entities.parquet",
-                     "tag_vocab": w / "tag_vocab.parquet", "tiles": w / "tiles.parquet",
-                     "checkpoint": "test"}, ("tags", "geometry"), enc)
-    t = TASKS[task]
-    items, tags = masked_items(data["items"], data["tags"], t, data["vocab"])
-    assert not any(t.defines(k, v) for tile in tags for ent in tile for k, v in ent)
-    assert all(len(ent) for tile in tags for ent in tile)  # entities left with no tags are dropped
-    for it, tile in zip(items, tags, strict=True):
-        assert len(it["tags"]) == len(it["geometry"]) == len(it["epos"]) == len(tile)
-        np.testing.assert_allclose(it["tags"], data["vocab"].tag_vectors(tile), rtol=1e-5, atol=1e-5)
-    had = sum(any(t.defines(k, v) for ent in tile for k, v in ent) for tile in data["tags"])
+    tok = token_index(w / "tokens")
+    vocab = _vocab(w / "tag_vocab.parquet")
+    scan = scan_entities(w / "tile_entities.parquet", tok, list(TASKS.values()), vocab)
+    tables = [pq.read_table(f) for f in tok.shards]
+    items = [it for t in tables for rows in [TokenRows(t, ("tags", "geometry"))] for it in map(rows.item, range(t.num_rows))]
+    te = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "kind", "tags"])
+    te = te.sort_by([("tile_id", "ascending"), ("entity_id", "ascending")]).to_pylist()
+    ents: dict[str, list] = {}
+    for r in te:
+        ents.setdefault(r["tile_id"], []).append((r["kind"], list(r["tags"])))
+    tiles = [ents[t] for t in tok.ids]
+    assert [len(t) for t in tiles] == tok.n_entities.tolist()
+    return {"tok": tok, "vocab": vocab, "scan": scan, "items": items, "tiles": tiles}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_streamed_labels_and_masking_equal_the_reference(region, task):
+    """The entity scan's labels are ``Task.label`` of each tile's entities, and the masking edits give the
+    items ``masked_items`` gives: label-defining tags gone, entities left without tags dropped, the others
+    with the vectors of the tags they keep."""
+    t, tok, scan, vocab = TASKS[task], region["tok"], region["scan"], region["vocab"]
+    expected = [t.label([(k, dict(tags)) for k, tags in tile]) for tile in region["tiles"]]
+    got = scan.raw[task]
+    assert [None if np.isnan(v) else v for v in got] == expected
+    tags = [[tags for _, tags in tile] for tile in region["tiles"]]
+    ref_items, ref_tags = masked_items(region["items"], tags, t, vocab)
+    assert not any(t.defines(k, v) for tile in ref_tags for ent in tile for k, v in ent)
+    changed = 0
+    for i, (item, ref) in enumerate(zip(region["items"], ref_items, strict=True)):
+        ed = scan.edits[task].range(tok.ent_off[i], tok.ent_off[i + 1])
+        new = mask_item(item, ed.pos - tok.ent_off[i], ed.keep, kept_tag_vectors(vocab.vectors, ed.ptr, ed.rows))
+        for m in ("epos", "geometry"):
+            np.testing.assert_array_equal(new[m], ref[m])
+        np.testing.assert_allclose(new["tags"], ref["tags"], rtol=1e-5, atol=1e-5)
+        changed += len(ed.pos) > 0
+    assert scan.edits[task].dropped(tok).sum() == sum(len(a) - len(b) for a, b in zip(tags, ref_tags, strict=True))
     if task == "building_count":
-        assert had > 50  # the check above bites
+        assert changed > 50  # the check above bites
+
+
+def test_entity_scan_reads_only_what_labels_read(region):
+    """An entity without any key its task reads adds nothing to the label (what lets the scan skip it)."""
+    for task in TASKS.values():
+        for tile in region["tiles"]:
+            for kind, tags in tile:
+                if not {k for k, _ in tags} & set(task.reads):
+                    assert task.value(kind, dict(tags)) in (None, 0.0), (task.name, tags)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bag_of_tags_from_counts_equals_the_list_version(region, masked):
+    tok, scan = region["tok"], region["scan"]
+    task = TASKS["building_count"]
+    tags = [[tags for _, tags in tile] for tile in region["tiles"]]
+    rows = np.arange(0, tok.n, 2)
+    fit_on = np.flatnonzero(tok.split[rows] == "train")
+    drop = scan.pairs.arrays()["defines"][list(TASKS).index(task.name)] if masked else None
+    ref_tags = [[[(k, v) for k, v in e if not (masked and task.defines(k, v))] for e in tags[i]] for i in rows]
+    for n_features in (1024, 7):
+        want = bag_of_tags(ref_tags, fit_on, n_features)
+        got = bag_of_tags_counts(scan.bag, rows, scan.pairs.keys, scan.pairs.values, fit_on, n_features, drop=drop)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_pieces_are_placed_through_their_tiles_crs_and_origin(tokenised):
+    w, _ = tokenised
+    tok = token_index(w / "tokens")
+    meta = tiles_meta(w / "tiles.parquet", tok)
+    square = shapely.to_wkb(shapely.box(0, 0, 1, 1))
+    geom, bbox = pieces_lonlat(pa.array([square] * 3, pa.binary()), np.array([0, 1, 2]), meta)
+    for i, g in enumerate(shapely.from_wkb(geom.to_numpy(zero_copy_only=False))):
+        footprint = shapely.from_wkb(meta["geometry"][i].as_py())
+        assert footprint.buffer(1e-7).covers(g) and g.buffer(1e-7).covers(footprint.simplify(1e-9))
+        assert bbox[i]["xmin"].as_py() == pytest.approx(g.bounds[0])
 
 
 def test_padding_and_batch_neighbours_do_not_change_a_tiles_embedding(tokenised):
@@ -176,9 +298,38 @@ def test_probe_recovers_a_planted_linear_signal():
         pred = fit_predict(kind, x[tr], y[tr], x[va], y[va], x[te], seed=0, s=ProbeSettings(max_epochs=200))
         m = metrics("count", y[te], pred)
         assert m["mae"] < 0.25 * dummy and m["r2"] > 0.9, (kind, m)
+        stacked = fit_predict_seeds(kind, [standardise(x, tr)], y, tr, va, te, [0, 1], ProbeSettings(max_epochs=200))
+        for p in stacked[0]:
+            m = metrics("count", y[te], p)
+            assert m["mae"] < 0.25 * dummy and m["r2"] > 0.9, (kind, m)
     noise = rng.normal(size=(600, 24))  # no signal: no better than the median
     pred = fit_predict("linear", noise[tr], y[tr], noise[va], y[va], noise[te], seed=0)
     assert metrics("count", y[te], pred)["mae"] > 0.8 * dummy
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_stacked_probes_are_the_one_probe_fits(kind):
+    """Each (feature set, seed) member of a stacked fit starts from the weights, draws the shuffles and stops
+    when its one-probe fit does: the same predictions up to the order of floating-point sums. The two
+    feature sets stop at different epochs (one is noise), so members leave the stack on their own."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    noise = rng.normal(size=(300, 12)).astype(np.float32)
+    y = np.maximum(0, x @ rng.normal(size=12) + rng.normal(size=300)).round()
+    tr, va, te = np.arange(200), np.arange(200, 250), np.arange(250, 300)
+    s = ProbeSettings(hidden=32, max_epochs=60, patience=8, batch=64)
+    got = fit_predict_seeds(kind, [standardise(x, tr), standardise(noise, tr)], y, tr, va, te, [4, 5], s)
+    for f, feats in enumerate((x, noise)):
+        for j, seed in enumerate((4, 5)):
+            ref = fit_predict(kind, feats[tr], y[tr], feats[va], y[va], feats[te], seed, s)
+            np.testing.assert_allclose(got[f, j], ref, atol=1e-3 * np.abs(ref).max())
+
+
+def test_unusable_tasks_are_named():
+    sp = np.array(["train"] * 4 + ["val"] * 2 + ["test"] * 2)
+    assert _unusable(np.array([3.0] * 4 + [1, 2, 3, 4]), sp) == "every training label is 3"
+    assert _unusable(np.arange(8.0), np.where(sp == "val", "test", sp)) == "0 val tiles (need 2)"
+    assert _unusable(np.arange(8.0), sp) is None
 
 
 def test_binary_metrics_and_speed_parsing():
@@ -206,3 +357,7 @@ def test_exact_cosine_knn_matches_brute_force():
     s[np.arange(50), np.arange(50)] = -np.inf
     np.testing.assert_array_equal(idx, np.argsort(-s, axis=1)[:, :5])
     np.testing.assert_allclose(sims, np.sort(s, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+    chunks = ((a, g[a : a + 64]) for a in range(0, len(g), 64))  # a gallery read a chunk at a time
+    c_sims, c_idx = topk_cosine_chunks(g[:50], chunks, 5, exclude=np.arange(50))
+    np.testing.assert_array_equal(c_idx, idx)
+    np.testing.assert_allclose(c_sims, sims, rtol=1e-5)

@@ -74,10 +74,20 @@ def gallery(png: Path, page: Path, title: str, rows: list[list[tuple[str, float,
 def embedding_map(emb: np.ndarray, colour: np.ndarray, label: str, path: Path, method: str, seed: int) -> str:
     """2-D map of the embeddings (UMAP, or PCA for few points or when asked), coloured by ``colour``."""
     if method == "umap" and len(emb) >= 10:
+        import warnings
+
         import umap
 
-        xy = umap.UMAP(n_neighbors=min(15, len(emb) - 1), metric="cosine", random_state=seed,
-                       n_jobs=1).fit_transform(emb)
+        from geojepa.evaluate.knn import topk_cosine
+
+        # The exact cosine neighbours (self first), computed in torch: below 4,096 points UMAP would compute
+        # them with a Python-level metric call per pair (16 M calls for 4,000 tiles).
+        k = min(15, len(emb) - 1)
+        sims, idx = topk_cosine(emb, emb, k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "n_jobs overridden by random_state"; "precomputed_knn ..."
+            xy = umap.UMAP(n_neighbors=k, metric="cosine", random_state=seed, n_jobs=1,
+                           precomputed_knn=(idx, np.maximum(1 - sims, 0).astype(np.float32), None)).fit_transform(emb)
     else:
         method = "pca"
         xy = pca(emb, 2)
@@ -100,15 +110,18 @@ def pca(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(out, ((0, 0), (0, n - out.shape[1])))
 
 
-def region_map(footprints: list[bytes], emb: np.ndarray, path: Path, title: str) -> None:
-    """The region's tiles filled with the RGB of their embedding's first three principal components."""
+def region_map(footprints, emb: np.ndarray, path: Path, title: str) -> None:
+    """The region's tiles (WKB footprints) filled with the RGB of their embedding's first three principal
+    components, drawn as one collection."""
+    from matplotlib.collections import PolyCollection
+
     pcs = pca(emb, 3)
     lo, hi = pcs.min(0), pcs.max(0)
     rgb = (pcs - lo) / np.where(hi > lo, hi - lo, 1)
+    rings = [np.asarray(g.exterior.coords) for g in shapely.from_wkb(np.asarray(footprints, dtype=object))]
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for g, c in zip(shapely.from_wkb(footprints), rgb, strict=True):
-        x, y = g.exterior.xy
-        ax.fill(x, y, color=tuple(c), lw=0.2, ec="white")
+    ax.add_collection(PolyCollection(rings, facecolors=rgb, edgecolors="white", linewidths=0.2))
+    ax.autoscale_view()
     ax.set_aspect(1 / np.cos(np.radians(np.mean(ax.get_ylim()))))
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")

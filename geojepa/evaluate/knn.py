@@ -38,6 +38,27 @@ def topk_cosine(queries: np.ndarray, gallery: np.ndarray, k: int, exclude: np.nd
     return torch.cat(sims).numpy(), torch.cat(idx).numpy()
 
 
+@torch.no_grad()
+def topk_cosine_chunks(queries: np.ndarray, chunks, k: int, exclude: np.ndarray | None = None,
+                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``topk_cosine`` against a gallery that comes in ``(first row, rows)`` chunks (e.g. read from disk), never
+    whole in memory: each chunk's best ``k`` are merged into the running best ``k``."""
+    q = F.normalize(torch.as_tensor(queries, dtype=torch.float32, device=device), dim=1)
+    best_s = torch.full((len(q), 0), -torch.inf, device=device)
+    best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+    for start, chunk in chunks:
+        g = torch.as_tensor(chunk, dtype=torch.float32, device=device)
+        s = (q @ g.T).mul_(1 / g.norm(dim=1).clamp_min(1e-12))
+        if exclude is not None:
+            ex = torch.as_tensor(np.asarray(exclude) - start, device=device)
+            rows = torch.nonzero((ex >= 0) & (ex < len(g))).squeeze(1)
+            s[rows, ex[rows]] = -torch.inf
+        v, i = s.topk(min(k, len(g)), dim=1)
+        best_s, order = torch.cat([best_s, v], 1).topk(min(k, best_s.shape[1] + v.shape[1]), dim=1)
+        best_i = torch.cat([best_i, i + start], 1).gather(1, order)
+    return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
 def knn_regression_mae(emb: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, k: int) -> float:
     """MAE of predicting each test tile's label by the mean of its k nearest training tiles' labels."""
     _, idx = topk_cosine(emb[test], emb[train], k)

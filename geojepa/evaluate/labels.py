@@ -50,32 +50,51 @@ def _bridge(t: Tags) -> bool:
     return _yes(t.get("bridge")) or t.get("man_made") == "bridge"
 
 
-def _max_speed(ents: list[Entity]) -> float | None:
-    speeds = [s for _, t in ents if "maxspeed" in t and (s := parse_speed(t["maxspeed"])) is not None]
-    return max(speeds) if speeds else None
+def _speed(t: Tags) -> float | None:
+    return parse_speed(t["maxspeed"]) if "maxspeed" in t else None
 
 
 @dataclass(frozen=True)
 class Task:
+    """A tile task. A tile's label reduces its entities' values: the sum (counts) or the maximum of the values
+    that are not None, ``empty`` when there is none (None: the tile is not in the task). ``reads`` are the keys
+    ``value`` looks at: an entity with none of them gives 0 or None, so the evaluation converts only the entities
+    that have one (a test checks it)."""
+
     name: str
     kind: str  # count | regression | binary
-    label: Callable[[list[Entity]], float | None]  # None: the tile is not in the task
+    value: Callable[[str, Tags], float | None]  # (kind, tags) -> this entity's contribution
+    reduce: str  # sum | max
+    empty: float | None  # the label of a tile whose entities give no value
+    reads: tuple[str, ...]
     defines: Callable[[str, str], bool]  # (key, value) -> is this tag part of the label's definition?
     sparse: bool  # zero-label tiles subsampled
 
+    def label(self, ents: list[Entity]) -> float | None:
+        """The tile's label from its (kind, tags) entities; None: the tile is not in the task."""
+        values = [v for k, t in ents if (v := self.value(k, t)) is not None]
+        if not values:
+            return self.empty
+        return float(sum(values)) if self.reduce == "sum" else float(max(values))
+
+
+def _bridge_tag(k: str, v: str) -> bool:
+    return k == "bridge" or k.startswith("bridge:") or (k == "man_made" and v == "bridge")
+
 
 TASKS = {t.name: t for t in (
-    Task("building_count", "count", lambda ents: float(sum(_yes(t.get("building")) for _, t in ents)),
+    Task("building_count", "count", lambda kind, t: float(_yes(t.get("building"))), "sum", 0.0, ("building",),
          lambda k, v: k == "building" or k.startswith("building:"), sparse=False),
-    Task("traffic_signals", "count", lambda ents: float(sum(_traffic_signal(k, t) for k, t in ents)),
+    Task("traffic_signals", "count", lambda kind, t: float(_traffic_signal(kind, t)), "sum", 0.0,
+         ("highway", "crossing", "crossing:signals"),
          lambda k, v: (k == "highway" and v == "traffic_signals") or (k == "crossing" and v == "traffic_signals")
-         or k.startswith("crossing:signals") or k.startswith("traffic_signals"), sparse=True),
-    Task("max_speed", "regression", _max_speed, lambda k, v: k.startswith("maxspeed"), sparse=False),
-    Task("bridge", "binary", lambda ents: float(any(_bridge(t) for _, t in ents)),
-         lambda k, v: k == "bridge" or k.startswith("bridge:") or (k == "man_made" and v == "bridge"), sparse=True),
-    Task("car_bridge", "binary",
-         lambda ents: float(any(_bridge(t) and t.get("highway") in CAR_ROADS for _, t in ents)),
-         lambda k, v: k == "bridge" or k.startswith("bridge:") or (k == "man_made" and v == "bridge"), sparse=True),
+         or k.startswith(("crossing:signals", "traffic_signals")), sparse=True),
+    Task("max_speed", "regression", lambda kind, t: _speed(t), "max", None, ("maxspeed",),
+         lambda k, v: k.startswith("maxspeed"), sparse=False),
+    Task("bridge", "binary", lambda kind, t: float(_bridge(t)), "max", 0.0, ("bridge", "man_made"), _bridge_tag,
+         sparse=True),
+    Task("car_bridge", "binary", lambda kind, t: float(_bridge(t) and t.get("highway") in CAR_ROADS), "max", 0.0,
+         ("bridge", "man_made"), _bridge_tag, sparse=True),
 )}
 
 
@@ -87,6 +106,12 @@ def strip(task: Task, tags: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def task_labels(task: Task, tiles: dict[str, list[Entity]], zero_keep_ratio: float, seed: int) -> dict[str, float]:
     """tile_id -> label for the tiles in the task."""
     labels = {t: y for t, ents in tiles.items() if (y := task.label(ents)) is not None}
+    return subsample(task, labels, zero_keep_ratio, seed)
+
+
+def subsample(task: Task, labels: dict[str, float], zero_keep_ratio: float, seed: int) -> dict[str, float]:
+    """A sparse task's labels with at most ``zero_keep_ratio`` zero-label tiles per non-zero one (seeded: the
+    same tiles for the same labels, whatever order they come in); a dense task's unchanged."""
     if task.sparse:
         zeros = sorted(t for t, y in labels.items() if y == 0)
         keep = int(round(zero_keep_ratio * (len(labels) - len(zeros))))

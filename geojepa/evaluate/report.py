@@ -31,10 +31,24 @@ def results_markdown(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _timing(timing: dict | None) -> list[str]:
+    """The time split: one line, then a blank one (none without a split)."""
+    if not timing:
+        return []
+    parts = []
+    for k, v in timing.items():
+        if isinstance(v, dict):
+            parts.append(f"probes {sum(v.values()):.1f} s (" + ", ".join(f"{t} {s:.1f}" for t, s in v.items()) + ")"
+                         if v else "probes 0 s")
+        else:
+            parts.append(f"{k} {v:.1f} s")
+    return ["Time: " + "; ".join(parts) + ".", ""]
+
+
 def write_report(path: Path, results: list[dict], summary: dict, region: str) -> None:
     lines = [f"# GeoJEPA evaluation: {region}", "",
              f"Checkpoint `{summary['checkpoint']}`; {summary['tiles']} tiles, {summary['entities']} entity "
-             f"embeddings; {summary['seconds']} s.", "",
+             f"embeddings; {summary['seconds']} s.", "", *_timing(summary.get("timing")),
              f"**Region {region}: {summary.get('role', 'trained on')}.** Tokenizer "
              f"`{summary.get('tokenizer_digest') or 'region-own'}`.", "",
              "*masked*: the task's label-defining tags were removed from every entity of its tiles before "

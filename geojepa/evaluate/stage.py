@@ -1,42 +1,98 @@
 """The evaluate stage: a checkpoint and the token shards -> ``W/eval/``.
 
-1. Task datasets (``task_labels.parquet``): labels from the tiles' original
-   entities, tiles following the tile split (no test tile touches a training tile).
-2. Per task, the task tiles with the label-defining tags removed are embedded by
-   the trained target encoder and by its untrained twin; TagPool and bag-of-tags
-   vectors are built from the same masked tiles. Linear and MLP probes are trained
-   on the train split with each seed, stopped on val, scored on test; Dummy
-   predicts the training median. kNN regression scores the same splits.
-3. Retrieval over the unmasked tiles: neighbours' tag-class agreement per model,
-   galleries of tiles and entities (PNG + HTML).
-4. ``embeddings.parquet`` (GeoParquet), the maps, training curves,
-   ``results.parquet`` and ``report.md``; everything logged to MLflow.
+It streams: what it holds for the whole region is per-tile float arrays (tile
+embeddings, TagPool and bag-of-tags vectors: what the probes need) and sparse
+integer tables, never the tokens, the entities' tags or their geometries.
+
+1. Loading: the token index (tile ids, splits, entity counts, no token) and one
+   pass over ``tile_entities``, a partition shard at a time (``region``): the
+   tiles' task labels, tag-class histograms and tag counts, and each task's
+   masking edits. Task datasets (``task_labels.parquet``) follow the tile split
+   (no test tile touches a training tile); a task without two tiles in each
+   split once masked, or with one training label, is skipped and named.
+2. Embedding: one pass over the token shards, a batch of tiles at a time: the
+   trained target encoder and its untrained twin embed each tile, and each
+   probed task's tiles once its label-defining tags are removed; the entity
+   embeddings go to a float32 spill file.
+3. Probes: linear and MLP probes on the train split, stopped on val, scored on
+   test, every seed and feature set of one kind and width in one stacked fit
+   (``probe.fit_predict_seeds``), the fits of all tasks side by side; Dummy
+   predicts the training median; kNN regression scores the same splits.
+4. Retrieval over the unmasked tiles: neighbours' tag-class agreement per model;
+   galleries of tiles and entities (PNG + HTML), maps and training curves.
+5. Writing: ``embeddings.parquet`` (GeoParquet; each entity row its piece in the
+   tile) a ``tile_entities`` shard at a time, ``results.parquet``, ``report.md``;
+   everything logged to MLflow, with the time of each phase.
 
 The folder is written whole to a temporary sibling and swapped in at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
 
-from data_contracts import (EMBEDDINGS, ENTITIES, EVAL_RESULTS, TAG_VOCAB, TASK_LABELS, TILE_ENTITIES, TILE_IMAGES,
-                            TILES, TOKENS, open_artifact, read_table, replace_folder, write_table)
+from data_contracts import (
+    EMBEDDINGS,
+    ENTITIES,
+    EVAL_RESULTS,
+    TAG_VOCAB,
+    TASK_LABELS,
+    TILE_ENTITIES,
+    TILE_IMAGES,
+    TILES,
+    TOKENS,
+    ArtifactWriter,
+    open_artifact,
+    read_table,
+    replace_folder,
+    write_table,
+)
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import figures
-from geojepa.evaluate.embed import bag_of_tags, embed, masked_items, tag_pool
-from geojepa.evaluate.knn import class_histograms, class_of, knn_regression_mae, neighbour_agreement, topk_cosine
-from geojepa.evaluate.labels import TASKS, task_labels
-from geojepa.evaluate.probe import ProbeSettings, fit_predict, metrics
+from geojepa.evaluate.embed import (
+    bag_of_tags_counts,
+    embed,
+    kept_tag_vectors,
+    mask_item,
+    tag_pool,
+)
+from geojepa.evaluate.knn import (
+    class_of,
+    knn_regression_mae,
+    neighbour_agreement,
+    topk_cosine,
+    topk_cosine_chunks,
+)
+from geojepa.evaluate.labels import TASKS, subsample
+from geojepa.evaluate.probe import (
+    ProbeSettings,
+    fit_predict_seeds,
+    metrics,
+    standardise,
+)
+from geojepa.evaluate.region import (
+    entity_batches,
+    pieces_lonlat,
+    scan_entities,
+    tiles_meta,
+    token_index,
+)
 from geojepa.evaluate.report import write_report
 from geojepa.lifecycle import Lifecycle
 from geojepa.tokens.vocab import Vocab
@@ -45,6 +101,7 @@ from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
+EMBED_TOKENS = 16_384  # entity (and image) tokens read and embedded at a time, at most (one tile at least)
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -97,8 +154,6 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     if done := life.skipped(force):
         return done
 
-    import torch
-
     from geojepa.model.jepa import encoder_from_checkpoint
 
     t0 = time.perf_counter()
@@ -106,75 +161,94 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     encoder, tcfg = encoder_from_checkpoint(ckpt)
     untrained, _ = encoder_from_checkpoint(ckpt, untrained=True, seed=section.seed)
     modalities = tuple(tcfg["modalities"])
-    data = _load(paths, modalities, encoder)
-    items, ids, split = data["items"], data["tile_ids"], data["split"]
-    vocab = data["vocab"]
+    tok = token_index(paths["tokens"])
+    _check_widths(tok.dims, modalities, encoder, paths)
     settings = ProbeSettings(section.hidden, section.lr, section.weight_decay, section.max_epochs, section.patience,
                              section.batch)
-
-    def emb(enc, its):
-        return embed(enc, its, modalities, section.embed_batch_tiles, device=device)
+    tasks = [TASKS[name] for name in section.tasks]
+    timing: dict = {}
 
     tmp = work_dir / f".{EVAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with life.run() as run:
+    spill = tmp / ".entity_embeddings.f32"
+    with life.run() as run, _torch_threads(1), _pool() as pool:
         try:
-            tiles_emb, entity_emb = emb(encoder, items)
-            untrained_emb, _ = emb(untrained, items)
-            label_rows, results, notes = [], [], {}
-            ents = {t: list(zip(k, (dict(x) for x in tg), strict=True))
-                    for t, k, tg in zip(ids, data["kinds"], data["tags"], strict=True)}
-            for name in section.tasks:
-                task = TASKS[name]
-                labels = task_labels(task, ents, section.zero_keep_ratio, section.seed)
-                idx = np.array([i for i, t in enumerate(ids) if t in labels], int)
-                m_items, m_tags = masked_items([items[i] for i in idx], [data["tags"][i] for i in idx], task, vocab)
-                alive = np.array([sum(len(it[m]) for m in modalities) > 0 for it in m_items], bool)
-                label_rows += [(name, ids[i], split[i], labels[ids[i]]) for i in idx[alive]]
-                y = np.array([labels[ids[i]] for i in idx], float)[alive]
-                sp = np.array([split[i] for i in idx])[alive]
-                m_items = [it for it, a in zip(m_items, alive, strict=True) if a]
-                m_tags = [t for t, a in zip(m_tags, alive, strict=True) if a]
+            clock = time.perf_counter()
+            vocab = _vocab(paths["tag_vocab"])
+            scan = scan_entities(paths["tile_entities"], tok, tasks, vocab)
+            meta = tiles_meta(paths["tiles"], tok)
+            _release()
+            split_of = tok.split.astype(str)
+            label_rows, results, notes, probed = [], [], {}, {}
+            for task in tasks:  # which tiles each task has once masked, and whether it can be probed
+                name, rows = task.name, _task_rows(task, scan.raw[task.name], tok, section)
+                kept = tok.n_entities[rows] - scan.edits[name].dropped(tok)[rows]
+                alive = ((kept > 0) & any(m in modalities for m in ("tags", "geometry"))) | (
+                    (tok.n_patches[rows] > 0) & ("image" in modalities))
+                y, sp = scan.raw[name][rows][alive], split_of[rows][alive]
+                label_rows += [(name, tok.ids[i], split_of[i], float(v)) for i, v in zip(rows[alive], y, strict=True)]
                 reason = _unusable(y, sp)
-                notes[name] = {"tiles": int(len(idx)), "emptied_by_masking": int((~alive).sum()),
+                notes[name] = {"tiles": len(rows), "emptied_by_masking": int((~alive).sum()),
                                **{f"{s}_tiles": int((sp == s).sum()) for s in ("train", "val", "test")},
                                "skipped": reason}
                 if reason:
                     log.warning("evaluate: task %s skipped: %s", name, reason)
-                    continue
+                else:
+                    probed[name] = (task, rows[alive], y, sp)
+            timing["loading"] = round(time.perf_counter() - clock, 2)
+            clock = time.perf_counter()
+            emb = _embed_region(tok, scan, {name: p[1] for name, p in probed.items()}, encoder, untrained,
+                                modalities, section, device, spill, vocab.vectors, pool)
+            timing["embedding"] = round(time.perf_counter() - clock, 2)
+            del vocab
+            _release()
+            n = tok.n
+            keys, values = scan.pairs.keys, scan.pairs.values
+            clock = time.perf_counter()
+            probes = []
+            for name, (task, rows, y, sp) in probed.items():
                 tr = np.flatnonzero(sp == "train")
-                feats = {"geojepa": emb(encoder, m_items)[0], "untrained": emb(untrained, m_items)[0],
-                         "tagpool": tag_pool(m_items), "bag_of_tags": bag_of_tags(m_tags, tr, section.bag_features)}
-                results += _score("masked", task, feats, y, sp, section, settings)
+                masked = emb.tasks[name]
+                feats = {"geojepa": masked["geojepa"], "untrained": masked["untrained"], "tagpool": masked["tagpool"],
+                         "bag_of_tags": bag_of_tags_counts(scan.bag, rows, keys, values, tr, section.bag_features,
+                                                           drop=scan.pairs.arrays()["defines"][tasks.index(task)])}
+                jobs = [("masked", feats, True)]
                 if section.unmasked:
-                    keep = idx[alive]
-                    results += _score("unmasked", task, {"geojepa": tiles_emb[keep],
-                                                         "tagpool": tag_pool([items[i] for i in keep])},
-                                      y, sp, section, settings, dummy=False)
-                log.info("evaluate: %s done (%d tiles)", name, len(y))
+                    jobs.append(("unmasked", {"geojepa": emb.tiles[rows], "tagpool": emb.tagpool[rows]}, False))
+                probes.append(Probes(task, jobs, y, sp))
+            results, timing["probes"] = _score(probes, section, settings, pool)
+            timing["probes_wall"] = round(time.perf_counter() - clock, 2)
+            del probes
 
             # Retrieval over the unmasked tiles.
-            hist = class_histograms(data["tags"])
-            n = len(items)
+            clock = time.perf_counter()
             agreement = {}
-            all_feats = {"geojepa": tiles_emb, "untrained": untrained_emb, "tagpool": tag_pool(items),
-                         "bag_of_tags": bag_of_tags(data["tags"], np.flatnonzero(split == "train"),
-                                                    section.bag_features)}
-            for model, x in all_feats.items():
+            all_feats = {"geojepa": emb.tiles, "untrained": emb.untrained, "tagpool": emb.tagpool,
+                         "bag_of_tags": bag_of_tags_counts(scan.bag, np.arange(n), keys, values,
+                                                           np.flatnonzero(split_of == "train"), section.bag_features)}
+            for name, x in all_feats.items():
                 if n > 1:
                     _, nn_idx = topk_cosine(x, x, section.k, exclude=np.arange(n), device=device)
-                    agreement[model] = neighbour_agreement(hist, nn_idx)
-            pictures = _pictures(tmp, data, tiles_emb, entity_emb, section, ckpt)
-            _write_embeddings(tmp / "embeddings.parquet", data, tiles_emb, entity_emb, f"geojepa:{ckpt.name}")
+                    agreement[name] = neighbour_agreement(scan.hist, nn_idx)
+            del all_feats
+            timing["retrieval"] = round(time.perf_counter() - clock, 2)
+            clock = time.perf_counter()
+            pictures = _pictures(tmp, paths, tok, scan, meta, emb, spill, section, ckpt)
+            _release()
+            timing["pictures"] = round(time.perf_counter() - clock, 2)
+            clock = time.perf_counter()
+            _write_embeddings(tmp / "embeddings.parquet", paths, tok, meta, emb, spill, f"geojepa:{ckpt.name}")
+            spill.unlink()
             write_table(pa.table({"task": [r[0] for r in label_rows], "tile_id": [r[1] for r in label_rows],
-                                  "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]}),
-                        tmp / "task_labels.parquet", TASK_LABELS)
+                                  "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]},
+                                 schema=TASK_LABELS.schema), tmp / "task_labels.parquet", TASK_LABELS)
             write_table(pa.Table.from_pylist(results, EVAL_RESULTS.schema), tmp / "results.parquet", EVAL_RESULTS)
+            timing["writing"] = round(time.perf_counter() - clock, 2)
             summary = {"checkpoint": str(ckpt), "region": w.name, "seen_in_training": seen, "role": role,
-                       "tokenizer_digest": region_digest, "tiles": n, "entities": int(sum(len(e) for e in entity_emb)),
+                       "tokenizer_digest": region_digest, "tiles": n, "entities": int(tok.ent_off[-1]),
                        "tasks": notes, "agreement": agreement, "pictures": pictures,
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                       "seconds": round(time.perf_counter() - t0, 1), "timing": timing}
             write_report(tmp / "report.md", results, summary, w.name)
             replace_folder(tmp, work_dir / EVAL_DIR)
         finally:
@@ -183,11 +257,20 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         run.metrics({_metric_name(r): r["mean"] for r in results if r["mean"] is not None})
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in agreement.items()})
+        run.metrics({f"seconds.{k}": v for k, v in _flat_timing(timing).items()})
         for f in ("report.md", "results.parquet", "task_labels.parquet", *pictures.values()):
             run.artifact(out / f, "eval")
         run.dict(summary, "eval_summary.json")
-    log.info("evaluate: %s written in %.1fs; report %s", out, summary["seconds"], out / "report.md")
+    log.info("evaluate: %s written in %.1fs (%s); report %s", out, summary["seconds"],
+             ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(timing).items()), out / "report.md")
     return life.publish([EVAL_DIR], summary)
+
+
+def _flat_timing(timing: dict) -> dict[str, float]:
+    out = {}
+    for k, v in timing.items():
+        out.update({f"{k}.{t}": s for t, s in v.items()} if isinstance(v, dict) else {k: v})
+    return out
 
 
 def _metric_name(r: dict) -> str:
@@ -204,109 +287,345 @@ def _unusable(y: np.ndarray, sp: np.ndarray) -> str | None:
     return None
 
 
-def _score(setting, task, feats, y, sp, section, settings, dummy=True) -> list[dict]:
-    tr, va, te = (np.flatnonzero(sp == s) for s in ("train", "val", "test"))
-    rows = []
-
-    def add(model, probe, runs):
-        for metric in runs[0]:
-            vals = [r[metric] for r in runs if r[metric] is not None]
-            rows.append({"setting": setting, "task": task.name, "model": model, "probe": probe, "metric": metric,
-                         "mean": float(np.mean(vals)) if vals else None,
-                         "std": float(np.std(vals)) if vals else None, "seeds": len(runs),
-                         "n_train": len(tr), "n_test": len(te)})
-
-    if dummy:
-        add("dummy", "median", [metrics(task.kind, y[te], np.full(len(te), np.median(y[tr])))])
-    for model, x in feats.items():
-        for probe in section.probes:
-            add(model, probe, [metrics(task.kind, y[te], fit_predict(probe, x[tr], y[tr], x[va], y[va], x[te],
-                                                                     seed, settings))
-                               for seed in range(section.seed, section.seed + section.seeds)])
-        knn = knn_regression_mae(x, y, tr, te, min(section.k, len(tr)))
-        rows.append({"setting": setting, "task": task.name, "model": model, "probe": "knn", "metric": "mae",
-                     "mean": knn, "std": 0.0, "seeds": 1, "n_train": len(tr), "n_test": len(te)})
-    return rows
+@dataclass
+class _Embedded:
+    tiles: np.ndarray  # (tiles, 2 x width), the trained encoder, unmasked
+    untrained: np.ndarray
+    tagpool: np.ndarray  # (tiles, tag_dim)
+    tasks: dict[str, dict[str, np.ndarray]]  # probed task -> geojepa | untrained | tagpool of its masked tiles
+    entity_mean: np.ndarray  # of the entity embeddings (in the spill file), and their first 3 principal axes
+    entity_axes: np.ndarray
 
 
-def _load(paths: dict, modalities: tuple[str, ...], encoder) -> dict:
-    """Token rows as items, with each tile's entities' tags, kinds, tile geometries, images and footprints."""
-    tok = read_table(paths["tokens"], TOKENS)
-    dims = WorkDir(Path(paths["tokens"]).parent).token_dims()
+def _check_widths(dims: dict[str, int], modalities: tuple[str, ...], encoder, paths: dict) -> None:
     for i, m in enumerate(("tags", "geometry", "image")):
         want = getattr(encoder.proj[i], "in_features", 0)
         if m in modalities and want != dims[m]:
             raise GeoJepaError(f"{paths['checkpoint']}: the encoder takes {m} tokens of width {want}, the shards in "
                                f"{paths['tokens']} hold width {dims[m]}; evaluate with the tokens it was trained on")
-    have = tuple(m for m in ("tags", "geometry", "image") if dims[m])
-    token_rows = TokenRows(tok, have)
-    items = [token_rows.item(i) for i in range(tok.num_rows)]
-    ids = tok["tile_id"].to_pylist()
-    rows = tok.select(["tile_id", "entity_id", "split"]).to_pylist()
-    te = read_table(paths["tile_entities"], TILE_ENTITIES, columns=["tile_id", "entity_id", "kind", "tags", "geometry"])
-    te = te.filter(pc.is_in(te["tile_id"], pa.array(sorted(set(ids)), pa.string())))
-    where = {(t, e): i for i, (t, e) in enumerate(zip(te["tile_id"].to_pylist(), te["entity_id"].to_pylist(),
-                                                      strict=True))}
-    te_tags, te_kind, te_geom = te["tags"].to_pylist(), te["kind"].to_pylist(), te["geometry"].to_pylist()
-    tags, kinds, geoms = [], [], []
-    for r in rows:
-        at = [where[(r["tile_id"], e)] for e in r["entity_id"]]
-        tags.append([list(te_tags[i]) for i in at])
-        kinds.append([te_kind[i] for i in at])
-        geoms.append([te_geom[i] for i in at])
-    v = read_table(paths["tag_vocab"], TAG_VOCAB)
-    vocab = Vocab(v["key"].to_pylist(), v["value"].to_pylist(), np.asarray(v["embedding"].to_pylist(), np.float32))
-    tiles = read_table(paths["tiles"], TILES, columns=["tile_id", "geometry", "bbox"])
-    pos = pc.index_in(pa.array(ids, pa.string()), tiles["tile_id"])
-    return {"items": items, "tile_ids": ids, "split": np.array([r["split"] for r in rows]), "tags": tags,
-            "kinds": kinds, "geometries": geoms, "entity_ids": [r["entity_id"] for r in rows], "vocab": vocab,
-            "footprint": tiles["geometry"].take(pos), "footprint_bbox": tiles["bbox"].take(pos),
-            "paths": paths}
 
 
-def _image(paths: dict, tile_id: str) -> np.ndarray | None:
-    t = read_table(paths["tile_images"], TILE_IMAGES, filters=pc.field("tile_id") == tile_id)
-    if not t.num_rows or t["pixels"][0].as_py() is None:
-        return None
-    r = t.slice(0, 1).to_pylist()[0]
-    return np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], len(r["bands"]))
+def _vocab(path: Path) -> Vocab:
+    v = read_table(path, TAG_VOCAB)
+    col = v["embedding"].combine_chunks()
+    offs = col.offsets.to_numpy()
+    values = col.values.to_numpy()[offs[0] : offs[-1]] if len(offs) else np.zeros(0, np.float32)
+    return Vocab(v["key"].to_pylist(), v["value"].to_pylist(),
+                 np.array(values, np.float32).reshape(v.num_rows, -1) if v.num_rows else np.zeros((0, 1), np.float32))
 
 
-def _pictures(out: Path, data: dict, tiles_emb, entity_emb, section, ckpt: Path) -> dict[str, str]:
+def _task_rows(task, raw: np.ndarray, tok, section) -> np.ndarray:
+    """The task's tiles (token order) after the zero-label subsampling."""
+    have = np.flatnonzero(~np.isnan(raw))
+    kept = subsample(task, dict(zip(tok.ids[have].tolist(), raw[have].tolist(), strict=True)),
+                     section.zero_keep_ratio, section.seed)
+    return np.array([i for i in have if tok.ids[i] in kept], np.int64)
+
+
+def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untrained, modalities, section, device,
+                  spill: Path, vectors: np.ndarray, pool: ThreadPoolExecutor) -> _Embedded:
+    """One pass over the token shards, ``embed_batch_tiles`` tiles at a time: the tiles' embeddings by both
+    encoders (side by side on ``pool``) and their TagPool vectors; each probed task's tiles (``task_rows``) in
+    the batch masked with its edits and embedded (a tile the masking leaves unchanged reuses its unmasked
+    vectors); the entity embeddings appended to ``spill`` (float32, token order) with the sums their principal
+    axes need. Image tokens are read only when the model takes them."""
+    width, n = encoder.width, tok.n
+    have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and (m == "tags" or m in modalities))
+    columns = ["entity_position", "patch_position", *(TokenRows.COLUMNS[m] for m in have)]
+    tag_dim = tok.dims["tags"] or 1
+    tiles, untr, pooled = (np.zeros((n, 2 * width), np.float32), np.zeros((n, 2 * width), np.float32),
+                           np.zeros((n, tag_dim), np.float32))
+    where, feats = {}, {}
+    for name, rows in task_rows.items():
+        where[name] = np.full(n, -1, np.int64)
+        where[name][rows] = np.arange(len(rows))
+        feats[name] = {"geojepa": np.zeros((len(rows), 2 * width), np.float32),
+                       "untrained": np.zeros((len(rows), 2 * width), np.float32),
+                       "tagpool": np.zeros((len(rows), tag_dim), np.float32)}
+    groups: dict = {}
+    for name in task_rows:
+        groups.setdefault(scan.tasks[name].defines, []).append(name)
+    groups = list(groups.values())
+    s1, s2, count = np.zeros(width), np.zeros((width, width)), 0
+
+    def emb(enc, its):
+        return embed(enc, its, modalities, section.embed_batch_tiles, device=device)
+
+    def both(its):
+        """(trained, untrained) tile embeddings and the trained encoder's entity embeddings, side by side."""
+        trained, other = pool.submit(emb, encoder, its), pool.submit(emb, untrained, its)
+        (t, ents), (u, _) = trained.result(), other.result()
+        return t, u, ents
+
+    row = 0
+    lengths = tok.n_entities + (tok.n_patches if "image" in have else 0)
+    with open(spill, "wb") as out:
+        for k, shard in enumerate(tok.shards):
+            # Shards are sorted by length: batches of their longest tiles hold fewer of them (EMBED_TOKENS).
+            longest = int(lengths[tok.shard_start[k] : tok.shard_start[k + 1]].max(initial=1))
+            size = max(1, min(section.embed_batch_tiles, EMBED_TOKENS // max(longest, 1)))
+            # pre_buffer off: the column chunks are read a page at a time, not a whole shard's at once
+            for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(batch_size=size, columns=columns,
+                                                                              use_threads=False):
+                token_rows = TokenRows(pa.Table.from_batches([batch]), have)
+                items = [token_rows.item(i) for i in range(batch.num_rows)]
+                r = np.arange(row, row + len(items))
+                row += len(items)
+                tiles[r], untr[r], ents = both(items)
+                flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
+                out.write(np.ascontiguousarray(flat, np.float32).tobytes())
+                f64 = flat.astype(np.float64)
+                s1 += f64.sum(0)
+                s2 += f64.T @ f64
+                count += len(flat)
+                if tok.dims["tags"]:
+                    pooled[r] = tag_pool(items)
+                for names in groups:  # tasks masking the same tags share their masked tiles' vectors
+                    at = np.stack([where[name][r] for name in names])
+                    wanted = np.flatnonzero((at >= 0).any(0))
+                    if not len(wanted):
+                        continue
+                    ed = scan.edits[names[0]].range(tok.ent_off[r[0]], tok.ent_off[r[-1] + 1])
+                    new_vectors = kept_tag_vectors(vectors, ed.ptr, ed.rows) if "tags" in have else None
+                    owner, local = tok.owner(ed.pos)
+                    bounds = np.searchsorted(owner, r, side="left").tolist() + [len(owner)]
+                    vec = {"geojepa": tiles[r[wanted]], "untrained": untr[r[wanted]], "tagpool": pooled[r[wanted]]}
+                    changed, masked = [], []
+                    for w, k in enumerate(wanted):
+                        a, b = bounds[k : k + 2]
+                        if a < b:  # else unchanged by the masking: the unmasked vectors
+                            changed.append(w)
+                            masked.append(mask_item(items[k], local[a:b], ed.keep[a:b],
+                                                    None if new_vectors is None else new_vectors[a:b]))
+                    if masked:
+                        vec["geojepa"][changed], vec["untrained"][changed], _ = both(masked)
+                        if tok.dims["tags"]:
+                            vec["tagpool"][changed] = tag_pool(masked)
+                    for name, at_task in zip(names, at, strict=True):
+                        sel = at_task[wanted] >= 0
+                        for key, v in vec.items():
+                            feats[name][key][at_task[wanted][sel]] = v[sel]
+    mean = s1 / max(count, 1)
+    cov = s2 / max(count, 1) - np.outer(mean, mean)
+    axes = np.linalg.eigh(cov)[1][:, ::-1][:, :3] if count else np.zeros((width, 3))
+    return _Embedded(tiles, untr, pooled, feats, mean, axes)
+
+
+_INIT = threading.Lock()
+
+
+@dataclass
+class Probes:
+    """One task's probe work: ``jobs`` = [(setting, {model: features}, with Dummy)], labels and splits."""
+
+    task: object
+    jobs: list
+    y: np.ndarray
+    sp: np.ndarray
+
+    def split(self, s: str) -> np.ndarray:
+        return np.flatnonzero(self.sp == s)
+
+
+def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) -> tuple[list[dict], dict]:
+    """Every task's result rows, in the order the one-probe loop wrote them, and each task's probe time in
+    seconds of a core. Each (task, setting, probe kind, feature width) is one stacked fit over its feature
+    sets and seeds (the features standardised once, for both kinds); the fits of every task run side by side
+    on ``pool``, largest first, the largest split by seeds into one fit per thread (members are independent:
+    the same results) so no thread waits alone at the end."""
+    seeds = list(range(section.seed, section.seed + section.seeds))
+    fits, std = [], {}
+    for t, pr in enumerate(probes):
+        tr = pr.split("train")
+        for setting, feats, _ in pr.jobs:
+            groups: dict[int, list[str]] = {}
+            for model, x in feats.items():
+                std[t, setting, model] = standardise(x, tr)
+                groups.setdefault(x.shape[1], []).append(model)
+            for probe in section.probes:
+                for dim, models in groups.items():
+                    cost = len(tr) * dim * len(models) * (section.hidden if probe == "mlp" else 1)
+                    fits.append([cost, t, setting, probe, tuple(models), seeds])
+    total, workers = sum(f[0] for f in fits), _workers()
+    parts = []
+    for f in fits:
+        n = min(workers, len(seeds)) if workers > 1 and f[0] > total / (2 * workers) else 1
+        chunks = np.array_split(np.array(seeds), n)
+        parts += [[f[0] * len(c) / len(seeds), *f[1:5], c.tolist()] for c in chunks]
+    parts.sort(key=lambda f: -f[0])
+    preds, seconds, lock = {}, np.zeros(len(probes)), threading.Lock()
+
+    def fit(f):
+        t0 = time.perf_counter()
+        _, t, setting, probe, models, chunk = f
+        pr = probes[t]
+        p = fit_predict_seeds(probe, [std[t, setting, m] for m in models], pr.y, pr.split("train"), pr.split("val"),
+                              pr.split("test"), chunk, settings, init_lock=_INIT)
+        with lock:
+            for m, pm in zip(models, p, strict=True):
+                for seed, ps in zip(chunk, pm, strict=True):
+                    preds[t, setting, m, probe, seed] = ps
+            seconds[t] += time.perf_counter() - t0
+
+    list(pool.map(fit, parts))
+
+    rows = []
+    for t, pr in enumerate(probes):
+        task, y = pr.task, pr.y
+        tr, te = pr.split("train"), pr.split("test")
+
+        def add(setting, model, probe, runs, task=task, tr=tr, te=te):
+            for metric in runs[0]:
+                vals = [r[metric] for r in runs if r[metric] is not None]
+                rows.append({"setting": setting, "task": task.name, "model": model, "probe": probe, "metric": metric,
+                             "mean": float(np.mean(vals)) if vals else None,
+                             "std": float(np.std(vals)) if vals else None, "seeds": len(runs),
+                             "n_train": len(tr), "n_test": len(te)})
+
+        t0 = time.perf_counter()
+        for setting, feats, dummy in pr.jobs:
+            if dummy:
+                add(setting, "dummy", "median", [metrics(task.kind, y[te], np.full(len(te), np.median(y[tr])))])
+            for model, x in feats.items():
+                for probe in section.probes:
+                    add(setting, model, probe, [metrics(task.kind, y[te], preds[t, setting, model, probe, seed])
+                                                for seed in seeds])
+                knn = knn_regression_mae(x, y, tr, te, min(section.k, len(tr)))
+                rows.append({"setting": setting, "task": task.name, "model": model, "probe": "knn", "metric": "mae",
+                             "mean": knn, "std": 0.0, "seeds": 1, "n_train": len(tr), "n_test": len(te)})
+        seconds[t] += time.perf_counter() - t0
+        log.info("evaluate: %s probed (%d tiles; %.1f s of a core)", task.name, len(y), seconds[t])
+    return rows, {pr.task.name: round(float(seconds[t]), 2) for t, pr in enumerate(probes)}
+
+
+def _release() -> None:
+    """Hand memory Arrow freed back to the system (its allocator keeps it for reuse otherwise)."""
+    pa.default_memory_pool().release_unused()
+
+
+def _workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Torch ops on ``n`` threads inside the block. The evaluation's matrices are small: its parallelism is
+    separate work on separate threads (``_pool``), each op on one thread; two threads per op contend with
+    each other and with the other threads (about 10 x slower on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A thread per core, each running torch ops on one thread (the setting is per thread)."""
+    return ThreadPoolExecutor(_workers(), initializer=torch.set_num_threads, initargs=(1,))
+
+
+def _drawings(paths: dict, tok, tiles: list[int]) -> dict[int, dict]:
+    """For a few tiles (indices): their entities' tile-coordinate geometries and tag classes in token order, and
+    their image, read by one streaming filtered scan of each artifact (a few rows in memory at a time)."""
+    ids = sorted({tok.ids[i] for i in tiles})
+    te = _rows_of(paths["tile_entities"], TILE_ENTITIES, ids, ["tile_id", "entity_id", "tags", "geometry"])
+    te = te.sort_by([("tile_id", "ascending"), ("entity_id", "ascending")])
+    out = {i: {"geometries": [], "classes": [], "image": None} for i in tiles}
+    by_id: dict[str, dict] = {tok.ids[i]: out[i] for i in tiles}
+    for t, tags, g in zip(te["tile_id"].to_pylist(), te["tags"].to_pylist(), te["geometry"].to_pylist(),
+                          strict=True):
+        by_id[t]["geometries"].append(g)
+        by_id[t]["classes"].append(class_of(tags))
+    images = _rows_of(paths["tile_images"], TILE_IMAGES, ids, TILE_IMAGES.schema.names)
+    for r in images.to_pylist():
+        if r["pixels"] is not None:
+            by_id[r["tile_id"]]["image"] = np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"],
+                                                                                       len(r["bands"]))
+    return out
+
+
+def _rows_of(path: Path, contract, ids: list[str], columns: list[str]) -> pa.Table:
+    """The rows of these tiles, scanned a small batch at a time without read-ahead."""
+    import pyarrow.dataset as ds
+
+    open_artifact(path, contract)
+    scan = ds.dataset(path, format="parquet").scanner(columns=columns, filter=pc.field("tile_id").isin(ids),
+                                                      batch_size=64, batch_readahead=0, fragment_readahead=0)
+    return pa.Table.from_batches(list(scan.to_batches()), schema=scan.projected_schema)
+
+
+def _spill_chunks(spill: Path, width: int, rows: int = 1 << 16):
+    """(first row, rows) of the spilled entity embeddings, a chunk at a time (one buffer, reused)."""
+    buf = np.empty((rows, width), np.float32)
+    with open(spill, "rb") as f:
+        start = 0
+        while n := f.readinto(memoryview(buf).cast("B")) // (4 * width):
+            yield start, buf[:n]
+            start += n
+
+
+def _spill_rows(spill: Path, width: int, at: np.ndarray) -> np.ndarray:
+    if not len(at):
+        return np.zeros((0, width), np.float32)
+    m = np.memmap(spill, np.float32, "r", shape=(os.path.getsize(spill) // (4 * width), width))
+    try:
+        return np.array(m[at])
+    finally:
+        del m
+
+
+def _pictures(out: Path, paths: dict, tok, scan, meta: pa.Table, emb: _Embedded, spill: Path, section,
+              ckpt: Path) -> dict[str, str]:
     """Galleries, the embedding map, the PCA region map and training curves; returns name -> file."""
     made = {}
     rng = np.random.default_rng(section.seed)
-    ids, n = data["tile_ids"], len(data["tile_ids"])
-    classes = [[class_of(t) for t in tile] for tile in data["tags"]]
+    ids, n, width = tok.ids, tok.n, emb.entity_mean.shape[0]
+    n_flat = int(tok.ent_off[-1])
     if section.gallery_queries and n > 1:
         queries = rng.choice(n, min(section.gallery_queries, n), replace=False)
-        sims, nn = topk_cosine(tiles_emb[queries], tiles_emb, section.gallery_k, exclude=queries)
-        rows = [[(ids[q], 1.0, _tile_kwargs(data, q, classes))]
-                + [(ids[j], s, _tile_kwargs(data, j, classes)) for s, j in zip(ss, jj, strict=True)]
+        sims, nn = topk_cosine(emb.tiles[queries], emb.tiles, section.gallery_k, exclude=queries)
+        entity_rows = None
+        if n_flat > section.gallery_k + 1:
+            qs = rng.choice(n_flat, min(section.gallery_queries, n_flat), replace=False)
+            e_sims, e_nn = topk_cosine_chunks(_spill_rows(spill, width, qs), _spill_chunks(spill, width),
+                                              section.gallery_k * 4, exclude=qs)
+            entity_rows = (qs, e_sims, e_nn)
+        need = [*queries.tolist(), *nn.ravel().tolist()]
+        if entity_rows is not None:
+            need += tok.owner(np.concatenate([qs, e_nn.ravel()]))[0].tolist()
+        draw = _drawings(paths, tok, need)
+
+        def cell(i, highlight=None):
+            return {**draw[int(i)], "highlight": highlight}
+
+        rows = [[(ids[q], 1.0, cell(q))] + [(ids[j], s, cell(j)) for s, j in zip(ss, jj, strict=True)]
                 for q, ss, jj in zip(queries, sims, nn, strict=True)]
         figures.gallery(out / "gallery_tiles.png", out / "gallery_tiles.html", "nearest tiles (cosine)", rows)
         made |= {"gallery_tiles": "gallery_tiles.png", "gallery_tiles_html": "gallery_tiles.html"}
-        owner = np.concatenate([np.full(len(e), i) for i, e in enumerate(entity_emb)])
-        local = np.concatenate([np.arange(len(e)) for e in entity_emb])
-        flat = np.concatenate(entity_emb)
-        eid = [e for tile in data["entity_ids"] for e in tile]
-        if len(flat) > section.gallery_k + 1:
-            qs = rng.choice(len(flat), min(section.gallery_queries, len(flat)), replace=False)
-            sims, nn = topk_cosine(flat[qs], flat, section.gallery_k * 4, exclude=qs)
+        if entity_rows is not None:
+            flat = np.unique(np.concatenate([qs, e_nn.ravel()]))
+            owner, local = tok.owner(flat)
+            at = {int(f): (int(o), int(lo), tok.entity_ids[int(f)].as_py()) for f, o, lo in zip(flat, owner, local,
+                                                                                                 strict=True)}
             rows = []
-            for q, ss, jj in zip(qs, sims, nn, strict=True):
-                picked = [(s, j) for s, j in zip(ss, jj, strict=True) if eid[j] != eid[q]][: section.gallery_k]
-                rows.append([(eid[q], 1.0, _tile_kwargs(data, owner[q], classes, local[q]))]
-                            + [(eid[j], s, _tile_kwargs(data, owner[j], classes, local[j])) for s, j in picked])
+            for q, ss, jj in zip(qs, e_sims, e_nn, strict=True):
+                oq, lq, eq = at[int(q)]
+                picked = [(s, at[int(j)]) for s, j in zip(ss, jj, strict=True) if at[int(j)][2] != eq]
+                rows.append([(eq, 1.0, cell(oq, lq))] + [(e, s, cell(o, lo)) for s, (o, lo, e) in
+                                                          picked[: section.gallery_k]])
             figures.gallery(out / "gallery_entities.png", out / "gallery_entities.html",
                             "nearest entities (cosine; the entity in colour, its tile grey)", rows)
             made |= {"gallery_entities": "gallery_entities.png", "gallery_entities_html": "gallery_entities.html"}
-    colour = np.log1p([sum(t.get("building", "no") != "no" for t in map(dict, tile)) for tile in data["tags"]])
     if n >= 3:
-        method = figures.embedding_map(tiles_emb, colour, "log(1 + buildings)", out / "embedding_map.png",
-                                       section.map, section.seed)
+        method = figures.embedding_map(emb.tiles, np.log1p(scan.buildings), "log(1 + buildings)",
+                                       out / "embedding_map.png", section.map, section.seed)
         made[f"embedding_map_{method}"] = "embedding_map.png"
-        figures.region_map(data["footprint"].to_pylist(), tiles_emb, out / "region_pca.png",
+        figures.region_map(meta["geometry"].to_numpy(zero_copy_only=False), emb.tiles, out / "region_pca.png",
                            "tiles coloured by the first 3 principal components of their embedding")
         made["region_pca"] = "region_pca.png"
     history = ckpt.parent / "history.json"
@@ -315,30 +634,31 @@ def _pictures(out: Path, data: dict, tiles_emb, entity_emb, section, ckpt: Path)
     return made
 
 
-def _tile_kwargs(data: dict, i: int, classes, highlight: int | None = None) -> dict:
-    return {"geometries": data["geometries"][i], "classes": classes[i], "image": _image(data["paths"], data["tile_ids"][i]),
-            "highlight": highlight}
+def _vectors(x: np.ndarray) -> pa.Array:
+    offsets = np.arange(len(x) + 1, dtype=np.int64) * x.shape[1]
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(x.astype(np.float32).ravel()))
 
 
-def _write_embeddings(path: Path, data: dict, tiles_emb: np.ndarray, entity_emb: list[np.ndarray], model: str) -> None:
-    ids, n = data["tile_ids"], len(data["tile_ids"])
-    flat = np.concatenate(entity_emb) if entity_emb else np.zeros((0, 1), np.float32)
-    eids = [e for tile in data["entity_ids"] for e in tile]
-    owner = np.concatenate([np.full(len(e), i) for i, e in enumerate(entity_emb)]).astype(int)
-    ents = read_table(data["paths"]["entities"], ENTITIES, columns=["entity_id", "geometry", "bbox"])
-    pos = pc.index_in(pa.array(eids, pa.string()), ents["entity_id"])
-    pcs = np.concatenate([figures.pca(tiles_emb, 3), figures.pca(flat, 3) if len(flat) else np.zeros((0, 3))])
+def _write_embeddings(path: Path, paths: dict, tok, meta: pa.Table, emb: _Embedded, spill: Path, model: str) -> None:
+    """Tile rows (footprints), then each entity piece's row, a ``tile_entities`` shard at a time: its embedding
+    (from the spill file), and its own geometry, the piece in its tile, in EPSG:4326."""
+    width = emb.entity_mean.shape[0]
+    n = tok.n
+    with ArtifactWriter(path, EMBEDDINGS) as out:
+        out.write(pa.table({
+            "level": pa.array(["tile"] * n, pa.string()), "tile_id": pa.array(list(tok.ids), pa.string()),
+            "entity_id": pa.nulls(n, pa.string()), "split": pa.array(list(tok.split), pa.string()),
+            "embedding": _vectors(emb.tiles), "pc": _pcs(figures.pca(emb.tiles, 3)), "model": pa.array([model] * n),
+            "geometry": meta["geometry"].combine_chunks(), "bbox": meta["bbox"].combine_chunks()}))
+        for t, tiles, pos in entity_batches(paths["tile_entities"], TILE_ENTITIES, ["geometry"], tok):
+            x = _spill_rows(spill, width, pos)
+            geometry, bbox = pieces_lonlat(t["geometry"].combine_chunks(), tiles, meta)
+            out.write(pa.table({
+                "level": pa.array(["entity"] * len(pos), pa.string()), "tile_id": t["tile_id"],
+                "entity_id": t["entity_id"], "split": pa.array(tok.split[tiles].tolist(), pa.string()),
+                "embedding": _vectors(x), "pc": _pcs((x - emb.entity_mean) @ emb.entity_axes),
+                "model": pa.array([model] * len(pos)), "geometry": geometry, "bbox": bbox}))
 
-    def vectors(x: np.ndarray) -> pa.Array:
-        offsets = np.arange(len(x) + 1, dtype=np.int32) * x.shape[1]
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.astype(np.float32).ravel()))
 
-    table = pa.table({
-        "level": ["tile"] * n + ["entity"] * len(eids), "tile_id": ids + [ids[i] for i in owner],
-        "entity_id": [None] * n + eids, "split": list(data["split"]) + [data["split"][i] for i in owner],
-        "embedding": pa.concat_arrays([vectors(tiles_emb), vectors(flat)]),
-        "pc": pa.FixedSizeListArray.from_arrays(pa.array(pcs.astype(np.float32).ravel()), 3), "model": [model] * (n + len(eids)),
-        "geometry": pa.concat_arrays([data["footprint"].combine_chunks(), ents["geometry"].take(pos).combine_chunks()]),
-        "bbox": pa.concat_arrays([data["footprint_bbox"].combine_chunks(), ents["bbox"].take(pos).combine_chunks()]),
-    })
-    write_table(table, path, EMBEDDINGS)
+def _pcs(x: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(x, np.float32).ravel()), 3)
