@@ -142,7 +142,7 @@ class _Hashing:
         return np.array([np.random.default_rng(abs(hash(t)) % 2**32).random(8) for t in texts], np.float32)
 
 
-def test_vocabulary_resumes_after_an_interruption(tmp_path, cfg, monkeypatch):
+def test_vocabulary_resumes_after_an_interruption(tmp_path, cfg, monkeypatch, caplog):
     tags = [[("amenity", "cafe"), ("building", "yes")], [("shop", "bakery"), ("name", "X")], [("highway", "primary")]]
     path = tmp_path / "vocab.parquet"
     monkeypatch.setattr("geojepa.tokens.stage.open_embedder", lambda name: _Hashing(fail_after=1))
@@ -152,7 +152,9 @@ def test_vocabulary_resumes_after_an_interruption(tmp_path, cfg, monkeypatch):
     assert saved == 3  # the first request's entries survived
     done = _Hashing()
     monkeypatch.setattr("geojepa.tokens.stage.open_embedder", lambda name: done)
-    vocab, embedded = build_vocab(path, tags, cfg.tokens)
+    with caplog.at_level("INFO", logger="geojepa"):
+        vocab, embedded = build_vocab(path, tags, cfg.tokens)
+    assert f"vocabulary {embedded}/{embedded} texts embedded" in caplog.text  # progress, request by request
     assert embedded == len(vocab.index) - saved and done.calls == -(-embedded // 3)
     assert build_vocab(path, tags, cfg.tokens)[1] == 0
 

@@ -204,6 +204,8 @@ def _run(encoder: ShapeEncoder, heads: Heads, data: Graphs, desc: torch.Tensor, 
             opt.step()
             total += loss.item() * len(idx)
         curve.append((epoch, total / len(train_idx), evaluate(encoder, heads, data, desc, occ, val_idx, batch_size)))
+        log.info("shape encoder: %s epoch %d/%d, train loss %.4f, val loss %.4f",
+                 "encoder" if train_encoder else "heads", epoch + 1, epochs, curve[-1][1], curve[-1][2])
     return curve[-1][2], curve
 
 

@@ -75,6 +75,7 @@ def build_vocab(path: Path, tag_lists: list, cfg: TokensConfig, run=None) -> tup
         keys += [k for k, _ in chunk]
         values += [v for _, v in chunk]
         done += len(chunk)
+        log.info("tokens: vocabulary %d/%d texts embedded", done, len(missing))
         write_table(pa.table({
             "key": pa.array(keys, pa.string()), "value": pa.array(values, pa.string()),
             "text": pa.array([entry_text(k, v) for k, v in zip(keys, values, strict=True)], pa.string()),
