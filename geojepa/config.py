@@ -239,20 +239,26 @@ def _source(loc: tuple, path: Path, overrides: dict[tuple[str, ...], str]) -> st
     return str(path)
 
 
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping; errors name the file (``what``: "config", "corpus")."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise GeoJepaError(f"{path}: {what} file not found") from None
+    except yaml.YAMLError as e:
+        raise GeoJepaError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise GeoJepaError(f"{path}: expected {expected}")
+    return tree
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML, apply ``key.path=value`` overrides (values parsed as YAML), validate.
 
     Errors name where the bad value came from: ``--set key=value`` for an override, else the file.
     """
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise GeoJepaError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise GeoJepaError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise GeoJepaError(f"{path}: expected a mapping of sections at top level")
+    tree = read_yaml_mapping(path, "config", "a mapping of sections at top level")
     applied: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -21,9 +21,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from geojepa.config import read_yaml_mapping
 from geojepa.errors import GeoJepaError
 from geojepa.workdir import WorkDir
 
@@ -95,14 +95,7 @@ class Corpus(BaseModel):
 def load_corpus(path: Path | str) -> Corpus:
     """Read and check a corpus file: every error names the file (and the region)."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GeoJepaError(f"{path}: corpus file not found") from None
-    except yaml.YAMLError as e:
-        raise GeoJepaError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise GeoJepaError(f"{path}: expected a mapping with 'name' and 'regions'")
+    tree = read_yaml_mapping(path, "corpus", "a mapping with 'name' and 'regions'")
     try:
         corpus = Corpus.model_validate({**tree, "path": path.resolve()})
     except ValidationError as e:
