@@ -18,10 +18,12 @@ CLASSES = ("building", "highway", "railway", "amenity", "shop", "leisure", "land
 
 @torch.no_grad()
 def topk_cosine(queries: np.ndarray, gallery: np.ndarray, k: int, exclude: np.ndarray | None = None,
-                chunk: int = 4096, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                chunk: int | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(similarities, gallery indices) of each query's ``k`` nearest gallery rows, best first.
-    ``exclude[i]``: a gallery row query i may not return (itself), -1 for none."""
+    ``exclude[i]``: a gallery row query i may not return (itself), -1 for none. ``chunk``: queries scored at
+    a time (default: as many as keep one chunk's scores to 128 MB, at most 4,096)."""
     g = torch.as_tensor(gallery, dtype=torch.float32, device=device)  # no copy of a float32 array on the CPU
+    chunk = chunk or max(1, min(4096, (1 << 25) // max(len(g), 1)))
     inv_norm = 1 / g.norm(dim=1).clamp_min(1e-12)  # scale the scores instead of copying a normalised gallery
     k = min(k, len(g) - (exclude is not None))
     sims, idx = [], []
