@@ -5,6 +5,12 @@ child), each run in its own child process: wall time, its split, peak RSS (wait4
     python bench/evaluate.py kotka                    # old and new on the Kotka sample; results compared
     python bench/evaluate.py synth --km2 100 1000     # synthetic regions (new path; --old adds the old one)
     python bench/evaluate.py W [W ...] [--old]        # prepared work directories (e.g. /tmp/iow, see README)
+    python bench/evaluate.py probes W [--task building_count]   # the probe phase alone, old loop vs stacked
+
+`probes` takes an evaluated W (its eval/embeddings.parquet tile embeddings and eval/task_labels.parquet) and
+fits the probes of one feature set (the unmasked tile embeddings) for every seed and both kinds, in one
+process: the old way (one `fit_predict` per seed, torch's default threads, as the old path ran them; and the
+same on one thread) and the stacked way (`fit_predict_seeds`, one thread per fit, fits side by side).
 
 Regions named `kotka` or `synth` are prepared under bench/.data/ (extract, tile, tokens and a model trained
 with configs/demo.yaml; synthetic ones without imagery) the first time. Both paths run with the default
@@ -18,6 +24,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT, run_child, synth_pbf  # noqa: E402
@@ -123,12 +131,67 @@ def compare(old: dict, new: dict) -> dict:
     return {"rows": len(rows), "identical": same, "max_z_probes": round(worst, 2)}
 
 
+PROBES = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, pyarrow.compute as pc, pyarrow.parquet as pq, torch
+from geojepa.evaluate.probe import ProbeSettings, fit_predict, fit_predict_seeds, metrics, standardise
+w, task = sys.argv[1], sys.argv[2]
+emb = pq.read_table(f"{w}/eval/embeddings.parquet", columns=["level", "tile_id", "embedding"],
+                    filters=pc.field("level") == "tile")
+x_all = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+at = {t: i for i, t in enumerate(emb["tile_id"].to_pylist())}
+lab = pq.read_table(f"{w}/eval/task_labels.parquet").filter(pc.field("task") == task).to_pylist()
+x = x_all[[at[r["tile_id"]] for r in lab]]
+y = np.array([r["label"] for r in lab])
+sp = np.array([r["split"] for r in lab])
+tr, va, te = (np.flatnonzero(sp == s) for s in ("train", "val", "test"))
+s, seeds, out = ProbeSettings(), list(range(5)), {"tiles": len(y), "train": len(tr)}
+kind_ = "count"
+for name, threads in (("per-seed loop, default threads", torch.get_num_threads()), ("per-seed loop, 1 thread", 1)):
+    torch.set_num_threads(threads)
+    t0, maes = time.perf_counter(), {}
+    for kind in ("linear", "mlp"):
+        maes[kind] = [metrics(kind_, y[te], fit_predict(kind, x[tr], y[tr], x[va], y[va], x[te], seed, s))["mae"]
+                      for seed in seeds]
+    out[name] = {"seconds": time.perf_counter() - t0, "mae": maes}
+torch.set_num_threads(1)
+t0 = time.perf_counter()
+xs = standardise(x, tr)
+with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    preds = dict(zip(("linear", "mlp"), pool.map(lambda k: fit_predict_seeds(k, [xs], y, tr, va, te, seeds, s)[0],
+                                                 ("linear", "mlp"))))
+out["stacked"] = {"seconds": time.perf_counter() - t0,
+                  "mae": {k: [metrics(kind_, y[te], p)["mae"] for p in v] for k, v in preds.items()}}
+print(json.dumps(out))
+"""
+
+
+def probes(w: Path, task: str) -> dict:
+    r = run_child(PROBES, w, task)
+    print(f"probes of {task} on {w} ({r['tiles']:,} tiles, {r['train']:,} train; unmasked tile embeddings; "
+          "5 seeds x linear + MLP):")
+    for name in ("per-seed loop, default threads", "per-seed loop, 1 thread", "stacked"):
+        m = r[name]["mae"]
+        print(f"  {name:32s} {r[name]['seconds']:7.1f} s   test MAE linear "
+              f"{np.mean(m['linear']):.3f} ± {np.std(m['linear']):.3f}, MLP {np.mean(m['mlp']):.3f} ± "
+              f"{np.std(m['mlp']):.3f}")
+    base = r["stacked"]["seconds"]
+    print(f"  ratio per-seed (default threads) / stacked: x{r['per-seed loop, default threads']['seconds'] / base:.2f}; "
+          f"per-seed (1 thread) / stacked: x{r['per-seed loop, 1 thread']['seconds'] / base:.2f}")
+    return r
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("regions", nargs="+", help="kotka, synth, or work directories")
     p.add_argument("--km2", type=float, nargs="+", default=[100, 1000])
     p.add_argument("--old", action="store_true", help="also run the old path (kotka: always)")
+    p.add_argument("--task", default="building_count", help="probes: the task")
     a = p.parse_args()
+    if a.regions[0] == "probes":
+        print(json.dumps({str(w): probes(Path(w), a.task) for w in a.regions[1:]}))
+        return
     print(f"machine: {len(__import__('os').sched_getaffinity(0))} cores; python {sys.version.split()[0]}; "
           f"old path: geojepa/evaluate at {OLD[:7]}")
     out = {}

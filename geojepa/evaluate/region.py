@@ -197,6 +197,8 @@ def entity_batches(path: Path, contract, columns: list[str], tok: TokenIndex) ->
             raise GeoJepaError(f"{path}: tile {tok.ids[tiles[i]]}'s entities differ from its token row in "
                                f"{tok.shards[0].parent}; re-run `geojepa tokens` on the region")
         yield t, tiles, pos
+        del t
+        release()
 
 
 def scan_entities(path: Path, tok: TokenIndex, tasks: list[Task], vocab: Vocab) -> RegionScan:
@@ -285,6 +287,7 @@ def scan_entities(path: Path, tok: TokenIndex, tasks: list[Task], vocab: Vocab) 
                       {name: _edits(parts) for name, parts in edits.items()}, {t.name: t for t in tasks})
 
 
+
 def _edits(parts: list) -> Edits:
     if not parts:
         z = np.zeros(0, np.int64)
@@ -296,6 +299,29 @@ def _edits(parts: list) -> Edits:
     ptr = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
     gather = np.repeat(start[order] - ptr[:-1], count) + np.arange(ptr[-1])
     return Edits(pos[order], keep[order], ptr, rows[gather])
+
+
+def release() -> None:
+    """Hand freed memory back to the system: Arrow's pool keeps it for reuse, and glibc's heap keeps the freed
+    blocks of the embedding batches' tensors (of every size up to tens of MB), so without this the resident
+    size creeps up batch after batch (2.9 GB instead of 1.7 GB after the 9,000 tiles of a 1,000 km2 city)."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def tiles_meta(path: Path, tok: TokenIndex) -> pa.Table:

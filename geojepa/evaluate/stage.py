@@ -89,6 +89,7 @@ from geojepa.evaluate.probe import (
 from geojepa.evaluate.region import (
     entity_batches,
     pieces_lonlat,
+    release,
     scan_entities,
     tiles_meta,
     token_index,
@@ -101,7 +102,7 @@ from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
-EMBED_TOKENS = 16_384  # entity (and image) tokens read and embedded at a time, at most (one tile at least)
+EMBED_TOKENS = 8_192  # entity (and image) tokens read and embedded at a time, at most (one tile at least)
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -178,7 +179,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             vocab = _vocab(paths["tag_vocab"])
             scan = scan_entities(paths["tile_entities"], tok, tasks, vocab)
             meta = tiles_meta(paths["tiles"], tok)
-            _release()
+            release()
             split_of = tok.split.astype(str)
             label_rows, results, notes, probed = [], [], {}, {}
             for task in tasks:  # which tiles each task has once masked, and whether it can be probed
@@ -202,7 +203,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                                 modalities, section, device, spill, vocab.vectors, pool)
             timing["embedding"] = round(time.perf_counter() - clock, 2)
             del vocab
-            _release()
+            release()
             n = tok.n
             keys, values = scan.pairs.keys, scan.pairs.values
             clock = time.perf_counter()
@@ -235,7 +236,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             timing["retrieval"] = round(time.perf_counter() - clock, 2)
             clock = time.perf_counter()
             pictures = _pictures(tmp, paths, tok, scan, meta, emb, spill, section, ckpt)
-            _release()
+            release()
             timing["pictures"] = round(time.perf_counter() - clock, 2)
             clock = time.perf_counter()
             _write_embeddings(tmp / "embeddings.parquet", paths, tok, meta, emb, spill, f"geojepa:{ckpt.name}")
@@ -405,6 +406,7 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untraine
                         sel = at_task[wanted] >= 0
                         for key, v in vec.items():
                             feats[name][key][at_task[wanted][sel]] = v[sel]
+                release()
     mean = s1 / max(count, 1)
     cov = s2 / max(count, 1) - np.outer(mean, mean)
     axes = np.linalg.eigh(cov)[1][:, ::-1][:, :3] if count else np.zeros((width, 3))
@@ -498,9 +500,6 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
     return rows, {pr.task.name: round(float(seconds[t]), 2) for t, pr in enumerate(probes)}
 
 
-def _release() -> None:
-    """Hand memory Arrow freed back to the system (its allocator keeps it for reuse otherwise)."""
-    pa.default_memory_pool().release_unused()
 
 
 def _workers() -> int:
