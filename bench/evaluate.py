@@ -6,6 +6,7 @@ child), each run in its own child process: wall time, its split, peak RSS (wait4
     python bench/evaluate.py synth --km2 100 1000     # synthetic regions (new path; --old adds the old one)
     python bench/evaluate.py W [W ...] [--old]        # prepared work directories (e.g. /tmp/iow, see README)
     python bench/evaluate.py probes W [--task building_count]   # the probe phase alone, old loop vs stacked
+    ... --set evaluate.seeds=1 --set evaluate.max_epochs=1      # config overrides for both paths
 
 `probes` takes an evaluated W (its eval/embeddings.parquet tile embeddings and eval/task_labels.parquet) and
 fits the probes of one feature set (the unmasked tile embeddings) for every seed and both kinds, in one
@@ -71,7 +72,7 @@ if which == "old":
 from data_contracts import EVAL_RESULTS, read_table
 from geojepa.config import load_config
 from geojepa.evaluate import evaluate
-cfg = load_config(None, ["tracking.enabled=false"])
+cfg = load_config(None, ["tracking.enabled=false", *[o for o in sys.argv[5].split(";") if o]])
 s = evaluate(w, cfg, force=True)
 if which == "new":
     timing = {k: v for k, v in s["timing"].items() if k != "probes"} | {f"probes.{t}": v for t, v in
@@ -100,8 +101,8 @@ def prepare(name: str, pbf: Path, imagery: bool) -> Path:
     return w
 
 
-def run(w: Path, which: str) -> dict:
-    r = run_child(CHILD, w, which, OLD, ",".join(OLD_MODULES))
+def run(w: Path, which: str, overrides: list[str] = ()) -> dict:
+    r = run_child(CHILD, w, which, OLD, ",".join(OLD_MODULES), ";".join(overrides))
     split = ", ".join(f"{k} {v:.1f}" for k, v in r["timing"].items())
     print(f"  {which}: {r['seconds']:7.1f} s wall, peak {r['peak_rss_mb']:7,.0f} MB   ({split})", flush=True)
     return r
@@ -188,6 +189,8 @@ def main() -> None:
     p.add_argument("--km2", type=float, nargs="+", default=[100, 1000])
     p.add_argument("--old", action="store_true", help="also run the old path (kotka: always)")
     p.add_argument("--task", default="building_count", help="probes: the task")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="a config override for both paths, e.g. evaluate.seeds=1 (repeatable)")
     a = p.parse_args()
     if a.regions[0] == "probes":
         print(json.dumps({str(w): probes(Path(w), a.task) for w in a.regions[1:]}))
@@ -206,12 +209,12 @@ def main() -> None:
             targets.append((Path(r).name, Path(r), a.old))
     for name, w, with_old in targets:
         print(f"{name} ({w}):", flush=True)
-        new = run(w, "new")
+        new = run(w, "new", a.overrides)
         print(f"  {new['tiles']:,} tiles, {new['entities']:,} entity pieces; tasks: "
               + ", ".join(f"{t} {s}" for t, s in new["tasks"].items()))
         res = {"new": {k: new[k] for k in ("seconds", "peak_rss_mb", "timing")}}
         if with_old:
-            old = run(w, "old")
+            old = run(w, "old", a.overrides)
             res["old"] = {k: old[k] for k in ("seconds", "peak_rss_mb", "timing")}
             res["ratio_time"] = round(old["seconds"] / new["seconds"], 2)
             res["ratio_peak"] = round(old["peak_rss_mb"] / new["peak_rss_mb"], 2)

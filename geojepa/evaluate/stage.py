@@ -468,6 +468,7 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
                 for seed, ps in zip(chunk, pm, strict=True):
                     preds[t, setting, m, probe, seed] = ps
             seconds[t] += time.perf_counter() - t0
+        release()  # each thread's heap keeps the fit's freed tensors otherwise
 
     list(pool.map(fit, parts))
 
