@@ -102,9 +102,10 @@ class MaskSettings(Section):
     p_random: float = Field(0.25, ge=0, le=1)
     random_ratio: float = Field(0.45, gt=0, lt=1)
     random_min_context: float = Field(0.10, gt=0, lt=1)
-    area_ratio: float = Field(0.35, gt=0, lt=1)
+    block_area: float = Field(0.25, gt=0, lt=1)  # share of the tile each area block covers
     area_aspect: tuple[float, float] = (0.5, 2.0)
     area_min_context: float = Field(0.15, gt=0, lt=1)
+    target_box: bool = False  # the predictor is told each target's rotated box, or (False) only its centre
 
 
 class TrainConfig(Section):

@@ -43,7 +43,7 @@ def test_strategies_follow_their_definitions():
         elif m.kind == "random":
             assert len(targets) == 450
         else:
-            assert 0.08 < len(targets) / n < 0.40  # 4 blocks of 8.75% of the area each, which may overlap
+            assert 0.25 <= len(targets) / n <= 0.85  # 4 blocks of 25% of the area each (overlapping), 15% context
     # chances: modality 0.2; of the rest, random 0.25 and area 0.75
     assert 0.13 < kinds["modality"] / 400 < 0.27
     assert 0.12 < kinds["random"] / 400 < 0.28
@@ -52,3 +52,33 @@ def test_strategies_follow_their_definitions():
 def test_tiny_tiles_are_refused():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         make_mask(np.zeros((1, 2)), np.zeros(1, int), np.random.default_rng(0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(entities=st.integers(1, 600), seed=st.integers(0, 2**31 - 1), patches=st.integers(0, 30))
+def test_whole_entities_are_masked_together(entities, seed, patches):
+    """An entity's tags and geometry tokens (one position) are both context or both targets, except when one
+    modality is the context (the cross-modal strategy); image patches are their own entities."""
+    rng = np.random.default_rng(seed)
+    centres = np.concatenate([np.tile(rng.random((entities, 2)), (2, 1)), rng.random((patches, 2))])
+    modality = np.repeat([0, 1, 2], [entities, entities, patches])
+    entity = np.concatenate([np.arange(entities), np.arange(entities), entities + np.arange(patches)])
+    cfg = MaskConfig()
+    m = make_mask(centres, modality, rng, cfg, entity)
+    targets = np.unique(np.concatenate(m.targets))
+    assert len(m.context) and len(targets) and not set(m.context.tolist()) & set(targets.tolist())
+    assert len(m.context) + len(targets) == len(centres)
+    if m.kind != "modality":
+        role = np.zeros(len(centres), bool)
+        role[targets] = True
+        assert (role[:entities] == role[entities : 2 * entities]).all()
+        for block in m.targets:  # and in the same blocks
+            inside = np.zeros(len(centres), bool)
+            inside[block] = True
+            assert (inside[:entities] == inside[entities : 2 * entities]).all()
+
+
+def test_a_single_entity_is_masked_across_modalities():
+    rng = np.random.default_rng(0)
+    m = make_mask(np.full((2, 2), 0.5), np.array([0, 1]), rng, MaskConfig(), np.array([0, 0]))
+    assert m.kind == "modality" and len(m.context) == 1 and len(np.concatenate(m.targets)) == 1

@@ -339,3 +339,56 @@ def test_at_initialisation_the_modality_does_not_drown_the_content(w):
     between = sum(((b.modality == m).sum() * ((out[b.modality == m].mean(0) - out.mean(0)) ** 2).sum())
                   for m in b.modality.unique())
     assert float(between / total) < 0.5
+
+
+def test_targets_carry_their_centre_only_unless_asked_for_their_box(w):
+    """A target's rotated box gives away its size and shape: by default the predictor is told its centre."""
+    from geojepa.train.masks import MaskConfig
+
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    items = [data[i] for i in range(6)]
+    for box in (False, True):
+        b = Collator(("tags", "geometry"), data.dims, seed=0, masks=MaskConfig(target_box=box))(items)
+        src = b.pos[b.pred_src]
+        tgt, ctx = b.pred_pos[b.pred_is_target], b.pred_pos[~b.pred_is_target]
+        torch.testing.assert_close(ctx, src[~b.pred_is_target])  # the context keeps its boxes
+        centre = src[b.pred_is_target].view(-1, 4, 2).mean(1)
+        if box:
+            torch.testing.assert_close(tgt, src[b.pred_is_target])
+        else:
+            torch.testing.assert_close(tgt.view(-1, 4, 2), centre[:, None].expand(-1, 4, 2))
+            assert not torch.allclose(tgt, src[b.pred_is_target])
+
+
+def test_vicreg_is_not_met_for_free_by_a_layernorm_scale_when_tiles_collapse(w):
+    """Identical tiles (a collapse of tiles onto one another; only their masks differ) keep the variance term
+    high under a LayerNorm scale of 10; on the context tokens (before) that scale zeroed it (0.000)."""
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    torch.manual_seed(0)
+    model = GeoJEPA(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4,
+                                mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
+    with torch.no_grad():
+        model.encoder.norm.weight.mul_(10)
+    same = [data[0]] * 8
+    out = model(Collator(("tags", "geometry"), data.dims, seed=0)(same))
+    assert out["var"] > 0.3  # the tile-mean half of the hinge near its maximum (1)
+
+
+def test_the_collapse_monitor_reads_validation_tiles_and_sees_a_collapse(w):
+    from geojepa.train.train import CollapseMonitor
+
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    torch.manual_seed(0)
+    model = GeoJEPA(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4,
+                                mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
+    monitor = CollapseMonitor([w / "tokens"], ("tags", "geometry"), "cpu", n=64)
+    assert len(monitor.items) == min(64, len(ShardDataset(w / "tokens", "val", ("tags", "geometry"))))
+    healthy = monitor(model)
+    assert set(healthy) == {f"val.{k}.{e}" for k in ("erank", "mean_cos") for e in ("target", "context")}
+    assert healthy["val.erank.target"] > 2
+    with torch.no_grad():  # a collapsed target: every token the same output
+        model.target_encoder.norm.weight.zero_()
+        model.target_encoder.norm.bias.copy_(torch.linspace(-1, 1, 32))
+    collapsed = monitor(model)
+    assert collapsed["val.mean_cos.target"] > 0.999 and healthy["val.mean_cos.target"] < 0.99
+    assert collapsed["val.mean_cos.context"] == pytest.approx(healthy["val.mean_cos.context"])

@@ -54,7 +54,7 @@ def embed(encoder: Encoder, items: list[dict], modalities: tuple[str, ...], batc
         mx = torch.full((b.n_tiles, width), -torch.inf, device=device).scatter_reduce(0, idx, out, "amax")
         tiles[chunk] = torch.cat([mean, mx], 1).cpu().numpy()
         out = out.cpu().numpy()
-        for i, (first, _, _) in zip(chunk, spans, strict=True):
+        for i, (first, *_) in zip(chunk, spans, strict=True):
             n = len(items[i]["epos"])
             blocks = [m for m in modalities if m in ENTITY_MODALITIES]
             if blocks:

@@ -50,6 +50,7 @@ class TokenBatch:
     pred_is_target: torch.Tensor  # (Q,) bool
     pred_doc: torch.Tensor  # (Q,) (tile, block) document of each predictor token
     n_pred_docs: int
+    pred_pos: torch.Tensor | None = None  # (Q, 8) their positions (a target's centre only, unless masks.target_box)
     pad_to_max: bool = False
 
     def to(self, device) -> TokenBatch:
@@ -109,7 +110,8 @@ class Predictor(nn.Module):
         rank = torch.full((b.n_tokens,), -1, dtype=torch.long, device=b.doc.device)
         rank[b.context] = torch.arange(len(b.context), device=b.doc.device)
         src = b.pred_src
-        x = self.pos(b.pos[src]) + self.modality(b.modality[src])
+        pos = b.pos[src] if b.pred_pos is None else b.pred_pos
+        x = self.pos(pos) + self.modality(b.modality[src])
         ctx = ~b.pred_is_target
         x[ctx] = x[ctx] + self.inp(context_out[rank[src[ctx]]]).to(x.dtype)
         x[b.pred_is_target] = x[b.pred_is_target] + self.mask_token.to(x.dtype)
@@ -128,6 +130,30 @@ def vicreg_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cov = (z.T @ z) / max(len(z) - 1, 1)
     off = cov - torch.diag(torch.diag(cov))
     return var, off.pow(2).sum() / z.shape[1]
+
+
+def collapse_stats(z: torch.Tensor) -> dict[str, float]:
+    """Collapse detectors over a set of embeddings (rows): effective rank (exp of the entropy of the centred
+    singular values' shares; 1 = all on one axis) and mean pairwise cosine (1 = all the same direction)."""
+    z = z.float()
+    if not bool(torch.isfinite(z).all()):
+        return {"erank": float("nan"), "mean_cos": float("nan")}
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    u = F.normalize(z, dim=1)
+    n = len(u)
+    cos = float(((u.sum(0) @ u.sum(0)) - n) / max(n * (n - 1), 1))
+    return {"erank": erank, "mean_cos": cos}
+
+
+@torch.no_grad()
+def tile_means(encoder: Encoder, b: TokenBatch) -> torch.Tensor:
+    """(tiles, width) mean of the encoder's layer-normed outputs over each tile's tokens (all of them)."""
+    out = encoder(encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max)).float()
+    out = F.layer_norm(out, (out.shape[-1],))
+    count = torch.bincount(b.doc, minlength=b.n_tiles).clamp_min(1).unsqueeze(1)
+    return torch.zeros(b.n_tiles, out.shape[1], device=out.device).index_add_(0, b.doc, out) / count
 
 
 class GeoJEPA(nn.Module):
@@ -149,10 +175,18 @@ class GeoJEPA(nn.Module):
         context_out = self.encoder(x, Packing(b.doc[b.context], b.n_tiles, b.pad_to_max))
         pred = self.predictor(context_out, b)
         jepa = F.smooth_l1_loss(pred.float(), target[b.pred_src[b.pred_is_target]].float(), beta=1.0)
-        var, cov = vicreg_terms(context_out)
+        # VICReg where collapse would hurt: the predictions (as the reference) and the tiles' mean context
+        # embeddings (what a tile embedding is made of). Not on the context tokens themselves: after a LayerNorm
+        # with a learned scale, the variance hinge is met for free (per-dimension std 1.00 while the loss rose).
+        tile = torch.zeros(b.n_tiles, context_out.shape[1], device=pred.device, dtype=torch.float32)
+        doc = b.doc[b.context]
+        tile = tile.index_add_(0, doc, context_out.float()) / torch.bincount(doc, minlength=b.n_tiles).clamp_min(1)[:, None]
+        var_p, cov_p = vicreg_terms(pred)
+        var_t, cov_t = vicreg_terms(tile)
+        var, cov = (var_p + var_t) / 2, (cov_p + cov_t) / 2
         loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
         return {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
-                "std": context_out.detach().float().std(0).mean()}
+                "std": pred.detach().float().std(0).mean(), "tile_std": tile.detach().std(0).mean()}
 
     def compile_blocks(self) -> GeoJEPA:
         """torch.compile every transformer block in place (dynamic shapes: one compilation serves every packed

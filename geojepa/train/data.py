@@ -158,9 +158,9 @@ class Collator:
         packed = pack(items, self.modalities)
         context, pred_src, pred_target, pred_doc = [], [], [], []
         n_pred = 0
-        for start, tok_mod, tok_pos in packed.pop("tiles"):
+        for start, tok_mod, tok_pos, tok_ent in packed.pop("tiles"):
             n = len(tok_mod)
-            mask = make_mask(tok_pos.reshape(n, 4, 2).mean(1), tok_mod, rng, self.masks)
+            mask = make_mask(tok_pos.reshape(n, 4, 2).mean(1), tok_mod, rng, self.masks, tok_ent)
             context.append(start + mask.context)
             for block in mask.targets:  # one predictor document per (tile, block): the context, then the block
                 pred_src += [start + mask.context, start + block]
@@ -168,36 +168,40 @@ class Collator:
                 pred_doc.append(np.full(len(mask.context) + len(block), n_pred))
                 n_pred += 1
         cat = np.concatenate
-        return TokenBatch(**packed, context=torch.from_numpy(cat(context)).long(),
-                          pred_src=torch.from_numpy(cat(pred_src)).long(),
-                          pred_is_target=torch.from_numpy(cat(pred_target)),
+        pred_src, pred_target = torch.from_numpy(cat(pred_src)).long(), torch.from_numpy(cat(pred_target))
+        pred_pos = packed["pos"][pred_src]
+        if not self.masks.target_box:  # a target's position is its centre only: not its size, shape or heading
+            pred_pos[pred_target] = pred_pos[pred_target].view(-1, 4, 2).mean(1).repeat(1, 4)
+        return TokenBatch(**packed, context=torch.from_numpy(cat(context)).long(), pred_src=pred_src,
+                          pred_pos=pred_pos, pred_is_target=pred_target,
                           pred_doc=torch.from_numpy(cat(pred_doc)).long(), n_pred_docs=n_pred,
                           pad_to_max=self.pad_to_max)
 
 
 def pack(items: list[dict], modalities: tuple[str, ...]) -> dict:
     """The tiles' tokens in one sequence: per tile, its tags tokens, then geometry, then image (the order the
-    encoder's outputs come back in). Returns TokenBatch fields plus ``tiles``: (first token, modality, positions)
-    per tile."""
+    encoder's outputs come back in). Returns TokenBatch fields plus ``tiles``: (first token, modality, positions,
+    entity) per tile, where an entity's tags and geometry tokens share its index and each image patch is its own."""
     feats = {m: [] for m in modalities}
     rows = {m: 0 for m in modalities}
     modality, slot, pos, doc, tiles = [], [], [], [], []
     offset = 0
     for t, it in enumerate(items):
-        tok_mod, tok_slot, tok_pos = [], [], []
+        tok_mod, tok_slot, tok_pos, tok_ent = [], [], [], []
         for m in modalities:
             x = it[m]
             feats[m].append(x)
             tok_mod.append(np.full(len(x), MODALITIES[m]))
             tok_slot.append(rows[m] + np.arange(len(x)))
             tok_pos.append(it["ppos"] if m == "image" else it["epos"])
+            tok_ent.append(np.arange(len(x)) + (len(it["epos"]) if m == "image" else 0))
             rows[m] += len(x)
-        tok_mod, tok_slot, tok_pos = map(np.concatenate, (tok_mod, tok_slot, tok_pos))
+        tok_mod, tok_slot, tok_pos, tok_ent = map(np.concatenate, (tok_mod, tok_slot, tok_pos, tok_ent))
         modality.append(tok_mod)
         slot.append(tok_slot)
         pos.append(tok_pos)
         doc.append(np.full(len(tok_mod), t))
-        tiles.append((offset, tok_mod, tok_pos))
+        tiles.append((offset, tok_mod, tok_pos, tok_ent))
         offset += len(tok_mod)
     cat = np.concatenate
     return {"features": {MODALITIES[m]: torch.from_numpy(cat(feats[m]).astype(np.float32)) for m in modalities},

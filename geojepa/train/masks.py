@@ -2,16 +2,22 @@
 
 Three strategies, mixed by chance (the reference's settings are the defaults):
 - modality (chance 0.2 when a tile has several modalities): one modality is
-  context, the others are targets;
-- random (otherwise, chance 0.25): 45% of the tokens are targets, dealt into
+  context, the others are targets (cross-modal prediction, by design);
+- random (otherwise, chance 0.25): 45% of the entities are targets, dealt into
   the target blocks; at least 10% stay context;
-- area (otherwise): ``blocks`` rectangles of ``area`` / ``blocks`` of the tile
-  each, aspect 0.5 to 2, at random places; tokens whose position centre falls in
-  a rectangle are its targets; at least 15% stay context.
+- area (otherwise): ``blocks`` rectangles of ``block_area`` of the tile each
+  (the reference's 25%), aspect 0.5 to 2, at random places; entities whose
+  position centre falls in a rectangle are its targets; at least 15% stay
+  context.
+
+Random and area masks take whole entities (``entity``: the tokens of one
+entity, its tags and geometry tokens, share an id): an entity's tag token as
+context would give away its geometry token as a target, at the same position.
 
 Invariants for every tile of 2 or more tokens: context and targets are
 non-empty and disjoint, and the minimum context share holds (targets are
-dropped at random until it does).
+given back at random until it does); outside the modality strategy no entity
+is split between context and targets (when a tile has 2 or more entities).
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ class MaskConfig:
     p_random: float = 0.25
     random_ratio: float = 0.45
     random_min_context: float = 0.10
-    area_ratio: float = 0.35
+    block_area: float = 0.25
     area_aspect: tuple[float, float] = (0.5, 2.0)
     area_min_context: float = 0.15
+    target_box: bool = False  # the predictor is told a target's rotated box (True) or only its centre
 
 
 @dataclass
@@ -40,18 +47,33 @@ class Mask:
     kind: str
 
 
-def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generator, cfg: MaskConfig = MaskConfig()) -> Mask:
-    """A mask for one tile; ``centres`` (n, 2) token position centres in [0, 1], ``modality`` (n,)."""
+def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generator, cfg: MaskConfig = MaskConfig(),
+              entity: np.ndarray | None = None) -> Mask:
+    """A mask for one tile; ``centres`` (n, 2) token position centres in [0, 1], ``modality`` (n,), ``entity``
+    (n,) the entity of each token (None: every token its own)."""
     n = len(centres)
     if n < 2:
         raise ValueError(f"a tile needs at least 2 tokens to mask, got {n}")
     modalities = np.unique(modality)
     u = rng.random()
+    if entity is not None:
+        ids, first, inverse = np.unique(entity, return_index=True, return_inverse=True)
+        if len(ids) < 2 and len(modalities) > 1:
+            u = 0.0  # one entity: only the modality strategy can mask it
+        elif len(ids) < n:
+            if len(modalities) > 1 and u < cfg.p_modality:
+                return _by_modality(modality, rng, cfg)
+            # Mask the entities (one point each, at its tokens' centre), then give each token its entity's role.
+            m = make_mask(centres[first], modality[first], rng, MaskConfig(**{**vars(cfg), "p_modality": 0.0}))
+            order = np.argsort(inverse, kind="stable")
+            bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
+
+            def tokens(groups: np.ndarray) -> np.ndarray:
+                return np.sort(np.concatenate([order[bounds[g] : bounds[g + 1]] for g in groups]))
+
+            return Mask(tokens(m.context), [tokens(b) for b in m.targets], m.kind)
     if len(modalities) > 1 and u < cfg.p_modality:
-        keep = rng.choice(modalities)
-        is_target = modality != keep
-        blocks = _deal(np.flatnonzero(is_target), cfg.blocks, rng)
-        return _finish(is_target, blocks, 0.0, rng, "modality")
+        return _by_modality(modality, rng, cfg)
     if rng.random() < cfg.p_random:
         k = max(1, int(round(cfg.random_ratio * n)))
         chosen = rng.choice(n, size=k, replace=False)
@@ -60,7 +82,7 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
         return _finish(is_target, _deal(chosen, cfg.blocks, rng), cfg.random_min_context, rng, "random")
     blocks = []
     for _ in range(cfg.blocks):
-        area = cfg.area_ratio / cfg.blocks
+        area = cfg.block_area
         aspect = np.exp(rng.uniform(np.log(cfg.area_aspect[0]), np.log(cfg.area_aspect[1])))
         w, h = min(np.sqrt(area * aspect), 1.0), min(np.sqrt(area / aspect), 1.0)
         x0, y0 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
@@ -72,6 +94,12 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
     for b in blocks:
         is_target[b] = True
     return _finish(is_target, blocks, cfg.area_min_context, rng, "area")
+
+
+def _by_modality(modality: np.ndarray, rng: np.random.Generator, cfg: MaskConfig) -> Mask:
+    keep = rng.choice(np.unique(modality))
+    is_target = modality != keep
+    return _finish(is_target, _deal(np.flatnonzero(is_target), cfg.blocks, rng), 0.0, rng, "modality")
 
 
 def _deal(indices: np.ndarray, blocks: int, rng: np.random.Generator) -> list[np.ndarray]:

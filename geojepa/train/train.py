@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from geojepa.model.jepa import GeoJEPA, ModelConfig, load_checkpoint
-from geojepa.train.data import Collator, MixedBatches, ShardDataset, region_quotas
+from geojepa.model.jepa import GeoJEPA, ModelConfig, TokenBatch, collapse_stats, load_checkpoint, tile_means
+from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.masks import MaskConfig
 from geojepa.workdir import WorkDir, checkpoints_in
 
@@ -90,6 +90,39 @@ def load_last_good(folder: Path, device="cpu") -> dict:
         log.info("resuming from %s", path)
         return state
     raise ValueError(f"{folder}: no checkpoint there loads; start afresh without --resume")
+
+
+class CollapseMonitor:
+    """Tile-level collapse detectors on up to ``n`` validation tiles of the regions (those with val shards):
+    effective rank and mean pairwise cosine of the tiles' mean embeddings, by the target and the context
+    encoder. Token-level statistics miss a collapse of tiles onto one another."""
+
+    def __init__(self, folders: list[Path], modalities: tuple[str, ...], device, n: int = 256, seed: int = 0):
+        have = [f for f in folders if any(f.glob("val-*.parquet"))]
+        self.items, self.modalities, self.device = [], modalities, device
+        if have:
+            val = ShardDataset(have, "val", modalities)
+            pick = np.random.default_rng(seed).permutation(len(val))[:n]
+            self.items = [val[int(i)] for i in np.sort(pick)]
+
+    def __call__(self, model: GeoJEPA, batch_tiles: int = 64) -> dict[str, float]:
+        if len(self.items) < 3:
+            return {}
+        out = {}
+        empty = torch.zeros(0, dtype=torch.long)
+        for name, enc in (("target", model.target_encoder), ("context", model.encoder)):
+            was = enc.training
+            enc.eval()
+            z = []
+            for i in range(0, len(self.items), batch_tiles):
+                packed = pack(self.items[i : i + batch_tiles], self.modalities)
+                packed.pop("tiles")
+                b = TokenBatch(**packed, context=empty, pred_src=empty, pred_is_target=empty.bool(), pred_doc=empty,
+                               n_pred_docs=0).to(self.device)
+                z.append(tile_means(enc, b))
+            enc.train(was)
+            out.update({f"val.{k}.{name}": v for k, v in collapse_stats(torch.cat(z)).items()})
+        return out
 
 
 def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, cfg: dict) -> Path:
@@ -177,6 +210,13 @@ def train(cfg: dict) -> dict:
     # DDP syncs the trained parameters (the target encoder has no gradients; its EMA update is the same on all ranks).
     forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     tracker = _tracker(cfg, rank)
+    monitor = CollapseMonitor([WorkDir(w).tokens for w in cfg["data"]], modalities, device,
+                              seed=cfg["seed"]) if rank == 0 else None
+    if monitor and step == 0:
+        at_start = monitor(model)
+        log.info("before training: %s", ", ".join(f"{k} {v:.3f}" for k, v in at_start.items()))
+        if tracker and at_start:
+            tracker.log_metrics(at_start, step=0)
     history: list[dict] = []
     if step and (ckpt_dir / "history.json").exists():
         history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
@@ -239,6 +279,11 @@ def train(cfg: dict) -> dict:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
             if rank == 0 and (step % cfg["checkpoint_every"] == 0 or step == total or stop):
+                if stats := monitor(model):
+                    record.update(stats)
+                    log.info("step %d validation tiles: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+                    if tracker:
+                        tracker.log_metrics(stats, step=step)
                 _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, cfg["keep_last"], cfg)
             if stop:
                 total = step
