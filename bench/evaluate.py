@@ -69,7 +69,7 @@ if which == "old":
     stage._score = timed("probes", stage._score, per_task=True)
     stage._pictures = timed("pictures", stage._pictures)
     stage._write_embeddings = timed("writing", stage._write_embeddings)
-from data_contracts import EVAL_RESULTS, read_table
+import pyarrow.parquet as pq
 from geojepa.config import load_config
 from geojepa.evaluate import evaluate
 cfg = load_config(None, ["tracking.enabled=false", *[o for o in sys.argv[5].split(";") if o]])
@@ -77,7 +77,7 @@ s = evaluate(w, cfg, force=True)
 if which == "new":
     timing = {k: v for k, v in s["timing"].items() if k != "probes"} | {f"probes.{t}": v for t, v in
                                                                           s["timing"]["probes"].items()}
-rows = read_table(w / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
+rows = pq.read_table(w / "eval" / "results.parquet").to_pylist()  # either contract version (old path: v1)
 print(json.dumps({"total_s": s["seconds"], "timing": {k: round(v, 2) for k, v in timing.items()}, "results": rows,
                   "tiles": s["tiles"], "entities": s["entities"],
                   "tasks": {t: n["skipped"] or "probed" for t, n in s["tasks"].items()}}))

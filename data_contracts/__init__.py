@@ -21,6 +21,7 @@ from data_contracts.schemas import (
     EMBEDDINGS,
     ENTITIES,
     EVAL_RESULTS,
+    PREDICTIONS,
     TAG_VOCAB,
     TASK_LABELS,
     TILE_ENTITIES,
@@ -31,7 +32,7 @@ from data_contracts.schemas import (
 )
 
 __all__ = [
-    "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
+    "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "PREDICTIONS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
     "replace_folder", "schema_diff", "sweep", "write_table",
 ]

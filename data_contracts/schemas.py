@@ -183,12 +183,13 @@ TASK_LABELS = Contract(
 
 EVAL_RESULTS = Contract(
     name="eval_results",
-    version=1,
+    version=2,
     schema=pa.schema(
         [
             pa.field("setting", pa.string(), nullable=False),  # masked (label tags removed) | unmasked
             pa.field("task", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),  # geojepa | untrained | tagpool | bag_of_tags | dummy
+            # geojepa (the EMA target encoder) | geojepa_context | untrained | tagpool | bag_of_tags | dummy
+            pa.field("model", pa.string(), nullable=False),
             pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median | knn
             pa.field("metric", pa.string(), nullable=False),  # mae | r2 | accuracy | roc_auc
             pa.field("mean", pa.float64()),  # over seeds; null when undefined (e.g. one class in test)
@@ -196,28 +197,55 @@ EVAL_RESULTS = Contract(
             pa.field("seeds", pa.int32(), nullable=False),
             pa.field("n_train", pa.int32(), nullable=False),
             pa.field("n_test", pa.int32(), nullable=False),
+            pa.field("val_mean", pa.float64()),  # the same metric on the validation split (model choice; null: none)
         ]
     ),
-    doc="W/eval/results.parquet: one row per (setting, task, model, probe, metric), test split.",
+    doc="W/eval/results.parquet: one row per (setting, task, model, probe, metric), test split (val_mean: val).",
+)
+
+PREDICTIONS = Contract(
+    name="predictions",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("setting", pa.string(), nullable=False),
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median (Dummy)
+            pa.field("split", pa.string(), nullable=False),  # val | test
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("label", pa.float64(), nullable=False),
+            pa.field("pred", pa.list_(pa.float32()), nullable=False),  # one per probe seed
+        ]
+    ),
+    doc="W/eval/predictions.parquet: each probe's prediction of every val and test tile, per seed: the "
+    "uncertainty over test tiles (bootstrap) and model choice on validation are computed from it.",
 )
 
 CORPUS_RESULTS = Contract(
     name="corpus_results",
-    version=1,
+    version=2,
     schema=pa.schema(
         [
-            pa.field("group", pa.string(), nullable=False),  # all | trained (regions the model saw) | holdout
+            pa.field("region", pa.string(), nullable=False),  # a region's name, or pooled: all | trained | holdout
+            pa.field("setting", pa.string(), nullable=False),  # masked | unmasked
             pa.field("task", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),
-            pa.field("probe", pa.string(), nullable=False),  # mlp | median (Dummy)
-            pa.field("mae", pa.float64(), nullable=False),  # over the union of the group's test tiles
-            pa.field("std", pa.float64(), nullable=False),  # the regions' seed spreads, combined
+            pa.field("model", pa.string(), nullable=False),  # as in EVAL_RESULTS
+            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median (Dummy)
+            pa.field("metric", pa.string(), nullable=False),  # mae
+            pa.field("mean", pa.float64(), nullable=False),  # over the (union of the) test tiles, mean over seeds
+            pa.field("std", pa.float64(), nullable=False),  # over probe seeds
+            pa.field("seeds", pa.int32(), nullable=False),
             pa.field("n_test", pa.int64(), nullable=False),
+            pa.field("val_mean", pa.float64()),  # the same on the validation tiles
+            pa.field("ci_low", pa.float64(), nullable=False),  # 95% bootstrap interval over test tiles
+            pa.field("ci_high", pa.float64(), nullable=False),
             pa.field("regions", pa.int64(), nullable=False),
         ]
     ),
-    doc="OUT/corpus_results.parquet: masked test MAE pooled over a corpus's regions, by group, task and model.",
+    doc="OUT/corpus_results.parquet: test MAE per region and pooled (all, trained, holdout), by setting, task, "
+    "model and probe, with seed spread and a bootstrap interval over test tiles.",
 )
 
 ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS,
-                           EVAL_RESULTS, CORPUS_RESULTS)}
+                           EVAL_RESULTS, PREDICTIONS, CORPUS_RESULTS)}

@@ -180,6 +180,29 @@ def evaluate(
     _run(call)
 
 
+@app.command("export-model")
+def export_model(
+    model: Annotated[str, typer.Argument(help="a checkpoint or a model folder (OUT of geojepa train)")],
+    out: Annotated[Path, typer.Argument(help="the folder to write (new)")],
+    tokenizer: Annotated[Path, typer.Option(help="the tokenizer folder T the model was trained with")],
+    vocab_for: Annotated[list[Path] | None, typer.Option(help="keep only the vocabulary entries these regions need "
+                                                              "(repeatable; default: all)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A model folder to ship: the trained encoders (no optimizer state) and the frozen tokenizer."""
+    from geojepa.evaluate.model import resolve_model
+    from geojepa.export import export_model as run_export
+
+    def call():
+        cfg = _setup(config, set_, verbose)
+        return run_export(resolve_model(model, cfg, Path(out).parent), tokenizer, out, vocab_for or [],
+                          cfg.tokens.max_values_per_key)
+
+    _run(call)
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],

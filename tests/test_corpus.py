@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from data_contracts import TAG_VOCAB, TOKENS, read_table
 from geojepa.corpus import load_corpus, mark_region
@@ -220,3 +222,85 @@ def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
                               "tracking.enabled=false"])
     assert out.exit_code == 1 and f"{a / 'tiles.parquet'}: missing" in out.output
     assert not (tmp_path / "T").exists() and not (tmp_path / "out").exists()
+
+
+def _fake_region(root, name, seen, n_test, rng, noise):
+    """A region's eval/predictions.parquet and evaluate manifest: geojepa's errors scaled by noise['geojepa'],
+    etc.; the context encoder is worse on test but better on validation."""
+    from data_contracts import PREDICTIONS, write_table
+
+    w = WorkDir(root / name)
+    w.eval.mkdir(parents=True)
+    w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
+    w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen, "tasks": {
+        "building_count": {"test_tiles": n_test, "skipped": None}}}}))
+    cols = {f.name: [] for f in PREDICTIONS.schema}
+    y = {s: rng.integers(0, 50, n).astype(float) for s, n in (("val", 10), ("test", n_test))}
+    for model, probe in (("geojepa", "mlp"), ("geojepa_context", "mlp"), ("untrained", "mlp"), ("tagpool", "mlp"),
+                         ("dummy", "median")):
+        for split, labels in y.items():
+            scale = noise[model] * (0.5 if (model == "geojepa_context" and split == "val") else 1.0)
+            pred = labels[:, None] + rng.normal(0, scale, (len(labels), 3))
+            for i, (lab, p) in enumerate(zip(labels, pred, strict=True)):
+                for col, v in (("setting", "masked"), ("task", "building_count"), ("model", model), ("probe", probe),
+                               ("split", split), ("tile_id", f"{name}/{split}/{i}"), ("label", lab),
+                               ("pred", p.tolist())):
+                    cols[col].append(v)
+    write_table(pa.table(cols, schema=PREDICTIONS.schema), w.eval / "predictions.parquet", PREDICTIONS)
+    return w
+
+
+def test_corpus_report_pools_test_tiles_with_a_paired_bootstrap_and_chooses_the_encoder_on_validation(tmp_path):
+    from data_contracts import CORPUS_RESULTS, PREDICTIONS, read_table
+    from geojepa.evaluate.corpus import corpus_report
+
+    rng = np.random.default_rng(0)
+    noise = {"geojepa": 1.0, "geojepa_context": 1.6, "untrained": 8.0, "tagpool": 1.02, "dummy": 20.0}
+    regions = [_fake_region(tmp_path, "a", True, 300, rng, noise), _fake_region(tmp_path, "b", True, 40, rng, noise),
+               _fake_region(tmp_path, "h", False, 200, rng, noise)]
+    metrics = corpus_report(regions, tmp_path / "model", "fake")
+    rows = read_table(tmp_path / "model" / "corpus_results.parquet", CORPUS_RESULTS).to_pylist()
+    get = {(r["region"], r["model"]): r for r in rows}
+    # pooled = MAE over the union of the test tiles, mean over seeds
+    preds = [read_table(w.eval / "predictions.parquet", PREDICTIONS).to_pandas() for w in regions[:2]]
+    union = [p[(p.model == "geojepa") & (p.split == "test")] for p in preds]
+    err = np.concatenate([np.abs(np.stack(u.pred.to_numpy()) - u.label.to_numpy()[:, None]) for u in union])
+    assert get["trained", "geojepa"]["mean"] == pytest.approx(err.mean())
+    assert get["trained", "geojepa"]["n_test"] == 340 and get["all", "geojepa"]["regions"] == 3
+    for r in rows:
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+    width = {n: get[n, "geojepa"]["ci_high"] - get[n, "geojepa"]["ci_low"] for n in ("a", "b")}
+    assert width["b"] > width["a"]  # 40 test tiles leave a wider interval than 300
+    # the context encoder is better on validation (chosen), though worse on test: the choice never looks at test
+    report = json.loads((tmp_path / "model" / "corpus_comparisons.json").read_text())
+    assert report["chosen_encoder"] == {"building_count": "geojepa_context"}
+    verdict = {(c["group"], c["baseline"]): c for c in report["comparisons"]}
+    assert verdict["all", "untrained"]["better"] and verdict["holdout", "dummy"]["better"]
+    assert not verdict["all", "tagpool"]["better"] and verdict["all", "tagpool"]["worse"]  # context 1.6 vs 1.02
+    assert metrics["corpus.all.masked.building_count.geojepa_vs_untrained.mae_gain_ci_low"] > 0
+    assert "| building_count | holdout (1) | geojepa_context |" in (tmp_path / "model" / "corpus_report.md").read_text()
+
+
+def test_an_exported_model_folder_evaluates_like_its_checkpoint_and_keeps_the_tokenizer(corpus, tmp_path):
+    """export-model: the encoders without optimizer state, the tokenizer with the vocabulary the listed regions
+    need; `evaluate --model FOLDER` resolves it, and its encoders equal the checkpoint's."""
+    from geojepa.export import export_model
+    from geojepa.model.jepa import encoder_from_checkpoint
+    from geojepa.tokens.tokenizer import load_tokenizer
+
+    root = corpus["root"]
+    ckpt = sorted((root / "model" / "checkpoints").glob("step-*.pt"))[-1]
+    got = export_model(ckpt, root / "T", tmp_path / "shipped", [corpus["w"]["kotka"].path])
+    folder = tmp_path / "shipped"
+    shipped = next((folder / "checkpoints").glob("step-*.pt"))
+    assert shipped.stat().st_size < ckpt.stat().st_size  # no optimizer state, no predictor
+    for which in ("target", "context"):
+        a, _ = encoder_from_checkpoint(ckpt, which=which)
+        b, _ = encoder_from_checkpoint(shipped, which=which)
+        for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(v, w), k
+    assert load_tokenizer(folder / "tokenizer").digest == load_tokenizer(root / "T").digest
+    full = read_table(root / "T" / "tag_vocab.parquet", TAG_VOCAB).num_rows
+    assert 0 < got["vocabulary_entries"] <= full
+    with pytest.raises(GeoJepaError, match="exists"):
+        export_model(ckpt, root / "T", folder)

@@ -84,7 +84,7 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
     results = read_table(out / "results.parquet", EVAL_RESULTS).to_pylist()
     mae = {(r["model"], r["probe"]): r for r in results
            if r["setting"] == "masked" and r["task"] == "building_count" and r["metric"] == "mae"}
-    for model in ("geojepa", "untrained", "tagpool", "bag_of_tags"):
+    for model in ("geojepa", "geojepa_context", "untrained", "tagpool", "bag_of_tags"):
         for probe in ("linear", "mlp"):
             assert mae[(model, probe)]["seeds"] == 2 and mae[(model, probe)]["mean"] > 0
         assert (model, "knn") in mae
@@ -106,6 +106,60 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
                                       "writing"}
     assert set(summary["timing"]["probes"]) == {"building_count"}
     assert "Time:" in (out / "report.md").read_text()
+
+
+def test_predictions_give_back_the_results_and_the_validation_choice(evaluated):
+    """predictions.parquet holds every probe's val and test predictions per seed: the results' test MAE and
+    validation MAE are recomputed from it, on the task's own val and test tiles."""
+    from data_contracts import PREDICTIONS, TASK_LABELS
+    from geojepa.evaluate.report import chosen_encoders
+
+    w, _, _ = evaluated
+    results = read_table(w / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
+    pred = read_table(w / "eval" / "predictions.parquet", PREDICTIONS).to_pandas()
+    labels = read_table(w / "eval" / "task_labels.parquet", TASK_LABELS).to_pandas()
+    lab = labels[labels.task == "building_count"]
+    for r in results:
+        if r["task"] != "building_count" or r["metric"] != "mae" or r["probe"] == "knn":
+            continue
+        rows = pred[(pred.setting == r["setting"]) & (pred.task == r["task"]) & (pred.model == r["model"])
+                    & (pred.probe == r["probe"])]
+        for split, want in (("test", r["mean"]), ("val", r["val_mean"])):
+            part = rows[rows.split == split]
+            assert sorted(part.tile_id) == sorted(lab[lab.split == split].tile_id)
+            p = np.stack(part.pred.to_numpy())  # (tiles, seeds)
+            assert p.shape[1] == r["seeds"]
+            got = np.mean(np.abs(p - part.label.to_numpy()[:, None]), axis=0).mean()
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (r, split)
+    chosen = chosen_encoders(results)
+    val = {r["model"]: r["val_mean"] for r in results if (r["setting"], r["task"], r["probe"], r["metric"])
+           == ("masked", "building_count", "mlp", "mae")}
+    assert chosen["building_count"] == min(("geojepa", "geojepa_context"), key=val.get)
+    assert f"building_count: {chosen['building_count']}" in (w / "eval" / "report.md").read_text()
+
+
+def test_the_encoder_is_chosen_on_validation_never_on_test():
+    from geojepa.evaluate.report import chosen_encoders
+
+    row = {"setting": "masked", "task": "t", "probe": "mlp", "metric": "mae"}
+    results = [{**row, "model": "geojepa", "mean": 1.0, "val_mean": 5.0},
+               {**row, "model": "geojepa_context", "mean": 9.0, "val_mean": 4.0},
+               {**row, "model": "tagpool", "mean": 0.1, "val_mean": 0.1}]
+    assert chosen_encoders(results) == {"t": "geojepa_context"}
+
+
+def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised, cfg):
+    """Rendered tile images are drawn from the tags the masked setting removes: a model that takes images is
+    evaluated there without them (said in the summary and the report); unmasked tiles keep them."""
+    src, _ = tokenised
+    _copy_region(src, tmp_path)
+    train({**cfg.train.model_copy(update={**TINY, "modalities": ("tags", "geometry", "image"), "max_steps": 1})
+           .model_dump(mode="json"), "work_dir": str(tmp_path)})
+    c = load_config(overrides=["tracking.enabled=false", *FAST, "evaluate.tasks=[building_count]",
+                               "evaluate.probes=[linear]", "evaluate.seeds=1", "evaluate.max_epochs=5"])
+    summary = evaluate(tmp_path, c)
+    assert summary["masked_images"] == "left out (rendered from the tags)"
+    assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_entity_rows_hold_their_piece_in_the_tile_not_the_whole_entity(evaluated):

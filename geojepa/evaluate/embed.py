@@ -114,6 +114,13 @@ def mask_item(item: dict, local: np.ndarray, keep: np.ndarray, new_vectors: np.n
     return new
 
 
+def without_images(item: dict) -> dict:
+    """A tile's item without its image tokens (the masked setting with rendered images)."""
+    if "image" not in item:
+        return item
+    return {**item, "image": item["image"][:0], "ppos": item["ppos"][:0]}
+
+
 def tag_pool(items: list[dict]) -> np.ndarray:
     """TagPool baseline: the mean of the tile's entities' tag vectors."""
     return np.stack([it["tags"].mean(0) if len(it["tags"]) else np.zeros(it["tags"].shape[1], np.float32)

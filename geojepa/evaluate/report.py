@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 METRICS = ("mae", "r2", "accuracy", "roc_auc")
 
 
@@ -13,8 +15,23 @@ def _cell(r: dict | None) -> str:
     return f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["seeds"] > 1 else "")
 
 
+ENCODERS = ("geojepa", "geojepa_context")  # the trained model's EMA target and context encoders
+
+
+def chosen_encoders(results: list[dict], probe: str = "mlp") -> dict[str, str]:
+    """Per task, the trained encoder behind the headline: the one with the lower masked *validation* MAE of
+    the ``probe`` (never chosen on the test split). Pooled over regions by ``geojepa.evaluate.corpus``."""
+    best: dict[str, tuple[float, str]] = {}
+    for r in results:
+        if (r["setting"], r["probe"], r["metric"]) == ("masked", probe, "mae") and r["model"] in ENCODERS \
+                and r.get("val_mean") is not None and r["val_mean"] < best.get(r["task"], (np.inf, ""))[0]:
+            best[r["task"]] = (r["val_mean"], r["model"])
+    return {t: m for t, (_, m) in sorted(best.items())}
+
+
 def results_markdown(results: list[dict]) -> str:
-    """One table per (setting, task): rows (model, probe), columns the metrics, test split, mean ± std over seeds."""
+    """One table per (setting, task): rows (model, probe), columns the metrics, test split, mean ± std over seeds,
+    and the validation MAE (what the encoder is chosen on)."""
     out = []
     keys = sorted({(r["setting"], r["task"]) for r in results}, key=lambda k: (k[0] != "masked", k[1]))
     for setting, task in keys:
@@ -22,11 +39,13 @@ def results_markdown(results: list[dict]) -> str:
         metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
         first = rows[0]
         out.append(f"### {task} ({setting}; {first['n_train']} train / {first['n_test']} test tiles)\n")
-        out.append("| model | probe | " + " | ".join(metrics) + " |")
-        out.append("|---|---|" + "---|" * len(metrics))
+        out.append("| model | probe | " + " | ".join(metrics) + " | val mae |")
+        out.append("|---|---|" + "---|" * (len(metrics) + 1))
         for model, probe in dict.fromkeys((r["model"], r["probe"]) for r in rows):
             cells = {r["metric"]: r for r in rows if r["model"] == model and r["probe"] == probe}
-            out.append(f"| {model} | {probe} | " + " | ".join(_cell(cells.get(m)) for m in metrics) + " |")
+            val = cells.get("mae", {}).get("val_mean")
+            out.append(f"| {model} | {probe} | " + " | ".join(_cell(cells.get(m)) for m in metrics)
+                       + f" | {'-' if val is None else f'{val:.3f}'} |")
         out.append("")
     return "\n".join(out)
 
@@ -54,7 +73,12 @@ def write_report(path: Path, results: list[dict], summary: dict, region: str) ->
              "*masked*: the task's label-defining tags were removed from every entity of its tiles before "
              "embedding (entities left without tags removed). *unmasked*: the original tiles, for reference only. "
              "Probes: mean ± std over seeds on the test split; *knn*: mean label of the k nearest training tiles; "
-             "*untrained*: the same architecture at random initialisation.", "", "## Tasks", "",
+             "*untrained*: the same architecture at random initialisation. *geojepa* is the trained EMA target "
+             "encoder, *geojepa_context* the trained context encoder; the headline takes, per task, the one with "
+             "the lower masked validation MAE: "
+             + (", ".join(f"{t}: {m}" for t, m in chosen_encoders(results).items()) or "none probed") + ".",
+             *(["", f"Image tokens in the masked setting: {summary['masked_images']}."]
+               if summary.get("masked_images") else []), "", "## Tasks", "",
              "| task | tiles | emptied by masking | train | val | test | skipped |", "|---|---|---|---|---|---|---|"]
     for name, n in summary["tasks"].items():
         lines.append(f"| {name} | {n['tiles']} | {n['emptied_by_masking']} | {n['train_tiles']} | {n['val_tiles']} | "

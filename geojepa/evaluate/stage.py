@@ -50,6 +50,7 @@ from data_contracts import (
     EMBEDDINGS,
     ENTITIES,
     EVAL_RESULTS,
+    PREDICTIONS,
     TAG_VOCAB,
     TASK_LABELS,
     TILE_ENTITIES,
@@ -71,6 +72,7 @@ from geojepa.evaluate.embed import (
     kept_tag_vectors,
     mask_item,
     tag_pool,
+    without_images,
 )
 from geojepa.evaluate.knn import (
     class_of,
@@ -160,8 +162,12 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     t0 = time.perf_counter()
     device = "cuda" if section.device == "cuda" or (section.device == "auto" and torch.cuda.is_available()) else "cpu"
     encoder, tcfg = encoder_from_checkpoint(ckpt)
+    context, _ = encoder_from_checkpoint(ckpt, which="context")
     untrained, _ = encoder_from_checkpoint(ckpt, untrained=True, seed=section.seed)
     modalities = tuple(tcfg["modalities"])
+    # Rendered images are drawn from the very tags the masked setting removes: there the image tokens are left
+    # out (real imagery, an independent observation, stays).
+    rendered = "image" in modalities and _rendered(paths["tile_images"])
     tok = token_index(paths["tokens"])
     _check_widths(tok.dims, modalities, encoder, paths)
     settings = ProbeSettings(section.hidden, section.lr, section.weight_decay, section.max_epochs, section.patience,
@@ -186,7 +192,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                 name, rows = task.name, _task_rows(task, scan.raw[task.name], tok, section)
                 kept = tok.n_entities[rows] - scan.edits[name].dropped(tok)[rows]
                 alive = ((kept > 0) & any(m in modalities for m in ("tags", "geometry"))) | (
-                    (tok.n_patches[rows] > 0) & ("image" in modalities))
+                    (tok.n_patches[rows] > 0) & ("image" in modalities) & (not rendered))
                 y, sp = scan.raw[name][rows][alive], split_of[rows][alive]
                 label_rows += [(name, tok.ids[i], split_of[i], float(v)) for i, v in zip(rows[alive], y, strict=True)]
                 reason = _unusable(y, sp)
@@ -199,8 +205,8 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                     probed[name] = (task, rows[alive], y, sp)
             timing["loading"] = round(time.perf_counter() - clock, 2)
             clock = time.perf_counter()
-            emb = _embed_region(tok, scan, {name: p[1] for name, p in probed.items()}, encoder, untrained,
-                                modalities, section, device, spill, vocab.vectors, pool)
+            emb = _embed_region(tok, scan, {name: p[1] for name, p in probed.items()}, encoder, context, untrained,
+                                modalities, section, device, spill, vocab.vectors, pool, rendered)
             timing["embedding"] = round(time.perf_counter() - clock, 2)
             del vocab
             release()
@@ -211,21 +217,23 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             for name, (task, rows, y, sp) in probed.items():
                 tr = np.flatnonzero(sp == "train")
                 masked = emb.tasks[name]
-                feats = {"geojepa": masked["geojepa"], "untrained": masked["untrained"], "tagpool": masked["tagpool"],
-                         "bag_of_tags": bag_of_tags_counts(scan.bag, rows, keys, values, tr, section.bag_features,
+                feats = {"geojepa": masked["geojepa"], "geojepa_context": masked["geojepa_context"],
+                         "untrained": masked["untrained"], "tagpool": masked["tagpool"], "bag_of_tags": bag_of_tags_counts(scan.bag, rows, keys, values, tr, section.bag_features,
                                                            drop=scan.pairs.arrays()["defines"][tasks.index(task)])}
                 jobs = [("masked", feats, True)]
                 if section.unmasked:
-                    jobs.append(("unmasked", {"geojepa": emb.tiles[rows], "tagpool": emb.tagpool[rows]}, False))
-                probes.append(Probes(task, jobs, y, sp))
-            results, timing["probes"] = _score(probes, section, settings, pool)
+                    jobs.append(("unmasked", {"geojepa": emb.tiles[rows], "geojepa_context": emb.context[rows],
+                                              "tagpool": emb.tagpool[rows]}, False))
+                probes.append(Probes(task, jobs, y, sp, tok.ids[rows]))
+            results, predictions, timing["probes"] = _score(probes, section, settings, pool)
             timing["probes_wall"] = round(time.perf_counter() - clock, 2)
             del probes
 
             # Retrieval over the unmasked tiles.
             clock = time.perf_counter()
             agreement = {}
-            all_feats = {"geojepa": emb.tiles, "untrained": emb.untrained, "tagpool": emb.tagpool,
+            all_feats = {"geojepa": emb.tiles, "geojepa_context": emb.context, "untrained": emb.untrained,
+                         "tagpool": emb.tagpool,
                          "bag_of_tags": bag_of_tags_counts(scan.bag, np.arange(n), keys, values,
                                                            np.flatnonzero(split_of == "train"), section.bag_features)}
             for name, x in all_feats.items():
@@ -245,9 +253,11 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                                   "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]},
                                  schema=TASK_LABELS.schema), tmp / "task_labels.parquet", TASK_LABELS)
             write_table(pa.Table.from_pylist(results, EVAL_RESULTS.schema), tmp / "results.parquet", EVAL_RESULTS)
+            write_table(predictions, tmp / "predictions.parquet", PREDICTIONS)
             timing["writing"] = round(time.perf_counter() - clock, 2)
             summary = {"checkpoint": str(ckpt), "region": w.name, "seen_in_training": seen, "role": role,
-                       "tokenizer_digest": region_digest, "tiles": n, "entities": int(tok.ent_off[-1]),
+                       "tokenizer_digest": region_digest, "masked_images": "left out (rendered from the tags)"
+                       if rendered else ("kept (real imagery)" if "image" in modalities else None), "tiles": n, "entities": int(tok.ent_off[-1]),
                        "tasks": notes, "agreement": agreement, "pictures": pictures,
                        "seconds": round(time.perf_counter() - t0, 1), "timing": timing}
             write_report(tmp / "report.md", results, summary, w.name)
@@ -259,12 +269,18 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in agreement.items()})
         run.metrics({f"seconds.{k}": v for k, v in _flat_timing(timing).items()})
-        for f in ("report.md", "results.parquet", "task_labels.parquet", *pictures.values()):
+        for f in ("report.md", "results.parquet", "predictions.parquet", "task_labels.parquet", *pictures.values()):
             run.artifact(out / f, "eval")
         run.dict(summary, "eval_summary.json")
     log.info("evaluate: %s written in %.1fs (%s); report %s", out, summary["seconds"],
              ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(timing).items()), out / "report.md")
     return life.publish([EVAL_DIR], summary)
+
+
+def _rendered(tile_images: Path) -> bool:
+    """Whether the region's tile images were rendered from its own map data (``tile --imagery render``)."""
+    sources = pq.read_table(tile_images, columns=["source"])["source"]
+    return bool(pc.any(pc.starts_with(sources, "render")).as_py())
 
 
 def _flat_timing(timing: dict) -> dict[str, float]:
@@ -290,10 +306,11 @@ def _unusable(y: np.ndarray, sp: np.ndarray) -> str | None:
 
 @dataclass
 class _Embedded:
-    tiles: np.ndarray  # (tiles, 2 x width), the trained encoder, unmasked
+    tiles: np.ndarray  # (tiles, 2 x width), the trained (EMA target) encoder, unmasked
+    context: np.ndarray  # the trained context encoder
     untrained: np.ndarray
     tagpool: np.ndarray  # (tiles, tag_dim)
-    tasks: dict[str, dict[str, np.ndarray]]  # probed task -> geojepa | untrained | tagpool of its masked tiles
+    tasks: dict[str, dict[str, np.ndarray]]  # probed task -> geojepa | geojepa_context | untrained | tagpool
     entity_mean: np.ndarray  # of the entity embeddings (in the spill file), and their first 3 principal axes
     entity_axes: np.ndarray
 
@@ -323,25 +340,27 @@ def _task_rows(task, raw: np.ndarray, tok, section) -> np.ndarray:
     return np.array([i for i in have if tok.ids[i] in kept], np.int64)
 
 
-def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untrained, modalities, section, device,
-                  spill: Path, vectors: np.ndarray, pool: ThreadPoolExecutor) -> _Embedded:
-    """One pass over the token shards, ``embed_batch_tiles`` tiles at a time: the tiles' embeddings by both
-    encoders (side by side on ``pool``) and their TagPool vectors; each probed task's tiles (``task_rows``) in
-    the batch masked with its edits and embedded (a tile the masking leaves unchanged reuses its unmasked
-    vectors); the entity embeddings appended to ``spill`` (float32, token order) with the sums their principal
-    axes need. Image tokens are read only when the model takes them."""
+def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, context, untrained, modalities, section,
+                  device, spill: Path, vectors: np.ndarray, pool: ThreadPoolExecutor, drop_masked_images: bool = False
+                  ) -> _Embedded:
+    """One pass over the token shards, ``embed_batch_tiles`` tiles at a time: the tiles' embeddings by the three
+    encoders (target, context, untrained; side by side on ``pool``) and their TagPool vectors; each probed task's
+    tiles (``task_rows``) in the batch masked with its edits (and without image tokens when
+    ``drop_masked_images``) and embedded (a tile the masking leaves unchanged reuses its unmasked vectors); the
+    target encoder's entity embeddings appended to ``spill`` (float32, token order) with the sums their
+    principal axes need. Image tokens are read only when the model takes them."""
     width, n = encoder.width, tok.n
     have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and (m == "tags" or m in modalities))
     columns = ["entity_position", "patch_position", *(TokenRows.COLUMNS[m] for m in have)]
     tag_dim = tok.dims["tags"] or 1
-    tiles, untr, pooled = (np.zeros((n, 2 * width), np.float32), np.zeros((n, 2 * width), np.float32),
-                           np.zeros((n, tag_dim), np.float32))
+    tiles, ctx, untr = (np.zeros((n, 2 * width), np.float32) for _ in range(3))
+    pooled = np.zeros((n, tag_dim), np.float32)
     where, feats = {}, {}
     for name, rows in task_rows.items():
         where[name] = np.full(n, -1, np.int64)
         where[name][rows] = np.arange(len(rows))
-        feats[name] = {"geojepa": np.zeros((len(rows), 2 * width), np.float32),
-                       "untrained": np.zeros((len(rows), 2 * width), np.float32),
+        feats[name] = {**{m: np.zeros((len(rows), 2 * width), np.float32)
+                          for m in ("geojepa", "geojepa_context", "untrained")},
                        "tagpool": np.zeros((len(rows), tag_dim), np.float32)}
     groups: dict = {}
     for name in task_rows:
@@ -352,11 +371,11 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untraine
     def emb(enc, its):
         return embed(enc, its, modalities, section.embed_batch_tiles, device=device)
 
-    def both(its):
-        """(trained, untrained) tile embeddings and the trained encoder's entity embeddings, side by side."""
-        trained, other = pool.submit(emb, encoder, its), pool.submit(emb, untrained, its)
-        (t, ents), (u, _) = trained.result(), other.result()
-        return t, u, ents
+    def all_three(its):
+        """(target, context, untrained) tile embeddings and the target encoder's entity embeddings, side by side."""
+        runs = [pool.submit(emb, e, its) for e in (encoder, context, untrained)]
+        (t, ents), (c, _), (u, _) = (r.result() for r in runs)
+        return t, c, u, ents
 
     row = 0
     lengths = tok.n_entities + (tok.n_patches if "image" in have else 0)
@@ -372,7 +391,7 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untraine
                 items = [token_rows.item(i) for i in range(batch.num_rows)]
                 r = np.arange(row, row + len(items))
                 row += len(items)
-                tiles[r], untr[r], ents = both(items)
+                tiles[r], ctx[r], untr[r], ents = all_three(items)
                 flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
                 out.write(np.ascontiguousarray(flat, np.float32).tobytes())
                 f64 = flat.astype(np.float64)
@@ -390,16 +409,19 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untraine
                     new_vectors = kept_tag_vectors(vectors, ed.ptr, ed.rows) if "tags" in have else None
                     owner, local = tok.owner(ed.pos)
                     bounds = np.searchsorted(owner, r, side="left").tolist() + [len(owner)]
-                    vec = {"geojepa": tiles[r[wanted]], "untrained": untr[r[wanted]], "tagpool": pooled[r[wanted]]}
+                    vec = {"geojepa": tiles[r[wanted]], "geojepa_context": ctx[r[wanted]], "untrained": untr[r[wanted]],
+                           "tagpool": pooled[r[wanted]]}
                     changed, masked = [], []
                     for w, k in enumerate(wanted):
                         a, b = bounds[k : k + 2]
-                        if a < b:  # else unchanged by the masking: the unmasked vectors
+                        if a < b or drop_masked_images:  # else unchanged by the masking: the unmasked vectors
                             changed.append(w)
-                            masked.append(mask_item(items[k], local[a:b], ed.keep[a:b],
-                                                    None if new_vectors is None else new_vectors[a:b]))
+                            it = mask_item(items[k], local[a:b], ed.keep[a:b],
+                                           None if new_vectors is None else new_vectors[a:b])
+                            masked.append(without_images(it) if drop_masked_images else it)
                     if masked:
-                        vec["geojepa"][changed], vec["untrained"][changed], _ = both(masked)
+                        vec["geojepa"][changed], vec["geojepa_context"][changed], vec["untrained"][changed], _ = (
+                            all_three(masked))
                         if tok.dims["tags"]:
                             vec["tagpool"][changed] = tag_pool(masked)
                     for name, at_task in zip(names, at, strict=True):
@@ -410,7 +432,7 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, untraine
     mean = s1 / max(count, 1)
     cov = s2 / max(count, 1) - np.outer(mean, mean)
     axes = np.linalg.eigh(cov)[1][:, ::-1][:, :3] if count else np.zeros((width, 3))
-    return _Embedded(tiles, untr, pooled, feats, mean, axes)
+    return _Embedded(tiles, ctx, untr, pooled, feats, mean, axes)
 
 
 _INIT = threading.Lock()
@@ -418,20 +440,22 @@ _INIT = threading.Lock()
 
 @dataclass
 class Probes:
-    """One task's probe work: ``jobs`` = [(setting, {model: features}, with Dummy)], labels and splits."""
+    """One task's probe work: ``jobs`` = [(setting, {model: features}, with Dummy)], labels, splits, tile ids."""
 
     task: object
     jobs: list
     y: np.ndarray
     sp: np.ndarray
+    ids: np.ndarray
 
     def split(self, s: str) -> np.ndarray:
         return np.flatnonzero(self.sp == s)
 
 
-def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) -> tuple[list[dict], dict]:
-    """Every task's result rows, in the order the one-probe loop wrote them, and each task's probe time in
-    seconds of a core. Each (task, setting, probe kind, feature width) is one stacked fit over its feature
+def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) -> tuple[list[dict], pa.Table, dict]:
+    """Every task's result rows (test metrics, with the validation metric beside), in the order the one-probe
+    loop wrote them, every probe's val and test predictions per seed (``PREDICTIONS``), and each task's probe
+    time in seconds of a core. Each (task, setting, probe kind, feature width) is one stacked fit over its feature
     sets and seeds (the features standardised once, for both kinds); the fits of every task run side by side
     on ``pool``, largest first, the largest split by seeds into one fit per thread (members are independent:
     the same results) so no thread waits alone at the end."""
@@ -461,8 +485,9 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
         t0 = time.perf_counter()
         _, t, setting, probe, models, chunk = f
         pr = probes[t]
+        scored = np.concatenate([pr.split("val"), pr.split("test")])  # val rows first
         p = fit_predict_seeds(probe, [std[t, setting, m] for m in models], pr.y, pr.split("train"), pr.split("val"),
-                              pr.split("test"), chunk, settings, init_lock=_INIT)
+                              scored, chunk, settings, init_lock=_INIT)
         with lock:
             for m, pm in zip(models, p, strict=True):
                 for seed, ps in zip(chunk, pm, strict=True):
@@ -472,33 +497,45 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
 
     list(pool.map(fit, parts))
 
-    rows = []
+    rows, out = [], {f.name: [] for f in PREDICTIONS.schema}
     for t, pr in enumerate(probes):
         task, y = pr.task, pr.y
-        tr, te = pr.split("train"), pr.split("test")
+        tr, va, te = pr.split("train"), pr.split("val"), pr.split("test")
+        scored = np.concatenate([va, te])
 
-        def add(setting, model, probe, runs, task=task, tr=tr, te=te):
+        def add(setting, model, probe, p, task=task, y=y, tr=tr, va=va, te=te, scored=scored, ids=pr.ids):
+            """Result rows and prediction rows of one probe; ``p`` (seeds, val + test rows)."""
+            runs = [metrics(task.kind, y[te], ps[len(va):]) for ps in p]
+            val = [metrics(task.kind, y[va], ps[: len(va)]) for ps in p]
             for metric in runs[0]:
                 vals = [r[metric] for r in runs if r[metric] is not None]
+                vv = [r[metric] for r in val if r[metric] is not None]
                 rows.append({"setting": setting, "task": task.name, "model": model, "probe": probe, "metric": metric,
                              "mean": float(np.mean(vals)) if vals else None,
                              "std": float(np.std(vals)) if vals else None, "seeds": len(runs),
-                             "n_train": len(tr), "n_test": len(te)})
+                             "n_train": len(tr), "n_test": len(te), "val_mean": float(np.mean(vv)) if vv else None})
+            k = len(scored)
+            for col, v in (("setting", [setting] * k), ("task", [task.name] * k), ("model", [model] * k),
+                           ("probe", [probe] * k), ("split", ["val"] * len(va) + ["test"] * len(te)),
+                           ("tile_id", ids[scored].tolist()), ("label", y[scored].tolist()),
+                           ("pred", np.asarray(p, np.float32).T.tolist())):
+                out[col] += v
 
         t0 = time.perf_counter()
         for setting, feats, dummy in pr.jobs:
             if dummy:
-                add(setting, "dummy", "median", [metrics(task.kind, y[te], np.full(len(te), np.median(y[tr])))])
+                add(setting, "dummy", "median", [np.full(len(scored), np.median(y[tr]))])
             for model, x in feats.items():
                 for probe in section.probes:
-                    add(setting, model, probe, [metrics(task.kind, y[te], preds[t, setting, model, probe, seed])
-                                                for seed in seeds])
+                    add(setting, model, probe, [preds[t, setting, model, probe, seed] for seed in seeds])
                 knn = knn_regression_mae(x, y, tr, te, min(section.k, len(tr)))
                 rows.append({"setting": setting, "task": task.name, "model": model, "probe": "knn", "metric": "mae",
-                             "mean": knn, "std": 0.0, "seeds": 1, "n_train": len(tr), "n_test": len(te)})
+                             "mean": knn, "std": 0.0, "seeds": 1, "n_train": len(tr), "n_test": len(te),
+                             "val_mean": None})
         seconds[t] += time.perf_counter() - t0
         log.info("evaluate: %s probed (%d tiles; %.1f s of a core)", task.name, len(y), seconds[t])
-    return rows, {pr.task.name: round(float(seconds[t]), 2) for t, pr in enumerate(probes)}
+    return (rows, pa.table(out, schema=PREDICTIONS.schema),
+            {pr.task.name: round(float(seconds[t]), 2) for t, pr in enumerate(probes)})
 
 
 

@@ -214,9 +214,12 @@ def load_checkpoint(path, device="cpu") -> dict:
     return state
 
 
-def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0) -> tuple[Encoder, dict]:
-    """The target encoder of a training checkpoint and its resolved train config; ``untrained``: the same
-    architecture freshly initialised with ``seed`` (the baseline a trained model must beat)."""
+def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0, which: str = "target") -> tuple[Encoder, dict]:
+    """An encoder of a training checkpoint (``which``: the EMA ``target`` or the ``context`` encoder) and its
+    resolved train config; ``untrained``: the same architecture freshly initialised with ``seed`` (the
+    baseline a trained model must beat)."""
+    if which not in ("target", "context"):
+        raise ValueError(f"which encoder: 'target' or 'context', not {which!r}")
     state = load_checkpoint(path)
     c, weights = state["config"], state["model"]
     dims = tuple(weights[f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in weights else 0
@@ -225,6 +228,6 @@ def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0) -> tup
     torch.manual_seed(seed)
     encoder = Encoder(cfg)
     if not untrained:
-        encoder.load_state_dict({k.removeprefix("target_encoder."): v for k, v in weights.items()
-                                 if k.startswith("target_encoder.")})
+        prefix = "target_encoder." if which == "target" else "encoder."
+        encoder.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)})
     return encoder.eval(), c
