@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -178,6 +178,21 @@ def evaluate(
         return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(WorkDir(work_dir).eval / "report.md")}
 
     _run(call)
+
+
+@app.command("corpus-report")
+def corpus_report(
+    out: Annotated[Path, typer.Argument(help="where to write corpus_report.md and corpus_results.parquet")],
+    regions: Annotated[list[Path], typer.Argument(help="the evaluated regions' work directories", show_default=False)],
+    data: DataFlag = False,
+    title: Annotated[str, typer.Option(help="the report's title")] = "corpus",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pool the regions' evaluations (one model): per region and pooled MAE, bootstrap intervals, comparisons."""
+    from geojepa.evaluate.corpus import corpus_report as run_report
+
+    _setup(None, None, verbose)
+    _run(lambda: run_report([WorkDir(w) for w in regions], out, title))
 
 
 @app.command("export-model")

@@ -162,6 +162,25 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
     assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
 
 
+def test_token_shards_whose_split_differs_from_the_tiles_are_refused_as_stale(evaluated, tmp_path):
+    """The split is the tiles': a tile whose token rows carry another split (tokens from before a re-tiling)
+    stops the evaluation with the file and a tile named, before anything is written."""
+    from data_contracts import write_table
+
+    w, c, _ = evaluated
+    _copy_region(w, tmp_path)
+    shutil.copytree(w / "checkpoints", tmp_path / "checkpoints")
+    tiles = read_table(tmp_path / "tiles.parquet", TILES)
+    split = tiles["split"].to_pylist()
+    i = split.index("test")
+    split[i] = "train"
+    write_table(tiles.set_column(tiles.schema.get_field_index("split"), "split", pa.array(split)),
+                tmp_path / "tiles.parquet", TILES)
+    with pytest.raises(GeoJepaError, match=rf"tiles.parquet: 1 tiles have another split.*{tiles['tile_id'][i]}.*stale"):
+        evaluate(tmp_path, c)
+    assert not (tmp_path / "eval").exists()
+
+
 def test_entity_rows_hold_their_piece_in_the_tile_not_the_whole_entity(evaluated):
     """Each entity row's geometry is its tile_entities piece taken to EPSG:4326 (independently, with pyproj),
     inside its tile's footprint; an entity crossing several tiles has a different piece in each."""

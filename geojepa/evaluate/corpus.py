@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_contracts import CORPUS_RESULTS, PREDICTIONS, atomic_path, read_table, write_table
+from data_contracts import (
+    CORPUS_RESULTS,
+    PREDICTIONS,
+    atomic_path,
+    read_table,
+    write_table,
+)
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.report import ENCODERS
 from geojepa.workdir import WorkDir
@@ -62,9 +68,6 @@ class _Errors:
                     n = len(e)
                     self.draws[key[0], key[1], region] = rng.multinomial(n, np.full(n, 1 / n), size=BOOTSTRAP)
 
-    def keys(self):
-        return self.err.keys()
-
     def stats(self, key: tuple, regions: list[str]) -> dict | None:
         """Pooled figures of ``key`` over ``regions`` (those that have it)."""
         have = [r for r in regions if r in self.err.get(key, {}) and "test" in self.err[key][r]]
@@ -93,16 +96,17 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
     """Write ``out/corpus_report.md`` and ``out/corpus_results.parquet``; return the pooled metrics by name
     (``corpus.<group>.masked.<task>.<model>.<probe>.mae``, its ``_std``, and the headline comparisons
     ``corpus.<group>.masked.<task>.geojepa_vs_<baseline>.mae_gain`` with ``_ci_low``/``_ci_high``)."""
-    frames, notes, seen = {}, {}, {}
+    frames, notes, seen, agreement = {}, {}, {}, {}
     for w in regions:
         frames[w.name], summary = _region(w)
         seen[w.name] = bool(summary.get("seen_in_training", True))
         notes[w.name] = summary.get("tasks", {})
+        agreement[w.name] = summary.get("agreement", {})
     errs = _Errors(frames)
     names = [w.name for w in regions]
     members = {"all": names, "trained": [n for n in names if seen[n]], "holdout": [n for n in names if not seen[n]]}
     rows, metrics = [], {}
-    for key in sorted(errs.keys()):
+    for key in sorted(errs.err):
         setting, task, model, probe = key
         for region in [*names, *GROUPS]:
             s = errs.stats(key, members.get(region, [region]))
@@ -113,7 +117,7 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
             if region in GROUPS and setting == "masked" and probe in ("mlp", "median"):
                 metrics[f"corpus.{region}.masked.{task}.{model}.{probe}.mae"] = s["mean"]
                 metrics[f"corpus.{region}.masked.{task}.{model}.{probe}.mae_std"] = s["std"]
-    tasks = sorted({k[1] for k in errs.keys() if k[0] == "masked"})
+    tasks = sorted({k[1] for k in errs.err if k[0] == "masked"})
     chosen = {t: _chosen(errs, t, names) for t in tasks}
     comparisons = []
     for task in tasks:
@@ -138,7 +142,7 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
                                     "ci_high": hi, "better": lo > 0, "worse": hi < 0, "regions": len(have)})
                 name = f"corpus.{group}.masked.{task}.geojepa_vs_{base}.mae_gain"
                 metrics.update({name: gain, name + "_ci_low": lo, name + "_ci_high": hi})
-    lines = _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons)
+    lines = _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "corpus_report.md") as tmp:
         tmp.write_text("\n".join(lines))
@@ -158,7 +162,7 @@ def _chosen(errs: _Errors, task: str, regions: list[str]) -> str | None:
     return min(val, key=val.get) if val else None
 
 
-def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons) -> list[str]:
+def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement) -> list[str]:
     names = [w.name for w in regions]
     lines = [f"# GeoJEPA corpus report: {title}", "",
              "Masked setting (the task's label tags removed), test MAE of the MLP probe (Dummy: the training "
@@ -202,6 +206,13 @@ def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons) -> 
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if not tasks:
         lines += ["", "No task had enough tiles in any region: see each region's report."]
+    models = list(dict.fromkeys(m for a in agreement.values() for m in a))
+    if models:
+        lines += ["", "## Retrieval agreement", "", "Mean tag-class histogram intersection between each tile and its "
+                  "10 nearest tiles (unmasked tiles; 1: the same mix of buildings, roads, shops, ...).", "",
+                  "| region | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for name, a in agreement.items():
+            lines.append(f"| {name} | " + " | ".join(f"{a[m]:.3f}" if m in a else "-" for m in models) + " |")
     lines += ["", "Each region's full report: " + ", ".join(f"[{w.name}]({(w.eval / 'report.md').resolve()})"
                                                             for w in regions), ""]
     return lines

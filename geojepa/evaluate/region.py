@@ -326,12 +326,20 @@ _LIBC = _libc()
 
 def tiles_meta(path: Path, tok: TokenIndex) -> pa.Table:
     """The tokenised tiles' rows of ``tiles.parquet`` (footprint, bbox, CRS, origin, size), in token order."""
-    t = read_table(path, TILES, columns=["tile_id", "crs", "origin_x", "origin_y", "size_m", "geometry", "bbox"])
+    t = read_table(path, TILES, columns=["tile_id", "split", "crs", "origin_x", "origin_y", "size_m", "geometry",
+                                         "bbox"])
     at = pc.index_in(pa.array(list(tok.ids), pa.string()), t["tile_id"])
     if at.null_count:
         i = int(np.flatnonzero(~pc.is_valid(at).to_numpy(zero_copy_only=False))[0])
         raise GeoJepaError(f"{path}: tile {tok.ids[i]} of the token shards is not in the tiles")
-    return t.take(at)
+    t = t.take(at)
+    # The split is the tiles' (tiles.parquet); token shards that disagree are stale (a re-tiling since).
+    stale = np.flatnonzero(t["split"].to_numpy(zero_copy_only=False) != np.asarray(tok.split).astype(str))
+    if len(stale):
+        raise GeoJepaError(f"{path}: {len(stale)} tiles have another split than in the token shards (e.g. "
+                           f"{tok.ids[stale[0]]}: {t['split'][int(stale[0])]} vs {tok.split[stale[0]]}); the "
+                           f"tokens are stale: run `geojepa tokens` again")
+    return t.drop_columns(["split"])
 
 
 def pieces_lonlat(wkb: pa.Array, tile: np.ndarray, tiles: pa.Table) -> tuple[pa.Array, pa.Array]:
