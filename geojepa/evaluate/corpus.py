@@ -12,8 +12,8 @@ Reads each region's ``eval/predictions.parquet`` (every probe's val and test pre
 
 The headline GeoJEPA encoder per task (EMA target or context encoder) is the one with the lower pooled
 *validation* MAE of the masked MLP probe. Comparisons against the untrained twin and the baselines are paired:
-the same bootstrap resamples of the same test tiles, so the interval is that of the MAE difference; a model
-is better *beyond the uncertainty* when the whole interval is below zero.
+the same bootstrap resamples of the same test tiles, so the interval is that of the MAE difference; the gain
+(baseline MAE minus GeoJEPA MAE) is *better beyond the uncertainty* when its whole interval is above zero.
 """
 
 from __future__ import annotations
@@ -66,13 +66,18 @@ class _Errors:
                 if key[4] == "test" and (key[0], key[1], region) not in self.draws:
                     rng = np.random.default_rng(zlib.crc32(f"{key[0]}/{key[1]}/{region}".encode()))
                     n = len(e)
-                    self.draws[key[0], key[1], region] = rng.multinomial(n, np.full(n, 1 / n), size=BOOTSTRAP)
+                    self.draws[key[0], key[1], region] = rng.multinomial(
+                        n, np.full(n, 1 / n), size=BOOTSTRAP).astype(np.int32)
 
     def stats(self, key: tuple, regions: list[str]) -> dict | None:
         """Pooled figures of ``key`` over ``regions`` (those that have it)."""
         have = [r for r in regions if r in self.err.get(key, {}) and "test" in self.err[key][r]]
         if not have:
             return None
+        seeds = {self.err[key][r]["test"].shape[1] for r in have}
+        if len(seeds) > 1:
+            raise GeoJepaError(f"{key}: the regions were probed with different numbers of seeds ({sorted(seeds)}); "
+                               "evaluate them with the same evaluate.seeds to pool them")
         test = np.concatenate([self.err[key][r]["test"] for r in have])
         val = [self.err[key][r]["val"] for r in have if "val" in self.err[key][r]]
         per_seed = test.mean(0)
@@ -125,14 +130,14 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
             if not members[group] or chosen[task] is None:
                 continue
             ours = ("masked", task, chosen[task], "mlp")
-            have = [r for r in members[group] if r in errs.err.get(ours, {})]
+            have = [r for r in members[group] if "test" in errs.err.get(ours, {}).get(r, {})]
             if not have:
                 continue
             a = errs.boot(ours, have)
             mine = errs.stats(ours, have)["mean"]
             for base in BASELINES:
                 other = ("masked", task, base, "median" if base == "dummy" else "mlp")
-                if not all(r in errs.err.get(other, {}) for r in have):
+                if not all("test" in errs.err.get(other, {}).get(r, {}) for r in have):
                     continue
                 gain = errs.stats(other, have)["mean"] - mine
                 diff = errs.boot(other, have) - a

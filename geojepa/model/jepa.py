@@ -141,7 +141,7 @@ def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     s = torch.linalg.svdvals(z - z.mean(0))
     p = s / s.sum().clamp_min(1e-12)
     erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
-    u = F.normalize(z, dim=1)
+    u = F.normalize(z[z.norm(dim=1) > 0], dim=1)  # an empty tile's zero vector has no direction
     n = len(u)
     cos = float(((u.sum(0) @ u.sum(0)) - n) / max(n * (n - 1), 1))
     return {"erank": erank, "mean_cos": cos}
@@ -181,12 +181,15 @@ class GeoJEPA(nn.Module):
         tile = torch.zeros(b.n_tiles, context_out.shape[1], device=pred.device, dtype=torch.float32)
         doc = b.doc[b.context]
         tile = tile.index_add_(0, doc, context_out.float()) / torch.bincount(doc, minlength=b.n_tiles).clamp_min(1)[:, None]
-        var_p, cov_p = vicreg_terms(pred)
-        var_t, cov_t = vicreg_terms(tile)
-        var, cov = (var_p + var_t) / 2, (cov_p + cov_t) / 2
+        # A spread needs two rows: a micro-batch of one tile (the remainder of an epoch's draw) has no tile term.
+        terms = [vicreg_terms(z) for z in (pred, tile) if len(z) >= 2]
+        zero = jepa.new_zeros(())
+        var = torch.stack([t[0] for t in terms]).mean() if terms else zero
+        cov = torch.stack([t[1] for t in terms]).mean() if terms else zero
         loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
         return {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
-                "std": pred.detach().float().std(0).mean(), "tile_std": tile.detach().std(0).mean()}
+                "std": pred.detach().float().std(0, correction=0).mean(),
+                "tile_std": tile.detach().std(0, correction=0).mean()}
 
     def compile_blocks(self) -> GeoJEPA:
         """torch.compile every transformer block in place (dynamic shapes: one compilation serves every packed

@@ -59,7 +59,7 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
     if entity is not None:
         ids, first, inverse = np.unique(entity, return_index=True, return_inverse=True)
         if len(ids) < 2 and len(modalities) > 1:
-            u = 0.0  # one entity: only the modality strategy can mask it
+            return _by_modality(modality, rng, cfg)  # one entity: only the modality strategy can mask it
         elif len(ids) < n:
             if len(modalities) > 1 and u < cfg.p_modality:
                 return _by_modality(modality, rng, cfg)
