@@ -160,6 +160,24 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
     summary = evaluate(tmp_path, c)
     assert summary["masked_images"] == "left out (rendered from the tags)"
     assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
+    from data_contracts import PREDICTIONS, TILE_IMAGES, write_table
+
+    def preds():
+        p = read_table(tmp_path / "eval" / "predictions.parquet", PREDICTIONS).to_pandas()
+        p = p[p.model == "geojepa"].sort_values(["setting", "split", "tile_id"])
+        return {s: np.stack(g.pred.to_numpy()) for s, g in p.groupby("setting")}
+
+    dropped = preds()
+    # The same images said to be real: kept in the masked setting too; the unmasked setting is unchanged.
+    images = read_table(tmp_path / "tile_images.parquet", TILE_IMAGES)
+    shutil.rmtree(tmp_path / "tile_images.parquet", ignore_errors=True)  # a folder of partition files
+    write_table(images.set_column(images.schema.get_field_index("source"), "source",
+                                  pa.array(["naip.tif"] * images.num_rows)), tmp_path / "tile_images.parquet",
+                TILE_IMAGES)
+    kept = evaluate(tmp_path, c, force=True)
+    assert kept["masked_images"] == "kept (real imagery)"
+    np.testing.assert_allclose(preds()["unmasked"], dropped["unmasked"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(preds()["masked"], dropped["masked"])
 
 
 def test_token_shards_whose_split_differs_from_the_tiles_are_refused_as_stale(evaluated, tmp_path):
