@@ -92,7 +92,8 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
 
         pooled = corpus_report([regions[r.name] for r in c.regions], model, c.name)
         report = model / "corpus_report.md"
-        log_to_run(model, cfg, parent, pooled, [report, model / "corpus_results.parquet"])
+        log_to_run(model, cfg, parent, pooled, [report, model / "corpus_results.parquet",
+                                                model / "corpus_comparisons.json"])
         create_markdown_artifact(key=key("corpus-report", c.name), markdown=report.read_text(),
                                  description=f"corpus report of {c.name}")
         rows.append(stage_row(c.name, "report", {}, f"{len(pooled) // 2} pooled figures", report, 0.0))
