@@ -53,6 +53,16 @@ if which == "old":
         setattr(pkg, name, mod)
     stage = sys.modules["geojepa.evaluate.stage"]
     pkg.evaluate = stage.evaluate
+    # The shared packer now hands out (start, modality, positions, entity) per tile; the old path took 3.
+    emb_mod = sys.modules["geojepa.evaluate.embed"]
+    _pack = emb_mod.pack
+
+    def pack3(*a, **k):
+        out = _pack(*a, **k)
+        out["tiles"] = [t[:3] for t in out["tiles"]]
+        return out
+
+    emb_mod.pack = pack3
 
     def timed(key, fn, per_task=False):
         def wrapper(*a, **k):
