@@ -18,6 +18,7 @@ the same bootstrap resamples of the same test tiles, so the interval is that of 
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from pathlib import Path
@@ -69,7 +70,8 @@ class _Errors:
                     self.draws[key[0], key[1], region] = rng.multinomial(
                         n, np.full(n, 1 / n), size=BOOTSTRAP).astype(np.int32)
 
-    def stats(self, key: tuple, regions: list[str]) -> dict | None:
+    @functools.cache  # noqa: B019 (one report's lifetime; the rows, the choice and the comparisons reuse it)
+    def stats(self, key: tuple, regions: tuple[str, ...]) -> dict | None:
         """Pooled figures of ``key`` over ``regions`` (those that have it)."""
         have = [r for r in regions if r in self.err.get(key, {}) and "test" in self.err[key][r]]
         if not have:
@@ -114,7 +116,7 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
     for key in sorted(errs.err):
         setting, task, model, probe = key
         for region in [*names, *GROUPS]:
-            s = errs.stats(key, members.get(region, [region]))
+            s = errs.stats(key, tuple(members.get(region, [region])))
             if s is None:
                 continue
             rows.append({"region": region, "setting": setting, "task": task, "model": model, "probe": probe,
@@ -134,12 +136,12 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
             if not have:
                 continue
             a = errs.boot(ours, have)
-            mine = errs.stats(ours, have)["mean"]
+            mine = errs.stats(ours, tuple(have))["mean"]
             for base in BASELINES:
                 other = ("masked", task, base, "median" if base == "dummy" else "mlp")
                 if not all("test" in errs.err.get(other, {}).get(r, {}) for r in have):
                     continue
-                gain = errs.stats(other, have)["mean"] - mine
+                gain = errs.stats(other, tuple(have))["mean"] - mine
                 diff = errs.boot(other, have) - a
                 lo, hi = (float(x) for x in np.percentile(diff, [2.5, 97.5]))
                 comparisons.append({"task": task, "group": group, "encoder": chosen[task], "baseline": base,
@@ -161,7 +163,7 @@ def _chosen(errs: _Errors, task: str, regions: list[str]) -> str | None:
     """The trained encoder with the lower pooled validation MAE (masked, MLP probe)."""
     val = {}
     for enc in ENCODERS:
-        s = errs.stats(("masked", task, enc, "mlp"), regions)
+        s = errs.stats(("masked", task, enc, "mlp"), tuple(regions))
         if s is not None and s["val_mean"] is not None:
             val[enc] = s["val_mean"]
     return min(val, key=val.get) if val else None
