@@ -195,6 +195,27 @@ def corpus_report(
     _run(lambda: run_report([WorkDir(w) for w in regions], out, title))
 
 
+@app.command("ablation-report")
+def ablation_report(
+    out: Annotated[Path, typer.Argument(help="where to write ablation_report.md and ablation.json")],
+    runs: Annotated[list[str], typer.Argument(help="NAME=ROOT per model, the first the reference; each region's "
+                                                   "work directory is ROOT/REGION", show_default=False)],
+    regions: Annotated[list[str], typer.Option("--region", "-r", help="a region (repeatable)")],
+    title: Annotated[str, typer.Option(help="the report's title")] = "ablation",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Compare models evaluated on the same regions: pooled MAE and paired bootstrap gains over the first."""
+    from geojepa.evaluate.corpus import compare_runs
+
+    _setup(None, None, verbose)
+    bad = [r for r in runs if "=" not in r]
+    if bad:
+        typer.echo(f"error: {bad[0]!r}: a run is NAME=ROOT", err=True)
+        raise typer.Exit(code=1)
+    pairs = [r.split("=", 1) for r in runs]
+    _run(lambda: compare_runs({n: [WorkDir(Path(root) / g) for g in regions] for n, root in pairs}, out, title))
+
+
 @app.command("export-model")
 def export_model(
     model: Annotated[str, typer.Argument(help="a checkpoint or a model folder (OUT of geojepa train)")],

@@ -224,7 +224,7 @@ def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
     assert not (tmp_path / "T").exists() and not (tmp_path / "out").exists()
 
 
-def _fake_region(root, name, seen, n_test, rng, noise):
+def _fake_region(root, name, seen, n_test, rng, noise, labels=None):
     """A region's eval/predictions.parquet and evaluate manifest: geojepa's errors scaled by noise['geojepa'],
     etc.; the context encoder is worse on test but better on validation."""
     from data_contracts import PREDICTIONS, write_table
@@ -235,7 +235,8 @@ def _fake_region(root, name, seen, n_test, rng, noise):
     w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen, "tasks": {
         "building_count": {"test_tiles": n_test, "skipped": None}}}}))
     cols = {f.name: [] for f in PREDICTIONS.schema}
-    y = {s: rng.integers(0, 50, n).astype(float) for s, n in (("val", 10), ("test", n_test))}
+    draw = rng if labels is None else np.random.default_rng(labels)  # ``labels``: a seed for the labels alone
+    y = {s: draw.integers(0, 50, n).astype(float) for s, n in (("val", 10), ("test", n_test))}
     for model, probe in (("geojepa", "mlp"), ("geojepa_context", "mlp"), ("untrained", "mlp"), ("tagpool", "mlp"),
                          ("dummy", "median")):
         for split, labels in y.items():
@@ -304,3 +305,36 @@ def test_an_exported_model_folder_evaluates_like_its_checkpoint_and_keeps_the_to
     assert 0 < got["vocabulary_entries"] <= full
     with pytest.raises(GeoJepaError, match="exists"):
         export_model(ckpt, root / "T", folder)
+
+
+def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_tiles(tmp_path):
+    """compare_runs: a run whose encoder errs less than the reference's gains beyond the uncertainty, paired on
+    the same resamples; the baselines come from the reference; runs on other tiles or regions are refused."""
+    from geojepa.evaluate.corpus import compare_runs
+
+    def run(name, geojepa_noise, seed):  # the same labels and tile ids in every run, other prediction noise
+        noise = {"geojepa": geojepa_noise, "geojepa_context": 30.0, "untrained": 8.0, "tagpool": 3.0, "dummy": 20.0}
+        return [_fake_region(tmp_path / name, r, r != "h", 200, np.random.default_rng([seed, i]), noise, labels=i)
+                for i, r in enumerate(("a", "h"))]
+
+    ref, better, same = run("ref", 4.0, 0), run("better", 1.0, 1), run("same", 4.0, 2)
+    metrics = compare_runs({"ref": ref, "better": better, "same": same}, tmp_path / "abl", "test")
+    rows = {(r["group"], r["run"]): r for r in json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]}
+    assert rows["all", "better"]["gain_vs_reference_ci"][0] > 0  # 1.0 vs 4.0 noise: better beyond the interval
+    assert rows["all", "better"]["gain_vs_untrained_ci"][0] > 0
+    lo, hi = rows["all", "same"]["gain_vs_reference_ci"]
+    assert lo < 0 < hi  # the same noise: within the uncertainty
+    assert "gain_vs_reference" not in rows["all", "ref"]
+    assert rows["holdout", "better"]["regions"] == 1 and rows["all", "better"]["n_test"] == 400
+    assert metrics["ablation.all.building_count.better_vs_reference.mae_gain"] == pytest.approx(
+        rows["all", "ref"]["mae"] - rows["all", "better"]["mae"])
+    report = (tmp_path / "abl" / "ablation_report.md").read_text()
+    assert "| building_count | all (2) | better | geojepa |" in report and "**+" in report
+    # another run's test tiles (here: other labels and tile ids) or other regions are refused, naming the file
+    other = [_fake_region(tmp_path / "other", r, True, 150, np.random.default_rng(9), {
+        "geojepa": 1.0, "geojepa_context": 1.0, "untrained": 1.0, "tagpool": 1.0, "dummy": 1.0}) for r in ("a", "h")]
+    with pytest.raises(GeoJepaError, match=r"other/a/eval/predictions.parquet: run other has other test tiles"):
+        compare_runs({"ref": ref, "other": other}, tmp_path / "abl2", "test")
+    with pytest.raises(GeoJepaError, match="regions"):
+        compare_runs({"ref": ref, "one": better[:1]}, tmp_path / "abl3", "test")
+    assert not (tmp_path / "abl2").exists() and not (tmp_path / "abl3").exists()

@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from data_contracts import (
@@ -223,3 +224,110 @@ def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agr
     lines += ["", "Each region's full report: " + ", ".join(f"[{w.name}]({(w.eval / 'report.md').resolve()})"
                                                             for w in regions), ""]
     return lines
+
+
+def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
+    """The ablation report: several models (``runs``: name -> its evaluated region work directories, the same
+    regions and tiles in each) side by side, the first the reference. Per masked task and run: the run's
+    validation-chosen encoder (masked MLP probe, pooled), its pooled test MAE with the bootstrap interval, and
+    paired gains (the same resamples of the same test tiles) over the reference run and over the run's own
+    untrained twin. Writes ``out/ablation_report.md`` and ``out/ablation.json``; returns the metrics by name
+    (``ablation.<group>.<task>.<run>.mae``, ``..._vs_reference.mae_gain`` with ``_ci_low``/``_ci_high``)."""
+    names = list(runs)
+    if len(names) < 2:
+        raise GeoJepaError("an ablation needs two runs or more (name=DIR each)")
+    regions = [w.name for w in runs[names[0]]]
+    for run, ws in runs.items():
+        if sorted(w.name for w in ws) != sorted(regions):
+            raise GeoJepaError(f"run {run}: regions {sorted(w.name for w in ws)} differ from {names[0]}'s "
+                               f"{sorted(regions)}; evaluate every run on the same regions")
+    frames, seen = {}, {}
+    for run in names:
+        for w in runs[run]:
+            df, summary = _region(w)
+            seen.setdefault(w.name, bool(summary.get("seen_in_training", True)))
+            if run != names[0]:  # the baselines do not depend on the model: the reference's are kept
+                df = df[df.model.isin([*ENCODERS, "untrained"])]
+            df = df.assign(model=[f"{run}/{m}" if m in (*ENCODERS, "untrained") else m for m in df.model])
+            if w.name in frames:
+                ref = frames[w.name]
+                for (task, split), g in df.groupby(["task", "split"]):
+                    mine = set(g.tile_id)
+                    theirs = set(ref.tile_id[(ref.task == task) & (ref.split == split)])
+                    if mine != theirs:
+                        raise GeoJepaError(f"{w.eval / 'predictions.parquet'}: run {run} has other {split} tiles "
+                                           f"for {task} than run {names[0]} in {w.name} ({len(mine ^ theirs)} "
+                                           "differ); evaluate the runs on the same tiles and tokens")
+                df = pd.concat([ref, df], ignore_index=True)
+            frames[w.name] = df
+    errs = _Errors(frames)
+    members = {"all": regions, "trained": [n for n in regions if seen[n]],
+               "holdout": [n for n in regions if not seen[n]]}
+    tasks = sorted({k[1] for k in errs.err if k[0] == "masked"})
+    rows, metrics = [], {}
+    for task in tasks:
+        val = {run: {enc: errs.stats(("masked", task, f"{run}/{enc}", "mlp"), tuple(regions)) for enc in ENCODERS}
+               for run in names}
+        chosen = {run: min((e for e, s in v.items() if s and s["val_mean"] is not None),
+                           key=lambda e, v=v: v[e]["val_mean"], default=None) for run, v in val.items()}
+        if chosen[names[0]] is None:
+            continue
+        ref_key = ("masked", task, f"{names[0]}/{chosen[names[0]]}", "mlp")
+        for group in GROUPS:
+            have = [r for r in members[group] if "test" in errs.err.get(ref_key, {}).get(r, {})]
+            if not have:
+                continue
+            ref_boot = errs.boot(ref_key, have)
+            for run in names:
+                if chosen[run] is None:
+                    continue
+                key = ("masked", task, f"{run}/{chosen[run]}", "mlp")
+                s, boot = errs.stats(key, tuple(have)), errs.boot(key, have)
+                row = {"task": task, "group": group, "run": run, "encoder": chosen[run], "mae": s["mean"],
+                       "std": s["std"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "val_mae": s["val_mean"],
+                       "regions": len(have), "n_test": s["n_test"]}
+                for vs, other_key, other_boot in (
+                        ("reference", ref_key, ref_boot),
+                        ("untrained", ("masked", task, f"{run}/untrained", "mlp"), None)):
+                    if vs == "reference" and run == names[0]:
+                        continue
+                    if other_boot is None:
+                        if not all("test" in errs.err.get(other_key, {}).get(r, {}) for r in have):
+                            continue
+                        other_boot = errs.boot(other_key, have)
+                    gain = errs.stats(other_key, tuple(have))["mean"] - s["mean"]
+                    lo, hi = (float(x) for x in np.percentile(other_boot - boot, [2.5, 97.5]))
+                    row[f"gain_vs_{vs}"], row[f"gain_vs_{vs}_ci"] = gain, [lo, hi]
+                    name = f"ablation.{group}.{task}.{run}_vs_{vs}.mae_gain"
+                    metrics.update({name: gain, name + "_ci_low": lo, name + "_ci_high": hi})
+                metrics[f"ablation.{group}.{task}.{run}.mae"] = s["mean"]
+                rows.append(row)
+    lines = [f"# GeoJEPA ablation: {title}", "",
+             f"Runs: {', '.join(f'`{n}`' for n in names)} (reference: `{names[0]}`), evaluated on the same "
+             f"{len(regions)} regions ({len(members['holdout'])} holdout). Masked setting, MLP probe; per task and "
+             "run the encoder (EMA target or context) with the lower pooled validation MAE. MAE: pooled test MAE, "
+             "mean over probe seeds, [95% region-stratified bootstrap over test tiles]. Gains: the other model's "
+             "MAE minus this run's (positive: this run better), [paired 95% bootstrap interval]; **bold** when "
+             "the interval is above zero, *italic* when below.", "",
+             "| task | group | run | encoder | val MAE | test MAE [95% CI] | gain over reference | gain over own "
+             "untrained twin |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, vs):
+        if f"gain_vs_{vs}" not in r:
+            return "-"
+        g, (lo, hi) = r[f"gain_vs_{vs}"], r[f"gain_vs_{vs}_ci"]
+        text = f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        return f"**{text}**" if lo > 0 else (f"*{text}*" if hi < 0 else text)
+
+    for r in rows:
+        val_mae = "-" if r["val_mae"] is None else f"{r['val_mae']:.3f}"
+        lines.append(f"| {r['task']} | {r['group']} ({r['regions']}) | {r['run']} | {r['encoder']} | {val_mae} | "
+                     f"{r['mae']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {cell(r, 'reference')} | "
+                     f"{cell(r, 'untrained')} |")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "ablation_report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "ablation.json") as tmp:
+        tmp.write_text(json.dumps({"runs": {n: [str(w.path) for w in runs[n]] for n in names}, "rows": rows},
+                                  indent=1))
+    return metrics
