@@ -8,6 +8,7 @@ from data_contracts.io import (
     ArtifactWriter,
     ContractError,
     atomic_path,
+    embedding_dim,
     open_artifact,
     read_table,
     replace_folder,
@@ -18,6 +19,7 @@ from data_contracts.io import (
 from data_contracts.schemas import (
     ALL,
     CORPUS_RESULTS,
+    EMBEDDING_KEYS,
     EMBEDDINGS,
     ENTITIES,
     EVAL_RESULTS,
@@ -29,10 +31,13 @@ from data_contracts.schemas import (
     TILES,
     TOKENS,
     Contract,
+    entity_embeddings,
+    tile_embeddings,
 )
 
 __all__ = [
     "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "PREDICTIONS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
-    "replace_folder", "schema_diff", "sweep", "write_table",
+    "replace_folder", "schema_diff", "sweep", "write_table", "EMBEDDING_KEYS", "embedding_dim", "entity_embeddings",
+    "tile_embeddings",
 ]

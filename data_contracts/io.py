@@ -255,6 +255,20 @@ def open_artifact(path: Path | str, contract: Contract) -> list[pq.ParquetFile]:
     return opened
 
 
+def embedding_dim(path: Path | str) -> int:
+    """The width of a fixed-size ``embedding`` column (tile_embeddings, entity_embeddings), from the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: not found")
+    try:
+        field = pq.read_schema(path).field("embedding")
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise ContractError(f"{path}: not an embeddings file: {e}") from None
+    if not pa.types.is_fixed_size_list(field.type):
+        raise ContractError(f"{path}: its embedding column is {field.type}, not a fixed-size list")
+    return field.type.list_size
+
+
 def read_table(path: Path | str, contract: Contract, columns: list[str] | None = None, **kwargs) -> pa.Table:
     """Read a validated artifact (optionally a subset of columns, Parquet ``filters=``)."""
     open_artifact(path, contract)

@@ -167,6 +167,49 @@ EMBEDDINGS = Contract(
         "whole entity per piece). Tile rows first, then the entity rows a tile_entities shard at a time.",
 )
 
+def tile_embeddings(dim: int) -> Contract:
+    """``geojepa embed``'s OUT/tile_embeddings.parquet for a model with ``dim``-wide tile embeddings (the width
+    is part of the schema: a fixed-size list; ``embedding_dim`` reads it from a file)."""
+    return Contract(
+        name="tile_embeddings",
+        version=1,
+        schema=pa.schema([
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),  # the tiling's train | val | test
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),  # concat(mean, max), target encoder
+            pa.field("geometry", pa.binary(), nullable=False),  # the tile footprint, WKB EPSG:4326
+            pa.field("bbox", BBOX, nullable=False),
+        ]),
+        geometry=(("geometry", "EPSG:4326"),),
+        doc="OUT/tile_embeddings.parquet (geojepa embed): GeoParquet, one row per tokenised tile in token order; "
+            "the model, its version and the tokenizer digest in the file metadata (EMBEDDING_KEYS).",
+    )
+
+
+def entity_embeddings(dim: int) -> Contract:
+    """``geojepa embed``'s OUT/entity_embeddings.parquet (``dim``: the encoder width)."""
+    return Contract(
+        name="entity_embeddings",
+        version=1,
+        schema=pa.schema([
+            pa.field("entity_id", pa.string(), nullable=False),
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("class", pa.string(), nullable=False),  # building, highway, ... or other (its tags' class)
+            pa.field("tags", TAGS, nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),  # mean of the entity's tokens
+            pa.field("geometry", pa.binary(), nullable=False),  # the entity's piece in the tile, WKB EPSG:4326
+            pa.field("bbox", BBOX, nullable=False),
+        ]),
+        geometry=(("geometry", "EPSG:4326"),),
+        doc="OUT/entity_embeddings.parquet (geojepa embed): GeoParquet, one row per entity piece in a tile (an "
+            "entity crossing tiles has a piece, and an embedding in that tile's context, in each).",
+    )
+
+
+# The file metadata geojepa embed writes beside the schema: which model made the vectors.
+EMBEDDING_KEYS = ("geojepa:model", "geojepa:model_version", "geojepa:tokenizer_digest", "geojepa:encoder")
+
+
 TASK_LABELS = Contract(
     name="task_labels",
     version=1,

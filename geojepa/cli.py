@@ -239,6 +239,59 @@ def export_model(
     _run(call)
 
 
+@app.command("embed")
+def embed_cmd(
+    source: Annotated[str, typer.Argument(help="a region work directory, an *.osm.pbf, or a Geofabrik region name "
+                                               "(downloaded)")],
+    out: Annotated[Path, typer.Argument(help="writes OUT/tile_embeddings.parquet and OUT/entity_embeddings.parquet")],
+    model: Annotated[str, typer.Option(help="a model folder (models/geojepa-cpu), a checkpoint or "
+                                            "models:/geojepa-encoder/N")],
+    tokenizer: Annotated[Path | None, typer.Option(help="the model's tokenizer folder (default: beside the model)")
+                         ] = None,
+    imagery: Annotated[list[str] | None, typer.Option(help="as for `geojepa tile` (a new region only)")] = None,
+    force: Annotated[bool, typer.Option(help="replace another model's embeddings in OUT")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A region's tile and entity embeddings as GeoParquet (EPSG:4326), with the model in the file metadata."""
+    from geojepa.embeddings import embed_source
+
+    source_imagery: str | list[str] | None = None
+    if imagery:
+        source_imagery = imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
+    _run(lambda: embed_source(source, out, _setup(config, set_, verbose), model, tokenizer=tokenizer,
+                              imagery=source_imagery, force=force))
+
+
+@app.command()
+def similar(
+    out: Annotated[Path, typer.Argument(help="an OUT of geojepa embed")],
+    query: Annotated[str, typer.Argument(help="a tile id, or lon,lat (the tile containing the point)")],
+    k: Annotated[int, typer.Option("-k", help="neighbours")] = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The k tiles nearest QUERY by cosine similarity: a table, and a gallery in OUT/similar/."""
+    from geojepa.embeddings import similar as run_similar
+    from geojepa.embeddings.similar import table
+
+    _setup(None, None, verbose)
+    _run(lambda: table(run_similar(out, query, k)))
+
+
+@app.command("map")
+def map_cmd(
+    out: Annotated[Path, typer.Argument(help="an OUT of geojepa embed; writes OUT/map.html")],
+    k: Annotated[int, typer.Option("-k", help="neighbours shown for a clicked tile")] = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """One self-contained HTML page: tiles coloured by their embeddings, a click shows the nearest tiles."""
+    from geojepa.embeddings import write_map
+
+    _setup(None, None, verbose)
+    _run(lambda: write_map(out, k))
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output *.osm.pbf (synthetic)")],

@@ -171,6 +171,31 @@ def _flat_map(tags: pa.Array) -> tuple[np.ndarray, pa.Array, pa.Array]:
     return offs - start, tags.keys.slice(start, length), tags.items.slice(start, length)
 
 
+EMBED_TOKENS = 8_192  # entity (and image) tokens read and embedded at a time, at most (one tile at least)
+
+
+def token_batches(tok: TokenIndex, modalities: tuple[str, ...], batch_tiles: int
+                  ) -> Iterator[tuple[np.ndarray, list[dict]]]:
+    """The token shards' tiles in token order, at most ``batch_tiles`` (and ``EMBED_TOKENS`` tokens) at a time:
+    (their token indices, their items with ``modalities``' tokens). One batch in memory: the column chunks
+    are read a page at a time (no pre-buffering)."""
+    from geojepa.train.data import TokenRows
+
+    columns = ["entity_position", "patch_position", *(TokenRows.COLUMNS[m] for m in modalities)]
+    lengths = tok.n_entities + (tok.n_patches if "image" in modalities else 0)
+    row = 0
+    for k, shard in enumerate(tok.shards):
+        # Shards are sorted by length: batches of their longest tiles hold fewer of them.
+        longest = int(lengths[tok.shard_start[k] : tok.shard_start[k + 1]].max(initial=1))
+        size = max(1, min(batch_tiles, EMBED_TOKENS // max(longest, 1)))
+        for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(batch_size=size, columns=columns,
+                                                                          use_threads=False):
+            token_rows = TokenRows(pa.Table.from_batches([batch]), modalities)
+            items = [token_rows.item(i) for i in range(batch.num_rows)]
+            yield np.arange(row, row + len(items)), items
+            row += len(items)
+
+
 def entity_batches(path: Path, contract, columns: list[str], tok: TokenIndex) -> Iterator[tuple[pa.Table, np.ndarray,
                                                                                                   np.ndarray]]:
     """Each shard of ``tile_entities`` (a partition: its tiles whole) restricted to the tokenised tiles and sorted

@@ -94,17 +94,16 @@ from geojepa.evaluate.region import (
     release,
     scan_entities,
     tiles_meta,
+    token_batches,
     token_index,
 )
 from geojepa.evaluate.report import write_report
 from geojepa.lifecycle import Lifecycle
 from geojepa.tokens.vocab import Vocab
-from geojepa.train.data import TokenRows
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
-EMBED_TOKENS = 8_192  # entity (and image) tokens read and embedded at a time, at most (one tile at least)
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -169,7 +168,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     # out (real imagery, an independent observation, stays).
     rendered = "image" in modalities and _rendered(paths["tile_images"])
     tok = token_index(paths["tokens"])
-    _check_widths(tok.dims, modalities, encoder, paths)
+    check_widths(tok.dims, modalities, encoder, paths)
     settings = ProbeSettings(section.hidden, section.lr, section.weight_decay, section.max_epochs, section.patience,
                              section.batch)
     tasks = [TASKS[name] for name in section.tasks]
@@ -315,7 +314,7 @@ class _Embedded:
     entity_axes: np.ndarray
 
 
-def _check_widths(dims: dict[str, int], modalities: tuple[str, ...], encoder, paths: dict) -> None:
+def check_widths(dims: dict[str, int], modalities: tuple[str, ...], encoder, paths: dict) -> None:
     for i, m in enumerate(("tags", "geometry", "image")):
         want = getattr(encoder.proj[i], "in_features", 0)
         if m in modalities and want != dims[m]:
@@ -351,7 +350,6 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, context,
     principal axes need. Image tokens are read only when the model takes them."""
     width, n = encoder.width, tok.n
     have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and (m == "tags" or m in modalities))
-    columns = ["entity_position", "patch_position", *(TokenRows.COLUMNS[m] for m in have)]
     tag_dim = tok.dims["tags"] or 1
     tiles, ctx, untr = (np.zeros((n, 2 * width), np.float32) for _ in range(3))
     pooled = np.zeros((n, tag_dim), np.float32)
@@ -377,58 +375,46 @@ def _embed_region(tok, scan, task_rows: dict[str, np.ndarray], encoder, context,
         (t, ents), (c, _), (u, _) = (r.result() for r in runs)
         return t, c, u, ents
 
-    row = 0
-    lengths = tok.n_entities + (tok.n_patches if "image" in have else 0)
     with open(spill, "wb") as out:
-        for k, shard in enumerate(tok.shards):
-            # Shards are sorted by length: batches of their longest tiles hold fewer of them (EMBED_TOKENS).
-            longest = int(lengths[tok.shard_start[k] : tok.shard_start[k + 1]].max(initial=1))
-            size = max(1, min(section.embed_batch_tiles, EMBED_TOKENS // max(longest, 1)))
-            # pre_buffer off: the column chunks are read a page at a time, not a whole shard's at once
-            for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(batch_size=size, columns=columns,
-                                                                              use_threads=False):
-                token_rows = TokenRows(pa.Table.from_batches([batch]), have)
-                items = [token_rows.item(i) for i in range(batch.num_rows)]
-                r = np.arange(row, row + len(items))
-                row += len(items)
-                tiles[r], ctx[r], untr[r], ents = all_three(items)
-                flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
-                out.write(np.ascontiguousarray(flat, np.float32).tobytes())
-                f64 = flat.astype(np.float64)
-                s1 += f64.sum(0)
-                s2 += f64.T @ f64
-                count += len(flat)
-                if tok.dims["tags"]:
-                    pooled[r] = tag_pool(items)
-                for names in groups:  # tasks masking the same tags share their masked tiles' vectors
-                    at = np.stack([where[name][r] for name in names])
-                    wanted = np.flatnonzero((at >= 0).any(0))
-                    if not len(wanted):
-                        continue
-                    ed = scan.edits[names[0]].range(tok.ent_off[r[0]], tok.ent_off[r[-1] + 1])
-                    new_vectors = kept_tag_vectors(vectors, ed.ptr, ed.rows) if "tags" in have else None
-                    owner, local = tok.owner(ed.pos)
-                    bounds = np.searchsorted(owner, r, side="left").tolist() + [len(owner)]
-                    vec = {"geojepa": tiles[r[wanted]], "geojepa_context": ctx[r[wanted]], "untrained": untr[r[wanted]],
-                           "tagpool": pooled[r[wanted]]}
-                    changed, masked = [], []
-                    for w, k in enumerate(wanted):
-                        a, b = bounds[k : k + 2]
-                        if a < b or drop_masked_images:  # else unchanged by the masking: the unmasked vectors
-                            changed.append(w)
-                            it = mask_item(items[k], local[a:b], ed.keep[a:b],
-                                           None if new_vectors is None else new_vectors[a:b])
-                            masked.append(without_images(it) if drop_masked_images else it)
-                    if masked:
-                        vec["geojepa"][changed], vec["geojepa_context"][changed], vec["untrained"][changed], _ = (
-                            all_three(masked))
-                        if tok.dims["tags"]:
-                            vec["tagpool"][changed] = tag_pool(masked)
-                    for name, at_task in zip(names, at, strict=True):
-                        sel = at_task[wanted] >= 0
-                        for key, v in vec.items():
-                            feats[name][key][at_task[wanted][sel]] = v[sel]
-                release()
+        for r, items in token_batches(tok, have, section.embed_batch_tiles):
+            tiles[r], ctx[r], untr[r], ents = all_three(items)
+            flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
+            out.write(np.ascontiguousarray(flat, np.float32).tobytes())
+            f64 = flat.astype(np.float64)
+            s1 += f64.sum(0)
+            s2 += f64.T @ f64
+            count += len(flat)
+            if tok.dims["tags"]:
+                pooled[r] = tag_pool(items)
+            for names in groups:  # tasks masking the same tags share their masked tiles' vectors
+                at = np.stack([where[name][r] for name in names])
+                wanted = np.flatnonzero((at >= 0).any(0))
+                if not len(wanted):
+                    continue
+                ed = scan.edits[names[0]].range(tok.ent_off[r[0]], tok.ent_off[r[-1] + 1])
+                new_vectors = kept_tag_vectors(vectors, ed.ptr, ed.rows) if "tags" in have else None
+                owner, local = tok.owner(ed.pos)
+                bounds = np.searchsorted(owner, r, side="left").tolist() + [len(owner)]
+                vec = {"geojepa": tiles[r[wanted]], "geojepa_context": ctx[r[wanted]], "untrained": untr[r[wanted]],
+                       "tagpool": pooled[r[wanted]]}
+                changed, masked = [], []
+                for w, k in enumerate(wanted):
+                    a, b = bounds[k : k + 2]
+                    if a < b or drop_masked_images:  # else unchanged by the masking: the unmasked vectors
+                        changed.append(w)
+                        it = mask_item(items[k], local[a:b], ed.keep[a:b],
+                                       None if new_vectors is None else new_vectors[a:b])
+                        masked.append(without_images(it) if drop_masked_images else it)
+                if masked:
+                    vec["geojepa"][changed], vec["geojepa_context"][changed], vec["untrained"][changed], _ = (
+                        all_three(masked))
+                    if tok.dims["tags"]:
+                        vec["tagpool"][changed] = tag_pool(masked)
+                for name, at_task in zip(names, at, strict=True):
+                    sel = at_task[wanted] >= 0
+                    for key, v in vec.items():
+                        feats[name][key][at_task[wanted][sel]] = v[sel]
+            release()
     mean = s1 / max(count, 1)
     cov = s2 / max(count, 1) - np.outer(mean, mean)
     axes = np.linalg.eigh(cov)[1][:, ::-1][:, :3] if count else np.zeros((width, 3))

@@ -1,0 +1,217 @@
+"""``geojepa embed SOURCE OUT --model M``: a region's tile and entity embeddings as GeoParquet.
+
+SOURCE is a region work directory, an ``*.osm.pbf`` or a Geofabrik region name (downloaded: needs the
+network). A PBF or a name is extracted, tiled and tokenised into ``OUT/work`` (each stage reuses its fresh
+artifacts); a work directory is used in place (re-tokenised only when its shards were made with another
+tokenizer than the model's). Tokens are made with a copy of the model's frozen tokenizer in
+``OUT/tokenizer``: a new region's tag values grow the copy's vocabulary, never the shipped model folder.
+
+The encoder (the EMA target, the one evaluation reports) runs over the token shards a batch of tiles at a
+time, the same batches and the same ``embed`` as ``geojepa evaluate`` (``token_batches``), so memory is
+bounded by a batch, the tile index and the entity vectors spilled to disk, not by the region. Both files go
+into place together at the end; a failure leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_contracts import (
+    EMBEDDING_KEYS,
+    TILE_ENTITIES,
+    ArtifactWriter,
+    entity_embeddings,
+    tile_embeddings,
+)
+from geojepa.config import Config
+from geojepa.errors import GeoJepaError
+from geojepa.evaluate.embed import embed
+from geojepa.evaluate.knn import class_of
+from geojepa.evaluate.region import entity_batches, pieces_lonlat, release, tiles_meta, token_batches, token_index
+from geojepa.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+TILE_FILE, ENTITY_FILE = "tile_embeddings.parquet", "entity_embeddings.parquet"
+GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
+
+
+def model_version(ckpt: Path) -> str:
+    """The checkpoint's file name and the first 16 hex digits of its SHA-256: what the files say made them."""
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return f"{ckpt.name} sha256:{h.hexdigest()[:16]}"
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """The ``geojepa:*`` metadata of an embeddings file."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k.decode().startswith("geojepa:")}
+
+
+def _tokenizer_folder(spec: str, ckpt: Path, tokenizer: Path | None) -> Path | None:
+    if tokenizer:
+        return Path(tokenizer)
+    candidates = [ckpt.parent.parent / "tokenizer", ckpt.parent / "tokenizer"]
+    if Path(spec).is_dir():
+        candidates.insert(0, Path(spec) / "tokenizer")
+    return next((c for c in candidates if (c / "tokenizer.json").is_file()), None)
+
+
+def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | None, digest: str | None) -> WorkDir:
+    """The region's work directory with token shards the model can read (see the module docstring)."""
+    from geojepa.extract import extract
+    from geojepa.tile import tile
+    from geojepa.tokens import tokens
+
+    path = Path(source)
+    if path.is_dir():
+        w = WorkDir(path)
+        if not w.tiles.exists():
+            raise GeoJepaError(f"{path}: not a region work directory (no tiles.parquet); pass a PBF or run "
+                               f"`geojepa extract` and `geojepa tile` on it first")
+        if w.token_shards() and w.tokenizer_digest() == digest:
+            return w  # tokens made with the model's tokenizer (or, digest None, the region's own)
+        if digest is None:
+            raise GeoJepaError(f"{path}: its tokens were made with tokenizer {w.tokenizer_digest()}, the model "
+                               "with the region's own: embed the work directory it was trained on")
+    else:
+        if path.suffix == ".pbf" or path.name.endswith(".osm.pbf"):
+            if not path.is_file():
+                raise GeoJepaError(f"{path}: no such PBF file")
+            pbf = path
+        elif path.is_absolute() or source.startswith((".", "~")) or (path.parent != Path(".") and
+                                                                       path.parent.exists()):
+            raise GeoJepaError(f"{path}: no such work directory or PBF file")
+        else:
+            from geojepa.extract.fetch import fetch_region
+
+            log.info("embed: %s is not a file: fetching it from Geofabrik", source)
+            try:
+                pbf = fetch_region(source, out / "download", index_url=GEOFABRIK_INDEX)
+            except OSError as e:
+                raise GeoJepaError(f"{source}: not a work directory or PBF file, and fetching it from Geofabrik "
+                                   f"failed ({e}); pass a local PBF (the bundled ones are in data/samples/)") from None
+        if digest is None:
+            raise GeoJepaError("the model was trained on its region's own tokenizer: it can embed only the work "
+                               "directory it was trained on, not a new PBF; use a corpus model (models/geojepa-cpu)")
+        w = WorkDir(out / "work")
+        extract(pbf, w.path, cfg)
+        tile(w.path, cfg, imagery=imagery)
+    if tokenizer is None:
+        raise GeoJepaError(f"the model was trained with tokenizer {digest}, and no tokenizer folder was found beside "
+                           "it: pass --tokenizer T (the folder `geojepa tokenizer fit` made)")
+    copy = out / "tokenizer"
+    if not (copy / "tokenizer.json").is_file():
+        tmp = out / f".tokenizer.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer, tmp, ignore=shutil.ignore_patterns(".*"))
+        os.replace(tmp, copy)
+    from geojepa.tokens.tokenizer import load_tokenizer
+
+    if load_tokenizer(copy).digest != digest:
+        raise GeoJepaError(f"{copy}: tokenizer {load_tokenizer(copy).digest}, the model was trained with {digest}; "
+                           "remove it (or pass another OUT)")
+    tokens(w.path, cfg, tokenizer=copy)
+    return w
+
+
+def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | Path,
+                 tokenizer: Path | None = None, imagery=None, force: bool = False) -> dict:
+    """Write ``OUT/tile_embeddings.parquet`` and ``OUT/entity_embeddings.parquet`` (see the module docstring);
+    returns a summary (tiles, entity pieces, width, seconds, files)."""
+    from geojepa.evaluate.model import resolve_model
+    from geojepa.evaluate.stage import check_widths
+    from geojepa.model.jepa import encoder_from_checkpoint, load_checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    spec = str(model)
+    ckpt = resolve_model(spec, cfg, out / ".models")
+    if not ckpt.is_file():
+        raise GeoJepaError(f"{ckpt}: checkpoint not found")
+    version = model_version(ckpt)
+    if (out / TILE_FILE).exists() and not force:
+        try:
+            before = file_metadata(out / TILE_FILE).get("geojepa:model_version")
+        except Exception as e:  # noqa: BLE001 (an unreadable file there is not ours to overwrite either)
+            before = f"unreadable ({e})"
+        if before != version:
+            raise GeoJepaError(f"{out / TILE_FILE}: holds embeddings of another model ({before}, not {version}); "
+                               "pass --force to replace them, or another OUT")
+    try:
+        tcfg = load_checkpoint(ckpt)["config"]
+    except ValueError as e:
+        raise GeoJepaError(str(e)) from None
+    digest = tcfg.get("tokenizer_digest")
+    out.mkdir(parents=True, exist_ok=True)
+    w = _work_dir(str(source), out, cfg, imagery, _tokenizer_folder(spec, ckpt, tokenizer), digest)
+    tok = token_index(w.tokens)
+    if tok.n == 0:
+        raise GeoJepaError(f"{w.tokens}: no tokenised tiles (the region has no tiles with entities): nothing to "
+                           "embed")
+    encoder, _ = encoder_from_checkpoint(ckpt)
+    modalities = tuple(tcfg["modalities"])
+    check_widths(tok.dims, modalities, encoder, {"checkpoint": ckpt, "tokens": w.tokens})
+    have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and m in modalities)
+    meta = tiles_meta(w.tiles, tok)
+    width = encoder.width
+    metadata = dict(zip(EMBEDDING_KEYS, (spec, version, digest or "region-own", "target"), strict=True))
+    tmp = out / f".embed.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    spill = tmp / "entities.f32"
+    pieces = 0
+    try:
+        with ArtifactWriter(tmp / TILE_FILE, tile_embeddings(2 * width), metadata=metadata) as tiles_out, \
+                open(spill, "wb") as ents_out:
+            for r, items in token_batches(tok, have, cfg.evaluate.embed_batch_tiles):
+                vectors, ents = embed(encoder, items, modalities, cfg.evaluate.embed_batch_tiles)
+                at = pa.array(r)
+                tiles_out.write(pa.table({
+                    "tile_id": pa.array([tok.ids[i] for i in r], pa.string()),
+                    "split": pa.array([str(tok.split[i]) for i in r], pa.string()),
+                    "embedding": _fixed(vectors), "geometry": meta["geometry"].take(at),
+                    "bbox": meta["bbox"].take(at)}))
+                flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
+                ents_out.write(np.ascontiguousarray(flat, np.float32).tobytes())
+                release()
+        spilled = np.memmap(spill, np.float32, "r", shape=(os.path.getsize(spill) // (4 * width), width))
+        with ArtifactWriter(tmp / ENTITY_FILE, entity_embeddings(width), metadata=metadata) as ents_file:
+            for t, tiles, pos in entity_batches(w.tile_entities, TILE_ENTITIES, ["geometry", "tags"], tok):
+                geometry, bbox = pieces_lonlat(t["geometry"].combine_chunks(), tiles, meta)
+                tags = t["tags"].combine_chunks()
+                ents_file.write(pa.table({
+                    "entity_id": t["entity_id"], "tile_id": t["tile_id"],
+                    "class": pa.array([class_of(x) for x in tags.to_pylist()], pa.string()), "tags": tags,
+                    "embedding": _fixed(np.asarray(spilled[pos])), "geometry": geometry, "bbox": bbox}))
+                pieces += len(pos)
+        del spilled
+        spill.unlink()
+        for name in (TILE_FILE, ENTITY_FILE):  # both files at the end, one rename each
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {"tiles": tok.n, "entity_pieces": pieces, "width": 2 * width, "model": spec, "model_version": version,
+               "tokenizer_digest": digest, "work_dir": str(w.path), "seconds": round(time.perf_counter() - t0, 1),
+               "files": [str(out / TILE_FILE), str(out / ENTITY_FILE)]}
+    log.info("embed: %d tiles and %d entity pieces of %s in %.1fs -> %s", tok.n, pieces, w.path,
+             summary["seconds"], out)
+    return summary
+
+
+def _fixed(x: np.ndarray) -> pa.Array:
+    x = np.ascontiguousarray(x, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])

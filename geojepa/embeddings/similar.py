@@ -1,0 +1,114 @@
+"""``geojepa similar OUT QUERY -k 10``: the tiles nearest a tile by cosine similarity of their embeddings.
+
+Exact search (``topk_cosine``: one matrix product per chunk of queries against the whole gallery; a query
+against a million 256-wide tiles is one 1 GB pass, well under a second, so an approximate index buys nothing
+for single queries). QUERY is a tile id or ``lon,lat`` (the tile that contains the point). Writes a gallery,
+``OUT/similar/<query>.png`` and ``.html``, drawing each tile's entities from ``entity_embeddings.parquet``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_contracts import embedding_dim, entity_embeddings, read_table, tile_embeddings
+from geojepa.errors import GeoJepaError
+from geojepa.evaluate.knn import topk_cosine
+
+POINT = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*,\s*(-?\d+(?:\.\d*)?)\s*$")
+
+
+def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:
+    """(tile ids, (tiles, dim) float32 embeddings, shapely footprints) of ``OUT/tile_embeddings.parquet``."""
+    import shapely
+
+    path = Path(out) / "tile_embeddings.parquet"
+    if not path.is_file():
+        raise GeoJepaError(f"{path}: missing; run `geojepa embed SOURCE {out} --model M` first")
+    t = read_table(path, tile_embeddings(embedding_dim(path)), columns=["tile_id", "embedding", "geometry"])
+    emb = t["embedding"].combine_chunks()
+    x = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size).astype(np.float32)
+    return t["tile_id"].to_pylist(), x, shapely.from_wkb(t["geometry"].to_numpy(zero_copy_only=False))
+
+
+def find_tile(query: str, ids: list[str], footprints, path: Path) -> int:
+    """The row of ``query``: a tile id, or ``lon,lat`` inside a tile footprint."""
+    import shapely
+
+    if m := POINT.match(query):
+        lon, lat = float(m.group(1)), float(m.group(2))
+        inside = np.flatnonzero(shapely.contains_xy(footprints, lon, lat))
+        if not len(inside):
+            b = shapely.total_bounds(footprints)
+            raise GeoJepaError(f"{query}: the point ({lon}, {lat}) is in none of the {len(ids)} tiles of {path} "
+                               f"(their extent: lon {b[0]:.4f}..{b[2]:.4f}, lat {b[1]:.4f}..{b[3]:.4f})")
+        return int(inside[0])
+    try:
+        return ids.index(query)
+    except ValueError:
+        raise GeoJepaError(f"{query}: no such tile in {path} (tile ids look like {ids[0]!r}; or pass lon,lat)"
+                           ) from None
+
+
+def similar(out: Path | str, query: str, k: int = 10, gallery: bool = True) -> dict:
+    """The ``k`` nearest tiles of ``query`` (rank, tile id, cosine, centre lon/lat) and the gallery files."""
+    import shapely
+
+    out = Path(out)
+    if k < 1:
+        raise GeoJepaError(f"-k {k}: ask for one neighbour or more")
+    ids, x, footprints = load_tiles(out)
+    q = find_tile(query, ids, footprints, out / "tile_embeddings.parquet")
+    sims, nn = topk_cosine(x[q : q + 1], x, k, exclude=np.array([q]))
+    centres = shapely.get_coordinates(shapely.centroid(footprints))
+    rows = [{"rank": r + 1, "tile_id": ids[i], "cosine": round(float(s), 4), "lon": round(float(centres[i, 0]), 6),
+             "lat": round(float(centres[i, 1]), 6)} for r, (s, i) in enumerate(zip(sims[0], nn[0], strict=True))]
+    result = {"query": ids[q], "neighbours": rows}
+    if gallery:
+        result["gallery"] = _gallery(out, q, nn[0], sims[0], ids, footprints)
+    return result
+
+
+def table(result: dict) -> str:
+    """The neighbours as a text table."""
+    lines = [f"tiles nearest {result['query']} (cosine similarity of the tile embeddings)",
+             f"{'rank':>4}  {'tile_id':<28} {'cosine':>7}  {'lon':>11} {'lat':>10}"]
+    lines += [f"{r['rank']:>4}  {r['tile_id']:<28} {r['cosine']:>7.4f}  {r['lon']:>11.6f} {r['lat']:>10.6f}"
+              for r in result["neighbours"]]
+    if "gallery" in result:
+        lines.append(f"gallery: {result['gallery']['html']}")
+    return "\n".join(lines)
+
+
+def _gallery(out: Path, q: int, nn: np.ndarray, sims: np.ndarray, ids: list[str], footprints) -> dict:
+    """The query and its neighbours drawn from their entities (lon/lat pieces scaled into each tile's box)."""
+    import shapely
+
+    from geojepa.evaluate.figures import gallery
+
+    tiles = [q, *nn.tolist()]
+    path = out / "entity_embeddings.parquet"
+    want = [ids[i] for i in tiles]
+    drawings = {i: {"geometries": [], "classes": []} for i in tiles}
+    if path.is_file():
+        read_table(path, entity_embeddings(embedding_dim(path)), columns=[])  # the contract check
+        t = pq.read_table(path, columns=["tile_id", "class", "geometry"], filters=pc.field("tile_id").isin(want))
+        at = {tid: i for i, tid in zip(tiles, want, strict=True)}
+        geoms = shapely.from_wkb(t["geometry"].to_numpy(zero_copy_only=False))
+        for tid, cls, g in zip(t["tile_id"].to_pylist(), t["class"].to_pylist(), geoms, strict=True):
+            i = at[tid]
+            x0, y0, x1, y1 = shapely.bounds(footprints[i])
+            unit = shapely.transform(g, lambda c, x0=x0, y0=y0, x1=x1, y1=y1: (c - [x0, y0]) / [x1 - x0, y1 - y0])
+            drawings[i]["geometries"].append(shapely.to_wkb(unit))
+            drawings[i]["classes"].append(cls)
+    row = [(ids[q], 1.0, drawings[q])] + [(ids[i], float(s), drawings[i]) for i, s in zip(nn, sims, strict=True)]
+    folder = out / "similar"
+    folder.mkdir(exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ids[q])
+    png, page = folder / f"{name}.png", folder / f"{name}.html"
+    gallery(png, page, f"tiles nearest {ids[q]} (cosine similarity)", [row])
+    return {"png": str(png), "html": str(page)}
