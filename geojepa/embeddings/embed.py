@@ -110,9 +110,6 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
         w = WorkDir(out / "work")
         extract(pbf, w.path, cfg)
         tile(w.path, cfg, imagery=imagery)
-    if tokenizer is None:
-        raise GeoJepaError(f"the model was trained with tokenizer {digest}, and no tokenizer folder was found beside "
-                           "it: pass --tokenizer T (the folder `geojepa tokenizer fit` made)")
     copy = out / "tokenizer"
     if not (copy / "tokenizer.json").is_file():
         tmp = out / f".tokenizer.tmp-{os.getpid()}"
@@ -156,8 +153,16 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     except ValueError as e:
         raise GeoJepaError(str(e)) from None
     digest = tcfg.get("tokenizer_digest")
+    folder = _tokenizer_folder(spec, ckpt, tokenizer)
+    ready = Path(source).is_dir() and WorkDir(source).token_shards() and WorkDir(source).tokenizer_digest() == digest
+    if digest and folder is None and not ready:
+        raise GeoJepaError(f"{ckpt}: trained with tokenizer {digest}, and no tokenizer folder is beside it: pass "
+                           "--tokenizer T (the folder `geojepa tokenizer fit` made; a model folder has it in "
+                           "tokenizer/)")
+    if folder is not None and not (Path(folder) / "tokenizer.json").is_file():
+        raise GeoJepaError(f"{folder}: not a tokenizer folder (no tokenizer.json)")
     out.mkdir(parents=True, exist_ok=True)
-    w = _work_dir(str(source), out, cfg, imagery, _tokenizer_folder(spec, ckpt, tokenizer), digest)
+    w = _work_dir(str(source), out, cfg, imagery, folder, digest)
     tok = token_index(w.tokens)
     if tok.n == 0:
         raise GeoJepaError(f"{w.tokens}: no tokenised tiles (the region has no tiles with entities): nothing to "
