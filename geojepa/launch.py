@@ -180,13 +180,11 @@ def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:
     import mlflow
     from mlflow import MlflowClient
 
-    from geojepa.model.jepa import encoder_from_checkpoint
+    from geojepa.embeddings.pyfunc import log_embedder
     from geojepa.tracking import git_revision
 
-    encoder, _ = encoder_from_checkpoint(checkpoint)
     mlflow.log_artifact(str(checkpoint), artifact_path="checkpoint")
-    info = mlflow.pytorch.log_model(encoder, name="target_encoder", registered_model_name=f"{name}-encoder",
-                                    serialization_format="pickle")
+    info = log_embedder(checkpoint, f"{name}-encoder")
     version = getattr(info, "registered_model_version", None)
     if version is None:
         return None

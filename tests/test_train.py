@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -222,6 +223,21 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
         assert [r.info.status for r in runs] == ["FINISHED"]
         assert {"loss", "jepa", "var", "cov", "std", "lr", "wd", "momentum", "tokens_per_s"} <= set(runs[0].data.metrics)
         assert [m.name for m in mlflow.MlflowClient().search_registered_models()] == ["geojepa-encoder"]
+        # the registered version is a pyfunc: token shards in, tile embeddings out, as `geojepa embed` makes them
+        import pandas as pd
+
+        from geojepa.embeddings.embed import embedded_batches
+        from geojepa.evaluate.region import token_index
+        from geojepa.model.jepa import encoder_from_checkpoint
+
+        model = mlflow.pyfunc.load_model("models:/geojepa-encoder/1")
+        assert [c.name for c in model.metadata.get_input_schema().inputs] == ["work_dir"]
+        got = model.predict(pd.DataFrame({"work_dir": [str(region)]}))
+        tok = token_index(region / "tokens")
+        encoder, _ = encoder_from_checkpoint(summary["checkpoint"])
+        want = np.concatenate([v for _, v, _ in embedded_batches(tok, encoder, ("tags", "geometry"), 64)])
+        assert got["tile_id"].tolist() == list(tok.ids) and len(got) == tok.n
+        np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), want, rtol=0, atol=1e-6)
     finally:
         mlflow.set_tracking_uri(None)
 

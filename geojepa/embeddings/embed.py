@@ -170,7 +170,6 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     encoder, _ = encoder_from_checkpoint(ckpt)
     modalities = tuple(tcfg["modalities"])
     check_widths(tok.dims, modalities, encoder, {"checkpoint": ckpt, "tokens": w.tokens})
-    have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and m in modalities)
     meta = tiles_meta(w.tiles, tok)
     width = encoder.width
     metadata = dict(zip(EMBEDDING_KEYS, (spec, version, digest or "region-own", "target"), strict=True))
@@ -182,8 +181,7 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     try:
         with ArtifactWriter(tmp / TILE_FILE, tile_embeddings(2 * width), metadata=metadata) as tiles_out, \
                 open(spill, "wb") as ents_out:
-            for r, items in token_batches(tok, have, cfg.evaluate.embed_batch_tiles):
-                vectors, ents = embed(encoder, items, modalities, cfg.evaluate.embed_batch_tiles)
+            for r, vectors, ents in embedded_batches(tok, encoder, modalities, cfg.evaluate.embed_batch_tiles):
                 at = pa.array(r)
                 tiles_out.write(pa.table({
                     "tile_id": pa.array([tok.ids[i] for i in r], pa.string()),
@@ -192,7 +190,6 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
                     "bbox": meta["bbox"].take(at)}))
                 flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
                 ents_out.write(np.ascontiguousarray(flat, np.float32).tobytes())
-                release()
         spilled = np.memmap(spill, np.float32, "r", shape=(os.path.getsize(spill) // (4 * width), width))
         with ArtifactWriter(tmp / ENTITY_FILE, entity_embeddings(width), metadata=metadata) as ents_file:
             for t, tiles, pos in entity_batches(w.tile_entities, TILE_ENTITIES, ["geometry", "tags"], tok):
@@ -215,6 +212,16 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     log.info("embed: %d tiles and %d entity pieces of %s in %.1fs -> %s", tok.n, pieces, w.path,
              summary["seconds"], out)
     return summary
+
+
+def embedded_batches(tok, encoder, modalities: tuple[str, ...], batch_tiles: int):
+    """(token indices, (tiles, 2 x width) tile embeddings, per tile (entities, width) entity embeddings) of the
+    token shards, a batch at a time: ``token_batches`` through ``embed``, as ``geojepa evaluate`` reads them."""
+    have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and m in modalities)
+    for r, items in token_batches(tok, have, batch_tiles):
+        vectors, ents = embed(encoder, items, modalities, batch_tiles)
+        yield r, vectors, ents
+        release()
 
 
 def _fixed(x: np.ndarray) -> pa.Array:
