@@ -452,3 +452,48 @@ def test_exact_cosine_knn_matches_brute_force():
     c_sims, c_idx = topk_cosine_chunks(g[:50], chunks, 5, exclude=np.arange(50))
     np.testing.assert_array_equal(c_idx, idx)
     np.testing.assert_allclose(c_sims, sims, rtol=1e-5)
+
+
+def test_baseline_probes_are_cached_by_content_and_another_model_refits_only_its_own(tmp_path, monkeypatch):
+    """_score with a cache: a second evaluation with other model features fits only the model's probes and gives
+    the baselines' predictions bit for bit; other labels (a changed region) miss the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geojepa.evaluate import stage
+
+    rng = np.random.default_rng(0)
+    n = 120
+    y = rng.integers(0, 30, n).astype(float)
+    sp = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
+    base = {"tagpool": rng.normal(size=(n, 6)).astype(np.float32) + y[:, None] / 10,
+            "bag_of_tags": rng.poisson(2, size=(n, 9)).astype(np.float32)}
+    section = load_config(overrides=["evaluate.seeds=2", "evaluate.max_epochs=5"]).evaluate
+    settings = ProbeSettings(max_epochs=5, patience=2)
+    fitted = []
+    real = stage.fit_predict_seeds
+
+    def spy(kind, xs, *a, **k):
+        fitted.append((kind, len(xs), xs[0].shape[1]))
+        return real(kind, xs, *a, **k)
+
+    monkeypatch.setattr(stage, "fit_predict_seeds", spy)
+
+    def score(labels, geojepa):
+        feats = {"geojepa": geojepa, **base}
+        pr = stage.Probes(TASKS["building_count"], [("masked", feats, True)], labels, sp,
+                          np.array([f"t{i}" for i in range(n)]))
+        fitted.clear()
+        with ThreadPoolExecutor(2) as pool:
+            rows, table, _ = stage._score([pr], section, settings, pool, cache=tmp_path / "cache")
+        return {(r["model"], r["probe"], r["metric"]): r["mean"] for r in rows}, list(fitted)
+
+    first, fits1 = score(y, rng.normal(size=(n, 4)).astype(np.float32))
+    assert {d for _, _, d in fits1} == {4, 6, 9} and len(list((tmp_path / "cache").glob("*.npy"))) == 2 * 2 * 2
+    second, fits2 = score(y, rng.normal(size=(n, 4)).astype(np.float32))
+    assert {d for _, _, d in fits2} == {4}  # the baselines came from the cache
+    for model in ("tagpool", "bag_of_tags"):
+        for probe in ("linear", "mlp"):
+            assert second[model, probe, "mae"] == first[model, probe, "mae"]
+    assert second["geojepa", "mlp", "mae"] != first["geojepa", "mlp", "mae"]
+    _, fits3 = score(y[::-1].copy(), rng.normal(size=(n, 4)).astype(np.float32))
+    assert {d for _, _, d in fits3} == {4, 6, 9}  # other labels: other keys

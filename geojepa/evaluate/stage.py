@@ -30,6 +30,7 @@ The folder is written whole to a temporary sibling and swapped in at the end.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from data_contracts import (
     TILES,
     TOKENS,
     ArtifactWriter,
+    atomic_path,
     open_artifact,
     read_table,
     replace_folder,
@@ -224,7 +226,8 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                     jobs.append(("unmasked", {"geojepa": emb.tiles[rows], "geojepa_context": emb.context[rows],
                                               "tagpool": emb.tagpool[rows]}, False))
                 probes.append(Probes(task, jobs, y, sp, tok.ids[rows]))
-            results, predictions, timing["probes"] = _score(probes, section, settings, pool)
+            results, predictions, timing["probes"] = _score(probes, section, settings, pool,
+                                                               cache=work_dir / PROBE_CACHE)
             timing["probes_wall"] = round(time.perf_counter() - clock, 2)
             del probes
 
@@ -438,15 +441,36 @@ class Probes:
         return np.flatnonzero(self.sp == s)
 
 
-def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) -> tuple[list[dict], pa.Table, dict]:
+BASELINES = ("tagpool", "bag_of_tags")  # features that do not depend on the model: their probes are cached
+PROBE_CACHE = ".probe-cache"  # in W: the baselines' probe predictions, content-addressed
+
+
+def _cache_key(kind: str, x: np.ndarray, y: np.ndarray, sp: np.ndarray, seed: int, settings) -> str:
+    """A probe's predictions depend on exactly these: the features, labels and splits (bytes), the seed and
+    the settings (and the code: ``PROBE_CODE``)."""
+    h = hashlib.sha256(f"{PROBE_CODE}/{kind}/{seed}/{settings}/{x.shape}".encode())
+    for a in (x, y.astype(np.float64), sp.astype(str).astype("U8")):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+PROBE_CODE = 1  # bump when fit_predict_seeds changes what it predicts: cached baseline probes are then ignored
+
+
+def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor, cache: Path | None = None
+           ) -> tuple[list[dict], pa.Table, dict]:
     """Every task's result rows (test metrics, with the validation metric beside), in the order the one-probe
     loop wrote them, every probe's val and test predictions per seed (``PREDICTIONS``), and each task's probe
     time in seconds of a core. Each (task, setting, probe kind, feature width) is one stacked fit over its feature
     sets and seeds (the features standardised once, for both kinds); the fits of every task run side by side
     on ``pool``, largest first, the largest split by seeds into one fit per thread (members are independent:
-    the same results) so no thread waits alone at the end."""
+    the same results) so no thread waits alone at the end.
+
+    The baselines' probes (``BASELINES``: their features are the region's, whatever the model) are kept in
+    ``cache`` (a folder), content-addressed (``_cache_key``), so evaluating another model on the same region
+    fits only the model's own probes; a cached probe gives the predictions its fit gave."""
     seeds = list(range(section.seed, section.seed + section.seeds))
-    fits, std = [], {}
+    fits, std, preds, keys = [], {}, {}, {}
     for t, pr in enumerate(probes):
         tr = pr.split("train")
         for setting, feats, _ in pr.jobs:
@@ -454,8 +478,18 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
             for model, x in feats.items():
                 std[t, setting, model] = standardise(x, tr)
                 groups.setdefault(x.shape[1], []).append(model)
+                if cache is None or model not in BASELINES:
+                    continue
+                for probe in section.probes:
+                    for seed in seeds:
+                        keys[t, setting, model, probe, seed] = key = _cache_key(probe, x, pr.y, pr.sp, seed, settings)
+                        if (cache / f"{key}.npy").is_file():
+                            preds[t, setting, model, probe, seed] = np.load(cache / f"{key}.npy")
             for probe in section.probes:
                 for dim, models in groups.items():
+                    models = [m for m in models if not all((t, setting, m, probe, s) in preds for s in seeds)]
+                    if not models:
+                        continue
                     cost = len(tr) * dim * len(models) * (section.hidden if probe == "mlp" else 1)
                     fits.append([cost, t, setting, probe, tuple(models), seeds])
     total, workers = sum(f[0] for f in fits), _workers()
@@ -465,7 +499,7 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
         chunks = np.array_split(np.array(seeds), n)
         parts += [[f[0] * len(c) / len(seeds), *f[1:5], c.tolist()] for c in chunks]
     parts.sort(key=lambda f: -f[0])
-    preds, seconds, lock = {}, np.zeros(len(probes)), threading.Lock()
+    seconds, lock = np.zeros(len(probes)), threading.Lock()
 
     def fit(f):
         t0 = time.perf_counter()
@@ -478,6 +512,11 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor) ->
             for m, pm in zip(models, p, strict=True):
                 for seed, ps in zip(chunk, pm, strict=True):
                     preds[t, setting, m, probe, seed] = ps
+                    if (t, setting, m, probe, seed) in keys:
+                        cache.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(cache / f"{keys[t, setting, m, probe, seed]}.npy") as tmp:
+                            with open(tmp, "wb") as f:
+                                np.save(f, ps)
             seconds[t] += time.perf_counter() - t0
         release()  # each thread's heap keeps the fit's freed tensors otherwise
 

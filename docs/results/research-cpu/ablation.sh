@@ -20,8 +20,9 @@ ALL=("${TRAIN[@]}" liechtenstein porto-centre)
 # (skipped when the arm is already trained with these settings)
 OMP_NUM_THREADS=2 $G .venv/bin/geojepa train "$M" --data "${TRAIN[@]/#/$R/}" --config $C "$@"
 for n in "${ALL[@]}"; do
-  mkdir -p "$A/$n/manifests"
-  for f in "$R/$n"/*; do
+  mkdir -p "$A/$n/manifests" "$R/$n/.probe-cache"
+  # the baselines' probes are the same for every arm: one cache (geojepa/evaluate/stage.py, _score)
+  for f in "$R/$n"/* "$R/$n/.probe-cache"; do
     case "$(basename "$f")" in eval|manifests) ;; *) ln -sfn "$(realpath "$f")" "$A/$n/$(basename "$f")" ;; esac
   done
   for f in "$R/$n"/manifests/*.json; do
