@@ -213,6 +213,9 @@ def ablation_report(
         typer.echo(f"error: {bad[0]!r}: a run is NAME=ROOT", err=True)
         raise typer.Exit(code=1)
     pairs = [r.split("=", 1) for r in runs]
+    if len({n for n, _ in pairs}) < len(pairs):
+        typer.echo(f"error: run names repeat in {' '.join(runs)}", err=True)
+        raise typer.Exit(code=1)
     _run(lambda: compare_runs({n: [WorkDir(Path(root) / g) for g in regions] for n, root in pairs}, out, title))
 
 

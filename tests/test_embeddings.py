@@ -29,10 +29,19 @@ def _tiles(out: Path) -> tuple[list[str], np.ndarray]:
     return t["tile_id"].to_pylist(), e.values.to_numpy().reshape(len(e), -1)
 
 
+def _digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, cfg):
+    before = _digest(MODEL)
     out = tmp_path_factory.mktemp("embed") / "kotka"
     summary = embed_source(KOTKA, out, cfg, MODEL)
+    assert _digest(MODEL) == before  # the shipped model folder is never written to (OUT has a tokenizer copy)
     return out, summary
 
 
@@ -56,8 +65,7 @@ def test_embed_writes_geoparquet_with_the_model_in_its_metadata_that_geopandas_a
     assert meta["geojepa:tokenizer_digest"] == json.loads((MODEL / "export.json").read_text())["tokenizer_digest"]
     assert meta["geojepa:model_version"].startswith("step-00000800.pt sha256:") and set(EMBEDDING_KEYS) <= set(meta)
     assert json.loads(meta["geo"])["columns"]["geometry"]["crs"]["id"]["code"] == 4326
-    # the shipped model folder is never written to (its vocabulary is grown in OUT's copy)
-    assert not list((MODEL / "tokenizer").glob(".*lock")) and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
 
     con = duckdb.connect()
     ext = glob.glob(os.path.join(os.path.dirname(duckdb.__file__), "..", "duckdb_extension_spatial", "extensions",
@@ -180,3 +188,18 @@ def test_the_map_is_one_self_contained_page_that_a_real_browser_draws_without_er
     coloured = (left.max(2) - left.min(2)) > 40  # saturated pixels: drawn tiles, not the grey background
     assert coloured.mean() > 0.2
     assert ((img[..., 0] > 240) & (img[..., 1] > 210) & (img[..., 2] < 60)).sum() > 100  # the yellow outlines
+
+
+def test_a_work_directory_tokenised_otherwise_is_only_read_its_tokens_made_in_out(tokenised, cfg, tmp_path):
+    """A source whose shards come from its region-own tokenizer: OUT/work links its tile artifacts and gets the
+    model's tokens; the source's files are not touched."""
+    from geojepa.workdir import WorkDir
+
+    w, _ = tokenised
+    before = _digest(Path(w))
+    got = embed_source(w, tmp_path / "out", cfg, MODEL)
+    assert _digest(Path(w)) == before
+    view = WorkDir(tmp_path / "out" / "work")
+    assert got["work_dir"] == str(view.path) and view.tiles.is_symlink() and view.token_shards()
+    assert view.tokenizer_digest() == json.loads((MODEL / "export.json").read_text())["tokenizer_digest"]
+    assert got["tiles"] == len(_tiles(tmp_path / "out")[0]) > 40

@@ -2,14 +2,18 @@
 
 SOURCE is a region work directory, an ``*.osm.pbf`` or a Geofabrik region name (downloaded: needs the
 network). A PBF or a name is extracted, tiled and tokenised into ``OUT/work`` (each stage reuses its fresh
-artifacts); a work directory is used in place (re-tokenised only when its shards were made with another
-tokenizer than the model's). Tokens are made with a copy of the model's frozen tokenizer in
-``OUT/tokenizer``: a new region's tag values grow the copy's vocabulary, never the shipped model folder.
+artifacts); a work directory is only read: its tokens are used when they come from the model's tokenizer,
+else ``OUT/work`` links its tile artifacts and the tokens are made there. Tokens are made with a copy of
+the model's frozen tokenizer in ``OUT/tokenizer``: a new region's tag values grow the copy's vocabulary,
+never the shipped model folder. Every tokenizer check (the model's digest against the tokenizer's and
+against OUT's copy) comes before anything is made or fetched.
 
 The encoder (the EMA target, the one evaluation reports) runs over the token shards a batch of tiles at a
 time, the same batches and the same ``embed`` as ``geojepa evaluate`` (``token_batches``), so memory is
-bounded by a batch, the tile index and the entity vectors spilled to disk, not by the region. Both files go
-into place together at the end; a failure leaves OUT as it was.
+bounded by a batch, the tile index and the entity vectors spilled to disk, not by the region. Both files are
+written in a temporary folder and go into place at the end (the entity file, then the tile file, which
+names the model); a failure leaves the earlier embeddings in OUT as they were (the artifacts of the
+stages before, in ``OUT/work``, are kept for the next run to reuse).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from data_contracts import (
     TILE_ENTITIES,
     ArtifactWriter,
     entity_embeddings,
+    sweep,
     tile_embeddings,
 )
 from geojepa.config import Config
@@ -71,12 +76,14 @@ def _tokenizer_folder(spec: str, ckpt: Path, tokenizer: Path | None) -> Path | N
 
 
 def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | None, digest: str | None) -> WorkDir:
-    """The region's work directory with token shards the model can read (see the module docstring)."""
+    """The region's work directory with token shards the model can read (see the module docstring). A source
+    work directory is only read: when its tokens are not the model's, ``OUT/work`` links its tile artifacts
+    and the tokens are made there."""
     from geojepa.extract import extract
     from geojepa.tile import tile
     from geojepa.tokens import tokens
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         w = WorkDir(path)
         if not w.tiles.exists():
@@ -85,9 +92,25 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
         if w.token_shards() and w.tokenizer_digest() == digest:
             return w  # tokens made with the model's tokenizer (or, digest None, the region's own)
         if digest is None:
-            raise GeoJepaError(f"{path}: its tokens were made with tokenizer {w.tokenizer_digest()}, the model "
-                               "with the region's own: embed the work directory it was trained on")
+            made = w.tokenizer_digest() or "none (not tokenised)"
+            raise GeoJepaError(f"{path}: its tokens come from tokenizer {made}, the model from its region's own: "
+                               "such a model embeds only the work directory it was trained on")
+        view = WorkDir(out / "work")
+        view.path.mkdir(parents=True, exist_ok=True)
+        for f in (w.entities, w.tiles, w.tile_entities, w.tile_images):
+            link = view.path / f.name
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            elif link.is_dir():
+                shutil.rmtree(link)
+            if f.exists():
+                link.symlink_to(f.resolve())
+        w = view
     else:
+        if digest is None:
+            raise GeoJepaError("the model was trained on its region's own tokenizer: it embeds only the work "
+                               "directory it was trained on, not a new region; use a corpus model "
+                               "(models/geojepa-cpu)")
         if path.suffix == ".pbf" or path.name.endswith(".osm.pbf"):
             if not path.is_file():
                 raise GeoJepaError(f"{path}: no such PBF file")
@@ -98,15 +121,13 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
         else:
             from geojepa.extract.fetch import fetch_region
 
-            log.info("embed: %s is not a file: fetching it from Geofabrik", source)
+            log.info("embed: %s is not a file or folder: fetching it from Geofabrik", source)
             try:
                 pbf = fetch_region(source, out / "download", index_url=GEOFABRIK_INDEX)
-            except OSError as e:
-                raise GeoJepaError(f"{source}: not a work directory or PBF file, and fetching it from Geofabrik "
-                                   f"failed ({e}); pass a local PBF (the bundled ones are in data/samples/)") from None
-        if digest is None:
-            raise GeoJepaError("the model was trained on its region's own tokenizer: it can embed only the work "
-                               "directory it was trained on, not a new PBF; use a corpus model (models/geojepa-cpu)")
+            except (GeoJepaError, OSError, ValueError) as e:
+                raise GeoJepaError(f"{source}: not a work directory or PBF file here, and not fetched as a Geofabrik "
+                                   f"region ({e}); pass a local PBF (the bundled ones are in data/samples/)"
+                                   ) from None
         w = WorkDir(out / "work")
         extract(pbf, w.path, cfg)
         tile(w.path, cfg, imagery=imagery)
@@ -116,11 +137,6 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer, tmp, ignore=shutil.ignore_patterns(".*"))
         os.replace(tmp, copy)
-    from geojepa.tokens.tokenizer import load_tokenizer
-
-    if load_tokenizer(copy).digest != digest:
-        raise GeoJepaError(f"{copy}: tokenizer {load_tokenizer(copy).digest}, the model was trained with {digest}; "
-                           "remove it (or pass another OUT)")
     tokens(w.path, cfg, tokenizer=copy)
     return w
 
@@ -133,8 +149,10 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     from geojepa.evaluate.stage import check_widths
     from geojepa.model.jepa import encoder_from_checkpoint, load_checkpoint
 
+    from geojepa.tokens.tokenizer import load_tokenizer
+
     t0 = time.perf_counter()
-    out = Path(out)
+    out = Path(out).expanduser()
     spec = str(model)
     ckpt = resolve_model(spec, cfg, out / ".models")
     if not ckpt.is_file():
@@ -153,14 +171,27 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     except ValueError as e:
         raise GeoJepaError(str(e)) from None
     digest = tcfg.get("tokenizer_digest")
-    folder = _tokenizer_folder(spec, ckpt, tokenizer)
-    ready = Path(source).is_dir() and WorkDir(source).token_shards() and WorkDir(source).tokenizer_digest() == digest
+    # Every check on the tokenizers before anything is made or fetched.
+    folder = _tokenizer_folder(spec, ckpt, tokenizer) if digest else None
+    src = Path(str(source)).expanduser()
+    ready = src.is_dir() and WorkDir(src).token_shards() and WorkDir(src).tokenizer_digest() == digest
     if digest and folder is None and not ready:
         raise GeoJepaError(f"{ckpt}: trained with tokenizer {digest}, and no tokenizer folder is beside it: pass "
                            "--tokenizer T (the folder `geojepa tokenizer fit` made; a model folder has it in "
                            "tokenizer/)")
-    if folder is not None and not (Path(folder) / "tokenizer.json").is_file():
-        raise GeoJepaError(f"{folder}: not a tokenizer folder (no tokenizer.json)")
+    for f, what in ((folder, "the tokenizer"), (out / "tokenizer" if digest else None, "OUT's copy of a tokenizer")):
+        if f is None or not Path(f).exists():
+            continue
+        if not (Path(f) / "tokenizer.json").is_file():
+            raise GeoJepaError(f"{f}: not a tokenizer folder (no tokenizer.json)")
+        if (found := load_tokenizer(f).digest) != digest:
+            if f != folder and force:
+                shutil.rmtree(f)  # OUT's copy of another model's tokenizer: replaced under --force
+                continue
+            raise GeoJepaError(f"{f}: {what} has digest {found}, the model was trained with {digest}"
+                               + ("; pass --force to replace it, or another OUT" if f != folder else ""))
+    if out.exists():
+        sweep(out)  # a killed run's temporaries
     out.mkdir(parents=True, exist_ok=True)
     w = _work_dir(str(source), out, cfg, imagery, folder, digest)
     tok = token_index(w.tokens)
@@ -202,7 +233,7 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
                 pieces += len(pos)
         del spilled
         spill.unlink()
-        for name in (TILE_FILE, ENTITY_FILE):  # both files at the end, one rename each
+        for name in (ENTITY_FILE, TILE_FILE):  # both at the end; the tile file (which names the model) last
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

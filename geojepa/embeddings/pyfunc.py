@@ -14,12 +14,13 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types.schema import Array, ColSpec, DataType, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, "work_dir")]),
     outputs=Schema([ColSpec(DataType.string, "work_dir"), ColSpec(DataType.string, "tile_id"),
                     ColSpec(DataType.string, "split"), ColSpec(Array(DataType.float), "embedding")]),
+    params=ParamSchema([ParamSpec("batch_tiles", DataType.long, 64)]),
 )
 
 
@@ -38,6 +39,7 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
         from geojepa.errors import GeoJepaError
         from geojepa.evaluate.region import token_index
         from geojepa.evaluate.stage import check_widths
+        from geojepa.workdir import WorkDir
 
         batch = int((params or {}).get("batch_tiles", 64))
         rows = {"work_dir": [], "tile_id": [], "split": [], "embedding": []}
@@ -46,6 +48,11 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
             tok = token_index(tokens)
             if not tok.n:
                 raise GeoJepaError(f"{tokens}: no token shards")
+            made = WorkDir(tokens.parent).tokenizer_digest()
+            if made != self.digest:
+                raise GeoJepaError(f"{tokens}: made with tokenizer {made or '(region-own)'}, the model with "
+                                   f"{self.digest or 'its region-own tokenizer'}: tokenise the region with the "
+                                   "model's tokenizer (geojepa embed does)")
             check_widths(tok.dims, self.modalities, self.encoder, {"checkpoint": "the registered model",
                                                                    "tokens": tokens})
             for r, vectors, _ in embedded_batches(tok, self.encoder, self.modalities, batch):
@@ -57,11 +64,17 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def log_embedder(checkpoint: Path, registered_model_name: str):
-    """Log the pyfunc (the checkpoint as its artifact) in the active run and register it."""
+    """Log the pyfunc (the checkpoint as its artifact, this project's code beside it, so the model loads where
+    geojepa is not installed) in the active run and register it."""
     import torch
 
+    import data_contracts
+    import geojepa
+
+    code = [str(Path(m.__file__).parent) for m in (geojepa, data_contracts)]
     return mlflow.pyfunc.log_model(
         name="tile_embedder", python_model=TileEmbedder(), artifacts={"checkpoint": str(checkpoint)},
-        signature=SIGNATURE, registered_model_name=registered_model_name,
-        # the environment: no inference (that would load the model in a child process at every training)
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pyarrow", "geojepa"])
+        signature=SIGNATURE, registered_model_name=registered_model_name, code_paths=code,
+        # the environment, named (inferring it would load the model in a child process at every training)
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pyarrow", "pydantic",
+                          "shapely", "pyproj"])

@@ -19,9 +19,6 @@ from data_contracts import embedding_dim, entity_embeddings, read_table, tile_em
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.knn import topk_cosine
 
-POINT = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*,\s*(-?\d+(?:\.\d*)?)\s*$")
-
-
 def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:
     """(tile ids, (tiles, dim) float32 embeddings, shapely footprints) of ``OUT/tile_embeddings.parquet``."""
     import shapely
@@ -39,9 +36,9 @@ def find_tile(query: str, ids: list[str], footprints, path: Path) -> int:
     """The row of ``query``: a tile id, or ``lon,lat`` inside a tile footprint."""
     import shapely
 
-    if m := POINT.match(query):
-        lon, lat = float(m.group(1)), float(m.group(2))
-        inside = np.flatnonzero(shapely.contains_xy(footprints, lon, lat))
+    if point := _point(query):
+        lon, lat = point
+        inside = np.flatnonzero(shapely.intersects_xy(footprints, lon, lat))  # a shared edge: the first tile
         if not len(inside):
             b = shapely.total_bounds(footprints)
             raise GeoJepaError(f"{query}: the point ({lon}, {lat}) is in none of the {len(ids)} tiles of {path} "
@@ -50,8 +47,24 @@ def find_tile(query: str, ids: list[str], footprints, path: Path) -> int:
     try:
         return ids.index(query)
     except ValueError:
-        raise GeoJepaError(f"{query}: no such tile in {path} (tile ids look like {ids[0]!r}; or pass lon,lat)"
-                           ) from None
+        example = f"tile ids look like {ids[0]!r}; " if ids else "it holds no tiles; "
+        raise GeoJepaError(f"{query}: no such tile in {path} ({example}or pass lon,lat)") from None
+
+
+def _point(query: str) -> tuple[float, float] | None:
+    """``lon,lat`` as two finite numbers in range, else None (then the query is a tile id)."""
+    parts = query.split(",")
+    if len(parts) != 2:
+        return None
+    try:
+        lon, lat = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    if not (np.isfinite(lon) and np.isfinite(lat)):
+        return None
+    if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+        raise GeoJepaError(f"{query}: not a lon,lat in degrees (lon -180..180, lat -90..90)")
+    return lon, lat
 
 
 def similar(out: Path | str, query: str, k: int = 10, gallery: bool = True) -> dict:

@@ -150,14 +150,15 @@ function inside(r, lon, lat) {
     if ((yi > lat) !== (yj > lat) && lon < (xj - xi) * (lat - yi) / (yj - yi) + xi) hit = !hit; }
   return hit;
 }
+const esc = t => String(t).replace(/[&<>"']/g, ch => `&#${ch.charCodeAt(0)};`);
 function select(i) {
   selected = i; body.dataset.selected = i >= 0 ? D.ids[i] : "";
   const info = document.getElementById("info");
   if (i < 0) { info.textContent = ""; draw(); return; }
   const rows = D.nn[i].map((j, n) => { const c = D.rgb[j];
     return `<tr class="nb" data-j="${j}"><td>${n + 1}</td><td><span class="sw" style="background:rgb(${c})"></span>
-      ${D.ids[j]}</td><td>${D.sims[i][n].toFixed(3)}</td></tr>`; }).join("");
-  info.innerHTML = `<b>${D.ids[i]}</b><table id="neighbours"><tr><th>#</th><th>tile</th><th>cosine</th></tr>${rows}</table>`;
+      ${esc(D.ids[j])}</td><td>${D.sims[i][n].toFixed(3)}</td></tr>`; }).join("");
+  info.innerHTML = `<b>${esc(D.ids[i])}</b><table id="neighbours"><tr><th>#</th><th>tile</th><th>cosine</th></tr>${rows}</table>`;
   info.querySelectorAll("tr.nb").forEach(tr => tr.onclick = () => select(+tr.dataset.j));
   draw();
 }
@@ -166,10 +167,11 @@ cv.addEventListener("click", e => {
   const lon = x0 + (e.offsetX - ox) / (kx * scale), lat = y1 - (e.offsetY - oy) / scale;
   select(D.rings.findIndex(r => inside(r, lon, lat)));
 });
-let drag = null, moved = false;
-cv.addEventListener("mousedown", e => { drag = [e.offsetX, e.offsetY]; moved = false; });
+let drag = null, start = null, moved = false;  // a press that travels more than 3 px is a pan, not a click
+cv.addEventListener("mousedown", e => { drag = start = [e.offsetX, e.offsetY]; moved = false; });
 cv.addEventListener("mousemove", e => { if (!drag) return; const dx = e.offsetX - drag[0], dy = e.offsetY - drag[1];
-  if (Math.abs(dx) + Math.abs(dy) > 2) moved = true; ox += dx; oy += dy; drag = [e.offsetX, e.offsetY]; draw(); });
+  if (Math.abs(e.offsetX - start[0]) + Math.abs(e.offsetY - start[1]) > 3) moved = true;
+  ox += dx; oy += dy; drag = [e.offsetX, e.offsetY]; draw(); });
 window.addEventListener("mouseup", () => { drag = null; });
 cv.addEventListener("wheel", e => { e.preventDefault(); const f = Math.exp(-e.deltaY * 0.0015);
   ox = e.offsetX - (e.offsetX - ox) * f; oy = e.offsetY - (e.offsetY - oy) * f; scale *= f; draw(); },
@@ -177,8 +179,13 @@ cv.addEventListener("wheel", e => { e.preventDefault(); const f = Math.exp(-e.de
 window.addEventListener("resize", () => { fit(); draw(); });
 document.getElementById("note").textContent = D.base_note;
 fit();
-const want = decodeURIComponent((location.hash.match(/tile=([^&]+)/) || [])[1] || "");
-select(want ? D.ids.indexOf(want) : -1);
+function fromHash() {
+  let want = "";
+  try { want = decodeURIComponent((location.hash.match(/tile=([^&]+)/) || [])[1] || ""); } catch (e) { want = ""; }
+  select(want ? D.ids.indexOf(want) : -1);
+}
+window.addEventListener("hashchange", fromHash);
+fromHash();
 draw();
 </script></body></html>
 """

@@ -250,14 +250,22 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
                 df = df[df.model.isin([*ENCODERS, "untrained"])]
             df = df.assign(model=[f"{run}/{m}" if m in (*ENCODERS, "untrained") else m for m in df.model])
             if w.name in frames:
+                if bool(summary.get("seen_in_training", True)) != seen[w.name]:
+                    raise GeoJepaError(f"{w.path}: run {run} was {'not ' if not seen[w.name] else ''}trained on "
+                                       f"{w.name} unlike run {names[0]}; compare runs trained on the same regions")
                 ref = frames[w.name]
-                for (task, split), g in df.groupby(["task", "split"]):
-                    mine = set(g.tile_id)
-                    theirs = set(ref.tile_id[(ref.task == task) & (ref.split == split)])
-                    if mine != theirs:
-                        raise GeoJepaError(f"{w.eval / 'predictions.parquet'}: run {run} has other {split} tiles "
-                                           f"for {task} than run {names[0]} in {w.name} ({len(mine ^ theirs)} "
-                                           "differ); evaluate the runs on the same tiles and tokens")
+                labelled = {key: dict(zip(g.tile_id, g.label, strict=True))
+                            for key, g in ref[ref.model == f"{names[0]}/geojepa"].groupby(["task", "split"])}
+                mine = {key: dict(zip(g.tile_id, g.label, strict=True))
+                        for key, g in df[df.model == f"{run}/geojepa"].groupby(["task", "split"])}
+                for key in sorted(set(labelled) | set(mine)):
+                    a, b = labelled.get(key, {}), mine.get(key, {})
+                    if a != b:
+                        task, split = key
+                        differ = len(set(a.items()) ^ set(b.items()))
+                        raise GeoJepaError(f"{w.eval / 'predictions.parquet'}: run {run} has other {split} tiles or "
+                                           f"labels for {task} than run {names[0]} in {w.name} ({differ} differ); "
+                                           "evaluate the runs on the same tiles and tokens")
                 df = pd.concat([ref, df], ignore_index=True)
             frames[w.name] = df
     errs = _Errors(frames)

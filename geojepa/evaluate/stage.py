@@ -448,13 +448,22 @@ PROBE_CACHE = ".probe-cache"  # in W: the baselines' probe predictions, content-
 def _cache_key(kind: str, x: np.ndarray, y: np.ndarray, sp: np.ndarray, seed: int, settings) -> str:
     """A probe's predictions depend on exactly these: the features, labels and splits (bytes), the seed and
     the settings (and the code: ``PROBE_CODE``)."""
-    h = hashlib.sha256(f"{PROBE_CODE}/{kind}/{seed}/{settings}/{x.shape}".encode())
+    h = hashlib.sha256(f"{PROBE_CODE}/{torch.__version__}/{kind}/{seed}/{settings}/{x.shape}".encode())
     for a in (x, y.astype(np.float64), sp.astype(str).astype("U8")):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
 
 
 PROBE_CODE = 1  # bump when fit_predict_seeds changes what it predicts: cached baseline probes are then ignored
+
+
+def _cached(path: Path, rows: int) -> np.ndarray | None:
+    """A cached probe's predictions, or None (a miss: absent, unreadable or of another length)."""
+    try:
+        p = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return p if p.shape == (rows,) else None
 
 
 def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor, cache: Path | None = None
@@ -483,8 +492,9 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor, ca
                 for probe in section.probes:
                     for seed in seeds:
                         keys[t, setting, model, probe, seed] = key = _cache_key(probe, x, pr.y, pr.sp, seed, settings)
-                        if (cache / f"{key}.npy").is_file():
-                            preds[t, setting, model, probe, seed] = np.load(cache / f"{key}.npy")
+                        if (hit := _cached(cache / f"{key}.npy", len(pr.split("val")) + len(pr.split("test")))
+                                ) is not None:
+                            preds[t, setting, model, probe, seed] = hit
             for probe in section.probes:
                 for dim, models in groups.items():
                     models = [m for m in models if not all((t, setting, m, probe, s) in preds for s in seeds)]
@@ -515,8 +525,8 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor, ca
                     if (t, setting, m, probe, seed) in keys:
                         cache.mkdir(parents=True, exist_ok=True)
                         with atomic_path(cache / f"{keys[t, setting, m, probe, seed]}.npy") as tmp:
-                            with open(tmp, "wb") as f:
-                                np.save(f, ps)
+                            with open(tmp, "wb") as out:
+                                np.save(out, ps)
             seconds[t] += time.perf_counter() - t0
         release()  # each thread's heap keeps the fit's freed tensors otherwise
 
