@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,9 @@ from data_contracts import ContractError
 from geojepa.config import Config, load_config
 from geojepa.errors import GeoJepaError
 from geojepa.workdir import WorkDir
+
+# torch_geometric still scripts a few functions when imported; torch 2.14 warns about it on every command
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GeoJEPA: self-supervised embeddings of urban tiles from OpenStreetMap and imagery.")

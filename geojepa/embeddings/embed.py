@@ -146,8 +146,7 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     """Write ``OUT/tile_embeddings.parquet`` and ``OUT/entity_embeddings.parquet`` (see the module docstring);
     returns a summary (tiles, entity pieces, width, seconds, files)."""
     from geojepa.evaluate.model import resolve_model
-    from geojepa.evaluate.stage import check_widths
-    from geojepa.model.jepa import encoder_from_checkpoint, load_checkpoint
+    from geojepa.model.jepa import load_checkpoint
 
     from geojepa.tokens.tokenizer import load_tokenizer
 
@@ -190,9 +189,27 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
                 continue
             raise GeoJepaError(f"{f}: {what} has digest {found}, the model was trained with {digest}"
                                + ("; pass --force to replace it, or another OUT" if f != folder else ""))
-    if out.exists():
-        sweep(out)  # a killed run's temporaries
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        if not created:
+            sweep(out)  # a killed run's temporaries
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GeoJepaError(f"{out}: cannot be used as OUT ({e.strerror or e})") from None
+    try:
+        return _embed(src if src.exists() else str(source), out, cfg, spec, ckpt, version, tcfg, digest, folder,
+                      imagery, t0)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing made: no empty OUT left behind
+        raise
+
+
+def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, tcfg: dict, digest: str | None,
+           folder: Path | None, imagery, t0: float) -> dict:
+    from geojepa.evaluate.stage import check_widths
+    from geojepa.model.jepa import encoder_from_checkpoint
+
     w = _work_dir(str(source), out, cfg, imagery, folder, digest)
     tok = token_index(w.tokens)
     if tok.n == 0:
@@ -203,7 +220,8 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     check_widths(tok.dims, modalities, encoder, {"checkpoint": ckpt, "tokens": w.tokens})
     meta = tiles_meta(w.tiles, tok)
     width = encoder.width
-    metadata = dict(zip(EMBEDDING_KEYS, (spec, version, digest or "region-own", "target"), strict=True))
+    named = str(Path(spec).resolve()) if Path(spec).exists() else spec  # a local model by its absolute path
+    metadata = dict(zip(EMBEDDING_KEYS, (named, version, digest or "region-own", "target"), strict=True))
     tmp = out / f".embed.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -235,6 +253,8 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
         spill.unlink()
         for name in (ENTITY_FILE, TILE_FILE):  # both at the end; the tile file (which names the model) last
             os.replace(tmp / name, out / name)
+        for view in (out / "map.html", out / "similar"):  # views of the embeddings replaced: stale now
+            shutil.rmtree(view) if view.is_dir() else view.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {"tiles": tok.n, "entity_pieces": pieces, "width": 2 * width, "model": spec, "model_version": version,

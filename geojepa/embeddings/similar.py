@@ -41,8 +41,14 @@ def find_tile(query: str, ids: list[str], footprints, path: Path) -> int:
         inside = np.flatnonzero(shapely.intersects_xy(footprints, lon, lat))  # a shared edge: the first tile
         if not len(inside):
             b = shapely.total_bounds(footprints)
+            hint = ""
+            if -90 <= lon <= 90 and shapely.intersects_xy(footprints, lat, lon).any():
+                hint = f"; did you mean {lat},{lon}? (longitude first)"
+            elif b[0] <= lon <= b[2] and b[1] <= lat <= b[3]:
+                hint = ("; it lies within their extent, in a tile that was not embedded: tiles with fewer than "
+                        "5 entities (gaps) are left out by the tile stage")
             raise GeoJepaError(f"{query}: the point ({lon}, {lat}) is in none of the {len(ids)} tiles of {path} "
-                               f"(their extent: lon {b[0]:.4f}..{b[2]:.4f}, lat {b[1]:.4f}..{b[3]:.4f})")
+                               f"(their extent: lon {b[0]:.4f}..{b[2]:.4f}, lat {b[1]:.4f}..{b[3]:.4f}){hint}")
         return int(inside[0])
     try:
         return ids.index(query)
@@ -81,9 +87,20 @@ def similar(out: Path | str, query: str, k: int = 10, gallery: bool = True) -> d
     rows = [{"rank": r + 1, "tile_id": ids[i], "cosine": round(float(s), 4), "lon": round(float(centres[i, 0]), 6),
              "lat": round(float(centres[i, 1]), 6)} for r, (s, i) in enumerate(zip(sims[0], nn[0], strict=True))]
     result = {"query": ids[q], "neighbours": rows}
+    if k > len(ids) - 1:
+        result["note"] = f"-k {k}: the region has {len(ids) - 1} other tiles; all are listed"
     if gallery:
-        result["gallery"] = _gallery(out, q, nn[0], sims[0], ids, footprints)
+        shown = min(len(rows), GALLERY_MAX)
+        try:
+            result["gallery"] = _gallery(out, q, nn[0][:shown], sims[0][:shown], ids, footprints)
+        except OSError as e:
+            result["gallery_error"] = f"{out / 'similar'}: the gallery could not be written ({e.strerror or e})"
+        if shown < len(rows):
+            result["gallery_note"] = f"the gallery draws the {shown} nearest"
     return result
+
+
+GALLERY_MAX = 20  # neighbours drawn in a gallery (the table lists all k)
 
 
 def table(result: dict) -> str:
@@ -92,6 +109,9 @@ def table(result: dict) -> str:
              f"{'rank':>4}  {'tile_id':<28} {'cosine':>7}  {'lon':>11} {'lat':>10}"]
     lines += [f"{r['rank']:>4}  {r['tile_id']:<28} {r['cosine']:>7.4f}  {r['lon']:>11.6f} {r['lat']:>10.6f}"
               for r in result["neighbours"]]
+    for key in ("note", "gallery_note", "gallery_error"):
+        if key in result:
+            lines.append(result[key])
     if "gallery" in result:
         lines.append(f"gallery: {result['gallery']['html']}")
     return "\n".join(lines)

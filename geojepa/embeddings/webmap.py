@@ -80,10 +80,13 @@ def write_map(out: Path | str, k: int = 10, title: str | None = None) -> dict:
     title = title or f"GeoJEPA tile embeddings: {out.name}"
     page = PAGE.replace("__TITLE__", html.escape(title)).replace(
         "__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
-    with atomic_path(out / "map.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    try:
+        with atomic_path(out / "map.html") as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise GeoJepaError(f"{out / 'map.html'}: cannot be written ({e.strerror or e})") from None
     return {"map": str(out / "map.html"), "tiles": len(ids), "k": int(nn.shape[1]), "base_lines": len(base),
-            "bytes": (out / "map.html").stat().st_size}
+            "base": data["base_note"] or "drawn", "bytes": (out / "map.html").stat().st_size}
 
 
 PAGE = """<!doctype html>
@@ -100,8 +103,8 @@ PAGE = """<!doctype html>
 <div id="map"><canvas id="c"></canvas></div>
 <div id="side"><h1>__TITLE__</h1>
 <p>Colour: the first three principal components of the tile embeddings (red, green, blue): similar colours,
-similar embeddings. Grey: the tiles' entities. Click a tile for its nearest tiles (cosine similarity).
-Wheel: zoom; drag: pan.</p><p id="note"></p><div id="info"></div><pre id="errors"></pre></div>
+similar embeddings. Grey: the tiles' entities. Blank squares: tiles with fewer than 5 entities, which are not
+embedded. Click a tile for its nearest tiles (cosine similarity). Wheel: zoom; drag: pan.</p><p id="note"></p><div id="info"></div><pre id="errors"></pre></div>
 <script>
 "use strict";
 const D = __DATA__;

@@ -47,7 +47,9 @@ def draw_tile(ax, geometries: list[bytes], classes: list[str], image: np.ndarray
 def gallery(png: Path, page: Path, title: str, rows: list[list[tuple[str, float, dict]]]) -> None:
     """One row per query: the query, then its neighbours. Each cell: (label, similarity, draw_tile kwargs)."""
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, 2.3 * len(rows)), squeeze=False)
+    legend = 0.55  # inches below the panels for the legend
+    height = 2.3 * len(rows) + legend
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, height), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -58,9 +60,9 @@ def gallery(png: Path, page: Path, title: str, rows: list[list[tuple[str, float,
             draw_tile(ax, **kwargs)
             ax.set_title(("query\n" if c == 0 else f"#{c}  cos {sim:.3f}\n") + label, fontsize=6)
     handles = [plt.Line2D([], [], color=COLOURS[c], lw=4) for c in COLOURS]
-    fig.legend(handles, list(COLOURS), loc="lower center", ncol=9, fontsize=6, frameon=False)
+    fig.legend(handles, list(COLOURS), loc="lower center", ncol=min(9, 4 * cols), fontsize=6, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.tight_layout(rect=(0, legend / height, 1, 1 - 0.25 / height))
     fig.savefig(png, dpi=110)
     plt.close(fig)
     body = "".join(
