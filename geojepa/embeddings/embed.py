@@ -40,7 +40,14 @@ from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.embed import embed
 from geojepa.evaluate.knn import class_of
-from geojepa.evaluate.region import entity_batches, pieces_lonlat, release, tiles_meta, token_batches, token_index
+from geojepa.evaluate.region import (
+    entity_batches,
+    pieces_lonlat,
+    release,
+    tiles_meta,
+    token_batches,
+    token_index,
+)
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -147,7 +154,6 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     returns a summary (tiles, entity pieces, width, seconds, files)."""
     from geojepa.evaluate.model import resolve_model
     from geojepa.model.jepa import load_checkpoint
-
     from geojepa.tokens.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from data_contracts import embedding_dim, entity_embeddings, read_table, tile_em
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.knn import topk_cosine
 
+
 def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:
     """(tile ids, (tiles, dim) float32 embeddings, shapely footprints) of ``OUT/tile_embeddings.parquet``."""
     import shapely
