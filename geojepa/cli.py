@@ -60,6 +60,13 @@ def _run(call: Callable[[], object]) -> None:
         typer.echo(result if isinstance(result, str) else json.dumps(result, indent=2, default=float))
 
 
+def _imagery(imagery: list[str] | None) -> str | list[str] | None:
+    """``--imagery`` values as the tile stage takes them: one keyword ('render', 'naip', stac+URL) as is, files."""
+    if not imagery:
+        return None
+    return imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
+
+
 @app.command()
 def extract(
     pbf: Annotated[Path, typer.Argument(help="OpenStreetMap *.osm.pbf file")],
@@ -96,10 +103,7 @@ def tile(
     """Cut W/entities.parquet into 300 m tiles with their entities and imagery (W/tiles.parquet, ...)."""
     from geojepa.tile import tile as run_tile
 
-    source: str | list[str] | None = None
-    if imagery:
-        source = imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
-    _run(lambda: run_tile(work_dir, _setup(config, set_, verbose), imagery=source, force=force))
+    _run(lambda: run_tile(work_dir, _setup(config, set_, verbose), imagery=_imagery(imagery), force=force))
 
 
 @app.command()
@@ -264,11 +268,8 @@ def embed_cmd(
     """A region's tile and entity embeddings as GeoParquet (EPSG:4326), with the model in the file metadata."""
     from geojepa.embeddings import embed_source
 
-    source_imagery: str | list[str] | None = None
-    if imagery:
-        source_imagery = imagery[0] if len(imagery) == 1 and not Path(imagery[0]).suffix else imagery
     _run(lambda: embed_source(source, out, _setup(config, set_, verbose), model, tokenizer=tokenizer,
-                              imagery=source_imagery, force=force))
+                              imagery=_imagery(imagery), force=force))
 
 
 @app.command()

@@ -90,6 +90,15 @@ class _Errors:
                 "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
                 "regions": len(have)}
 
+    def gain(self, ours: tuple, other: tuple, regions: list[str]) -> tuple[float, float, float] | None:
+        """(``other``'s pooled test MAE minus ``ours``, and the 2.5 and 97.5 percentiles of that difference over
+        the shared bootstrap resamples) on ``regions``; None when ``other`` lacks one of them."""
+        if not all("test" in self.err.get(other, {}).get(r, {}) for r in regions):
+            return None
+        gain = self.stats(other, tuple(regions))["mean"] - self.stats(ours, tuple(regions))["mean"]
+        lo, hi = np.percentile(self.boot(other, regions) - self.boot(ours, regions), [2.5, 97.5])
+        return gain, float(lo), float(hi)
+
     def boot(self, key: tuple, regions: list[str]) -> np.ndarray:
         """(BOOTSTRAP,) pooled test MAE of each resample (region-stratified)."""
         total, n = np.zeros(BOOTSTRAP), 0
@@ -136,15 +145,12 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
             have = [r for r in members[group] if "test" in errs.err.get(ours, {}).get(r, {})]
             if not have:
                 continue
-            a = errs.boot(ours, have)
             mine = errs.stats(ours, tuple(have))["mean"]
             for base in BASELINES:
                 other = ("masked", task, base, "median" if base == "dummy" else "mlp")
-                if not all("test" in errs.err.get(other, {}).get(r, {}) for r in have):
+                if (paired := errs.gain(ours, other, have)) is None:
                     continue
-                gain = errs.stats(other, tuple(have))["mean"] - mine
-                diff = errs.boot(other, have) - a
-                lo, hi = (float(x) for x in np.percentile(diff, [2.5, 97.5]))
+                gain, lo, hi = paired
                 comparisons.append({"task": task, "group": group, "encoder": chosen[task], "baseline": base,
                                     "geojepa": mine, "baseline_mae": mine + gain, "gain": gain, "ci_low": lo,
                                     "ci_high": hi, "better": lo > 0, "worse": hi < 0, "regions": len(have)})
@@ -160,11 +166,12 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
     return metrics
 
 
-def _chosen(errs: _Errors, task: str, regions: list[str]) -> str | None:
-    """The trained encoder with the lower pooled validation MAE (masked, MLP probe)."""
+def _chosen(errs: _Errors, task: str, regions: list[str], run: str = "") -> str | None:
+    """The trained encoder with the lower pooled validation MAE (masked, MLP probe); ``run``: its models are
+    named ``run/encoder`` (an ablation report's runs)."""
     val = {}
     for enc in ENCODERS:
-        s = errs.stats(("masked", task, enc, "mlp"), tuple(regions))
+        s = errs.stats(("masked", task, f"{run}/{enc}" if run else enc, "mlp"), tuple(regions))
         if s is not None and s["val_mean"] is not None:
             val[enc] = s["val_mean"]
     return min(val, key=val.get) if val else None
@@ -274,10 +281,7 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
     tasks = sorted({k[1] for k in errs.err if k[0] == "masked"})
     rows, metrics = [], {}
     for task in tasks:
-        val = {run: {enc: errs.stats(("masked", task, f"{run}/{enc}", "mlp"), tuple(regions)) for enc in ENCODERS}
-               for run in names}
-        chosen = {run: min((e for e, s in v.items() if s and s["val_mean"] is not None),
-                           key=lambda e, v=v: v[e]["val_mean"], default=None) for run, v in val.items()}
+        chosen = {run: _chosen(errs, task, regions, run) for run in names}
         if chosen[names[0]] is None:
             continue
         ref_key = ("masked", task, f"{names[0]}/{chosen[names[0]]}", "mlp")
@@ -285,26 +289,21 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
             have = [r for r in members[group] if "test" in errs.err.get(ref_key, {}).get(r, {})]
             if not have:
                 continue
-            ref_boot = errs.boot(ref_key, have)
             for run in names:
                 if chosen[run] is None:
                     continue
                 key = ("masked", task, f"{run}/{chosen[run]}", "mlp")
-                s, boot = errs.stats(key, tuple(have)), errs.boot(key, have)
+                s = errs.stats(key, tuple(have))
                 row = {"task": task, "group": group, "run": run, "encoder": chosen[run], "mae": s["mean"],
                        "std": s["std"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "val_mae": s["val_mean"],
                        "regions": len(have), "n_test": s["n_test"]}
-                for vs, other_key, other_boot in (
-                        ("reference", ref_key, ref_boot),
-                        ("untrained", ("masked", task, f"{run}/untrained", "mlp"), None)):
-                    if vs == "reference" and run == names[0]:
+                others = {"untrained": ("masked", task, f"{run}/untrained", "mlp")}
+                if run != names[0]:
+                    others = {"reference": ref_key, **others}
+                for vs, other in others.items():
+                    if (paired := errs.gain(key, other, have)) is None:
                         continue
-                    if other_boot is None:
-                        if not all("test" in errs.err.get(other_key, {}).get(r, {}) for r in have):
-                            continue
-                        other_boot = errs.boot(other_key, have)
-                    gain = errs.stats(other_key, tuple(have))["mean"] - s["mean"]
-                    lo, hi = (float(x) for x in np.percentile(other_boot - boot, [2.5, 97.5]))
+                    gain, lo, hi = paired
                     row[f"gain_vs_{vs}"], row[f"gain_vs_{vs}_ci"] = gain, [lo, hi]
                     name = f"ablation.{group}.{task}.{run}_vs_{vs}.mae_gain"
                     metrics.update({name: gain, name + "_ci_low": lo, name + "_ci_high": hi})

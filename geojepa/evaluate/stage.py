@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -445,6 +446,9 @@ BASELINES = ("tagpool", "bag_of_tags")  # features that do not depend on the mod
 PROBE_CACHE = ".probe-cache"  # in W: the baselines' probe predictions, content-addressed
 
 
+PROBE_CODE = 1  # bump when fit_predict_seeds changes what it predicts: cached baseline probes are then ignored
+
+
 def _cache_key(kind: str, x: np.ndarray, y: np.ndarray, sp: np.ndarray, seed: int, settings) -> str:
     """A probe's predictions depend on exactly these: the features, labels and splits (bytes), the seed and
     the settings (and the code: ``PROBE_CODE``)."""
@@ -452,9 +456,6 @@ def _cache_key(kind: str, x: np.ndarray, y: np.ndarray, sp: np.ndarray, seed: in
     for a in (x, y.astype(np.float64), sp.astype(str).astype("U8")):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
-
-
-PROBE_CODE = 1  # bump when fit_predict_seeds changes what it predicts: cached baseline probes are then ignored
 
 
 def _cached(path: Path, rows: int) -> np.ndarray | None:
@@ -489,12 +490,11 @@ def _score(probes: list[Probes], section, settings, pool: ThreadPoolExecutor, ca
                 groups.setdefault(x.shape[1], []).append(model)
                 if cache is None or model not in BASELINES:
                     continue
-                for probe in section.probes:
-                    for seed in seeds:
-                        keys[t, setting, model, probe, seed] = key = _cache_key(probe, x, pr.y, pr.sp, seed, settings)
-                        if (hit := _cached(cache / f"{key}.npy", len(pr.split("val")) + len(pr.split("test")))
-                                ) is not None:
-                            preds[t, setting, model, probe, seed] = hit
+                scored = len(pr.split("val")) + len(pr.split("test"))
+                for probe, seed in itertools.product(section.probes, seeds):
+                    keys[t, setting, model, probe, seed] = key = _cache_key(probe, x, pr.y, pr.sp, seed, settings)
+                    if (hit := _cached(cache / f"{key}.npy", scored)) is not None:
+                        preds[t, setting, model, probe, seed] = hit
             for probe in section.probes:
                 for dim, models in groups.items():
                     models = [m for m in models if not all((t, setting, m, probe, s) in preds for s in seeds)]
