@@ -6,7 +6,7 @@ VENV_STAMP := .venv/.installed
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,peers]'
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)

@@ -173,6 +173,11 @@ class EvaluateConfig(Section):
     patience: int = Field(30, gt=0)  # epochs without a better validation MAE before stopping
     batch: int = Field(256, gt=0)
     bag_features: int = Field(1024, gt=0)  # bag-of-tags baseline: most frequent keys and key=value pairs
+    # The field's own embedders (SRAI, the `peers` extra), fitted per region; skipped, and said so, without it.
+    peers: tuple[Literal["count", "contextual_count", "hex2vec", "geovex"], ...] = (
+        "count", "contextual_count", "hex2vec", "geovex")
+    peer_features: int = Field(512, gt=0)  # the key=value pairs they count: those on the most training tiles
+    peer_epochs: int = Field(3, gt=0)  # Hex2Vec and GeoVeX training epochs (SRAI's default)
     k: int = Field(10, gt=0)  # neighbours for kNN regression, agreement and galleries
     gallery_queries: int = Field(4, ge=0)
     gallery_k: int = Field(5, gt=0)

@@ -10,6 +10,10 @@ Reads each region's ``eval/predictions.parquet`` (every probe's val and test pre
   spread does not show;
 - *val_mean*: the same MAE on the validation tiles.
 
+The baselines include the field's own embedders (SRAI's Count, ContextualCount, Hex2Vec, GeoVeX) when the
+regions were evaluated with them, and the *best peer*: per task and group, the peer with the lowest pooled
+validation MAE (chosen on validation, like the headline encoder; its test MAE is reported, never chosen on).
+
 The headline GeoJEPA encoder per task (EMA target or context encoder) is the one with the lower pooled
 *validation* MAE of the masked MLP probe. Comparisons against the untrained twin and the baselines are paired:
 the same bootstrap resamples of the same test tiles, so the interval is that of the MAE difference; the gain
@@ -40,7 +44,9 @@ from geojepa.workdir import WorkDir
 
 BOOTSTRAP = 2000
 GROUPS = ("all", "trained", "holdout")
-BASELINES = ("untrained", "tagpool", "bag_of_tags", "dummy")
+PEERS = ("count", "contextual_count", "hex2vec", "geovex")  # SRAI's embedders (geojepa.evaluate.peers)
+BASELINES = ("untrained", "tagpool", "bag_of_tags", *PEERS, "dummy")
+BEST_PEER = "best_peer"  # per task the peer with the lowest pooled validation MAE, compared like a baseline
 
 
 def _region(w: WorkDir):
@@ -113,12 +119,13 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
     """Write ``out/corpus_report.md`` and ``out/corpus_results.parquet``; return the pooled metrics by name
     (``corpus.<group>.masked.<task>.<model>.<probe>.mae``, its ``_std``, and the headline comparisons
     ``corpus.<group>.masked.<task>.geojepa_vs_<baseline>.mae_gain`` with ``_ci_low``/``_ci_high``)."""
-    frames, notes, seen, agreement = {}, {}, {}, {}
+    frames, notes, seen, agreement, peer_notes = {}, {}, {}, {}, {}
     for w in regions:
         frames[w.name], summary = _region(w)
         seen[w.name] = bool(summary.get("seen_in_training", True))
         notes[w.name] = summary.get("tasks", {})
         agreement[w.name] = summary.get("agreement", {})
+        peer_notes[w.name] = summary.get("peers") or {"skipped": "evaluated before the peers existed"}
     errs = _Errors(frames)
     names = [w.name for w in regions]
     members = {"all": names, "trained": [n for n in names if seen[n]], "holdout": [n for n in names if not seen[n]]}
@@ -146,17 +153,20 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
             if not have:
                 continue
             mine = errs.stats(ours, tuple(have))["mean"]
-            for base in BASELINES:
-                other = ("masked", task, base, "median" if base == "dummy" else "mlp")
-                if (paired := errs.gain(ours, other, have)) is None:
+            best = _best_peer(errs, task, have)
+            for base in (*BASELINES, BEST_PEER):
+                model = best if base == BEST_PEER else base
+                other = ("masked", task, model, "median" if base == "dummy" else "mlp")
+                if model is None or (paired := errs.gain(ours, other, have)) is None:
                     continue
                 gain, lo, hi = paired
-                comparisons.append({"task": task, "group": group, "encoder": chosen[task], "baseline": base,
+                comparisons.append({"task": task, "group": group, "encoder": chosen[task],
+                                    "baseline": f"{BEST_PEER} ({best})" if base == BEST_PEER else base,
                                     "geojepa": mine, "baseline_mae": mine + gain, "gain": gain, "ci_low": lo,
                                     "ci_high": hi, "better": lo > 0, "worse": hi < 0, "regions": len(have)})
                 name = f"corpus.{group}.masked.{task}.geojepa_vs_{base}.mae_gain"
                 metrics.update({name: gain, name + "_ci_low": lo, name + "_ci_high": hi})
-    lines = _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement)
+    lines = _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement, peer_notes)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "corpus_report.md") as tmp:
         tmp.write_text("\n".join(lines))
@@ -177,7 +187,42 @@ def _chosen(errs: _Errors, task: str, regions: list[str], run: str = "") -> str 
     return min(val, key=val.get) if val else None
 
 
-def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement) -> list[str]:
+def _best_peer(errs: _Errors, task: str, regions: list[str]) -> str | None:
+    """The SRAI peer with the lowest pooled validation MAE (masked, MLP probe) on ``regions``, which must all
+    have it; None when no peer was evaluated on all of them."""
+    val = {}
+    for peer in PEERS:
+        key = ("masked", task, peer, "mlp")
+        if all("test" in errs.err.get(key, {}).get(r, {}) for r in regions):
+            s = errs.stats(key, tuple(regions))
+            if s["val_mean"] is not None:
+                val[peer] = s["val_mean"]
+    return min(val, key=val.get) if val else None
+
+
+def _peer_lines(peer_notes: dict) -> list[str]:
+    """Each region's peers: fit and embedding time and peak memory, or why they were skipped."""
+    if not any(n.get("fitted") for n in peer_notes.values()):
+        reasons = sorted({n.get("skipped", "") for n in peer_notes.values()})
+        return ["", "## Peers (SRAI)", "", "Not evaluated: " + "; ".join(reasons) + "."]
+    names = list(dict.fromkeys(p for n in peer_notes.values() for p in n.get("fitted", {})))
+    version = next(n["srai"] for n in peer_notes.values() if n.get("fitted"))
+    lines = ["", "## Peers (SRAI)", "", f"SRAI {version}'s embedders, fitted per region on its training tiles "
+             "(each region's report says how). Per peer: fit + embedding seconds on the evaluating machine, and "
+             "the peak resident-memory rise (MB).", "",
+             "| region | tiles fitted on | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for region, n in peer_notes.items():
+        if not n.get("fitted"):
+            lines.append(f"| {region} | skipped: {n.get('skipped', '')} |" + " |" * len(names))
+            continue
+        f = n["fitted"]
+        lines.append(f"| {region} | {n['fitted_on_tiles']} | " + " | ".join(
+            f"{f[p]['fit_seconds'] + f[p]['embed_seconds']:.1f} s, {f[p]['peak_mb']:.0f} MB" if p in f else "-"
+            for p in names) + " |")
+    return lines
+
+
+def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agreement, peer_notes) -> list[str]:
     names = [w.name for w in regions]
     lines = [f"# GeoJEPA corpus report: {title}", "",
              "Masked setting (the task's label tags removed), test MAE of the MLP probe (Dummy: the training "
@@ -228,6 +273,7 @@ def _markdown(title, regions, seen, notes, tasks, rows, chosen, comparisons, agr
                   "| region | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         for name, a in agreement.items():
             lines.append(f"| {name} | " + " | ".join(f"{a[m]:.3f}" if m in a else "-" for m in models) + " |")
+    lines += _peer_lines(peer_notes)
     lines += ["", "Each region's full report: " + ", ".join(f"[{w.name}]({(w.eval / 'report.md').resolve()})"
                                                             for w in regions), ""]
     return lines

@@ -64,6 +64,25 @@ def _timing(timing: dict | None) -> list[str]:
     return ["Time: " + "; ".join(parts) + ".", ""]
 
 
+def _peers(notes: dict | None) -> list[str]:
+    """The SRAI peers' section: what they are, each one's width, time and memory, or why they were skipped."""
+    if not notes:
+        return []
+    lines = ["## Peers (SRAI)", ""]
+    if notes.get("skipped"):
+        return lines + [f"Skipped: {notes['skipped']}.", ""]
+    lines += [f"SRAI {notes['srai']}'s embedders on this region's tiles: *count* (tag counts), *contextual_count* "
+              "(with the neighbours' counts), *hex2vec* (a skip-gram over tile adjacency), *geovex* (a hexagonal "
+              f"convolutional autoencoder, run on the square grid), counting the {notes['features']} key=value "
+              f"pairs found on the most training tiles; hex2vec and geovex trained on the "
+              f"{notes['fitted_on_tiles']} training tiles. In the masked setting they see the same tags removed. "
+              "Time: seconds on this machine; peak: the largest resident-memory rise while fitting or embedding.",
+              "", "| peer | width | fit s | embedding s | peak MB |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {st['dim']} | {st['fit_seconds']:.1f} | {st['embed_seconds']:.1f} | {st['peak_mb']:.0f} |"
+              for p, st in notes["fitted"].items()]
+    return lines + [""]
+
+
 def write_report(path: Path, results: list[dict], summary: dict, region: str) -> None:
     lines = [f"# GeoJEPA evaluation: {region}", "",
              f"Checkpoint `{summary['checkpoint']}`; {summary['tiles']} tiles, {summary['entities']} entity "
@@ -87,6 +106,7 @@ def write_report(path: Path, results: list[dict], summary: dict, region: str) ->
               "## Retrieval", "", "Mean tag-class histogram intersection between each tile and its k nearest tiles "
               "(1: the same mix of buildings, roads, shops, ...).", "", "| model | agreement |", "|---|---|"]
     lines += [f"| {m} | {v:.3f} |" for m, v in summary["agreement"].items()]
+    lines += ["", *_peers(summary.get("peers"))]
     lines += ["", "## Pictures", ""]
     lines += [f"![{name}]({file})" if file.endswith(".png") else f"[{name}]({file})"
               for name, file in summary["pictures"].items()]

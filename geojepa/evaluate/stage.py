@@ -14,6 +14,9 @@ integer tables, never the tokens, the entities' tags or their geometries.
    trained target encoder and its untrained twin embed each tile, and each
    probed task's tiles once its label-defining tags are removed; the entity
    embeddings go to a float32 spill file.
+   Then the field's own embedders (SRAI's Count, ContextualCount, Hex2Vec, GeoVeX: ``peers``, when the
+   ``peers`` extra is installed) are fitted on the region's training tiles and embed every tile and each
+   task's masked tiles; their probes are cached like the baselines'.
 3. Probes: linear and MLP probes on the train split, stopped on val, scored on
    test, every seed and feature set of one kind and width in one stacked fit
    (``probe.fit_predict_seeds``), the fits of all tasks side by side; Dummy
@@ -68,7 +71,7 @@ from data_contracts import (
 )
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate import figures
+from geojepa.evaluate import figures, peers
 from geojepa.evaluate.embed import (
     bag_of_tags_counts,
     embed,
@@ -85,6 +88,7 @@ from geojepa.evaluate.knn import (
     topk_cosine_chunks,
 )
 from geojepa.evaluate.labels import TASKS, subsample
+from geojepa.evaluate.peers import PEERS
 from geojepa.evaluate.probe import (
     ProbeSettings,
     fit_predict_seeds,
@@ -212,6 +216,9 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             timing["embedding"] = round(time.perf_counter() - clock, 2)
             del vocab
             release()
+            clock = time.perf_counter()
+            peer_all, peer_tasks, peer_notes = _peers(paths, tok, probed, section)
+            timing["peers"] = round(time.perf_counter() - clock, 2)
             n = tok.n
             keys, values = scan.pairs.keys, scan.pairs.values
             clock = time.perf_counter()
@@ -220,8 +227,10 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
                 tr = np.flatnonzero(sp == "train")
                 masked = emb.tasks[name]
                 feats = {"geojepa": masked["geojepa"], "geojepa_context": masked["geojepa_context"],
-                         "untrained": masked["untrained"], "tagpool": masked["tagpool"], "bag_of_tags": bag_of_tags_counts(scan.bag, rows, keys, values, tr, section.bag_features,
-                                                           drop=scan.pairs.arrays()["defines"][tasks.index(task)])}
+                         "untrained": masked["untrained"], "tagpool": masked["tagpool"],
+                         "bag_of_tags": bag_of_tags_counts(scan.bag, rows, keys, values, tr, section.bag_features,
+                                                           drop=scan.pairs.arrays()["defines"][tasks.index(task)]),
+                         **peer_tasks.get(name, {})}
                 jobs = [("masked", feats, True)]
                 if section.unmasked:
                     jobs.append(("unmasked", {"geojepa": emb.tiles[rows], "geojepa_context": emb.context[rows],
@@ -238,7 +247,8 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             all_feats = {"geojepa": emb.tiles, "geojepa_context": emb.context, "untrained": emb.untrained,
                          "tagpool": emb.tagpool,
                          "bag_of_tags": bag_of_tags_counts(scan.bag, np.arange(n), keys, values,
-                                                           np.flatnonzero(split_of == "train"), section.bag_features)}
+                                                           np.flatnonzero(split_of == "train"), section.bag_features),
+                         **peer_all}
             for name, x in all_feats.items():
                 if n > 1:
                     _, nn_idx = topk_cosine(x, x, section.k, exclude=np.arange(n), device=device)
@@ -261,7 +271,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             summary = {"checkpoint": str(ckpt), "region": w.name, "seen_in_training": seen, "role": role,
                        "tokenizer_digest": region_digest, "masked_images": "left out (rendered from the tags)"
                        if rendered else ("kept (real imagery)" if "image" in modalities else None), "tiles": n, "entities": int(tok.ent_off[-1]),
-                       "tasks": notes, "agreement": agreement, "pictures": pictures,
+                       "tasks": notes, "peers": peer_notes, "agreement": agreement, "pictures": pictures,
                        "seconds": round(time.perf_counter() - t0, 1), "timing": timing}
             write_report(tmp / "report.md", results, summary, w.name)
             replace_folder(tmp, work_dir / EVAL_DIR)
@@ -271,6 +281,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         run.metrics({_metric_name(r): r["mean"] for r in results if r["mean"] is not None})
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in agreement.items()})
+        run.metrics({f"peers.{p}.{k}": v for p, st in peer_notes.get("fitted", {}).items() for k, v in st.items()})
         run.metrics({f"seconds.{k}": v for k, v in _flat_timing(timing).items()})
         for f in ("report.md", "results.parquet", "predictions.parquet", "task_labels.parquet", *pictures.values()):
             run.artifact(out / f, "eval")
@@ -278,6 +289,38 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     log.info("evaluate: %s written in %.1fs (%s); report %s", out, summary["seconds"],
              ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(timing).items()), out / "report.md")
     return life.publish([EVAL_DIR], summary)
+
+
+def _peers(paths: dict, tok, probed: dict, section) -> tuple[dict, dict, dict]:
+    """SRAI's embedders on this region (``geojepa.evaluate.peers``): every tile's vectors (unmasked, for
+    retrieval), each probed task's tiles' vectors with its label-defining tags removed, and what the report
+    says of them (each peer's width, fit and embedding seconds, peak memory; or why they were skipped)."""
+    if not section.peers:
+        return {}, {}, {"skipped": "none asked (evaluate.peers is empty)"}
+    if why := peers.missing():
+        log.warning("evaluate: SRAI peers skipped: %s", why)
+        return {}, {}, {"skipped": why}
+    import srai
+
+    region = peers.load_region(paths["tiles"], paths["tile_entities"], tok.ids, tok.split.astype(str),
+                               section.peer_features)
+    with _torch_threads(_workers()):
+        fitted = peers.fit(region, tuple(section.peers), section.peer_epochs, section.seed)
+        every = fitted.embed(region)
+        per_task, groups = {}, {}
+        for name, (task, rows, _, _) in probed.items():  # tasks removing the same tags share one embedding
+            groups.setdefault(task.defines, []).append((name, rows))
+        for defines, members in groups.items():
+            union = np.unique(np.concatenate([rows for _, rows in members]))
+            vecs = fitted.embed(region.masked(defines), tok.ids[union].tolist())
+            for name, rows in members:
+                at = np.searchsorted(union, rows)
+                per_task[name] = {p: x[at] for p, x in vecs.items()}
+    notes = {"srai": srai.__version__, "features": len(region.pairs), "fitted_on_tiles": len(region.train),
+             "fitted": {p: {"dim": st.dim, "fit_seconds": round(st.fit_s, 2),
+                            "embed_seconds": round(st.transform_s, 2), "peak_mb": round(st.peak_mb, 1)}
+                        for p, st in fitted.stats.items()}}
+    return every, per_task, notes
 
 
 def _rendered(tile_images: Path) -> bool:
@@ -442,7 +485,7 @@ class Probes:
         return np.flatnonzero(self.sp == s)
 
 
-BASELINES = ("tagpool", "bag_of_tags")  # features that do not depend on the model: their probes are cached
+BASELINES = ("tagpool", "bag_of_tags", *PEERS)  # features that do not depend on the model: their probes are cached
 PROBE_CACHE = ".probe-cache"  # in W: the baselines' probe predictions, content-addressed
 
 
