@@ -16,8 +16,9 @@ KOTKA = SAMPLES / "kotka.osm.pbf"
 
 @pytest.fixture(scope="session")
 def cfg():
-    """Default config with MLflow off (tests of tracking turn it on explicitly)."""
-    return load_config(overrides=["tracking.enabled=false"])
+    """Default config with MLflow off (tests of tracking turn it on explicitly) and without the SRAI peers (their
+    own tests and the evaluation tests' real run cover them)."""
+    return load_config(overrides=["tracking.enabled=false", "evaluate.peers=[]"])
 
 
 @pytest.fixture(scope="session")

@@ -224,9 +224,10 @@ def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
     assert not (tmp_path / "T").exists() and not (tmp_path / "out").exists()
 
 
-def _fake_region(root, name, seen, n_test, rng, noise, labels=None):
+def _fake_region(root, name, seen, n_test, rng, noise, labels=None, val_better=("geojepa_context",)):
     """A region's eval/predictions.parquet and evaluate manifest: geojepa's errors scaled by noise['geojepa'],
-    etc.; the context encoder is worse on test but better on validation."""
+    etc. (a model per key of ``noise``); the models ``val_better`` (the context encoder) are worse on test than
+    on validation."""
     from data_contracts import PREDICTIONS, write_table
 
     w = WorkDir(root / name)
@@ -237,10 +238,10 @@ def _fake_region(root, name, seen, n_test, rng, noise, labels=None):
     cols = {f.name: [] for f in PREDICTIONS.schema}
     draw = rng if labels is None else np.random.default_rng(labels)  # ``labels``: a seed for the labels alone
     y = {s: draw.integers(0, 50, n).astype(float) for s, n in (("val", 10), ("test", n_test))}
-    for model, probe in (("geojepa", "mlp"), ("geojepa_context", "mlp"), ("untrained", "mlp"), ("tagpool", "mlp"),
-                         ("dummy", "median")):
+    for model in noise:
+        probe = "median" if model == "dummy" else "mlp"
         for split, labels in y.items():
-            scale = noise[model] * (0.5 if (model == "geojepa_context" and split == "val") else 1.0)
+            scale = noise[model] * (0.5 if (model in val_better and split == "val") else 1.0)
             pred = labels[:, None] + rng.normal(0, scale, (len(labels), 3))
             for i, (lab, p) in enumerate(zip(labels, pred, strict=True)):
                 for col, v in (("setting", "masked"), ("task", "building_count"), ("model", model), ("probe", probe),
@@ -280,6 +281,28 @@ def test_corpus_report_pools_test_tiles_with_a_paired_bootstrap_and_chooses_the_
     assert not verdict["all", "tagpool"]["better"] and verdict["all", "tagpool"]["worse"]  # context 1.6 vs 1.02
     assert metrics["corpus.all.masked.building_count.geojepa_vs_untrained.mae_gain_ci_low"] > 0
     assert "| building_count | holdout (1) | geojepa_context |" in (tmp_path / "model" / "corpus_report.md").read_text()
+
+
+def test_the_best_peer_is_chosen_on_validation_and_compared_like_a_baseline(tmp_path):
+    from geojepa.evaluate.corpus import corpus_report
+
+    rng = np.random.default_rng(1)
+    # hex2vec looks best on validation (0.5 x 4.0 = 2.0) but geovex is best on test (3.0): hex2vec is the best peer
+    noise = {"geojepa": 1.0, "geojepa_context": 5.0, "untrained": 8.0, "count": 6.0, "contextual_count": 5.0,
+             "hex2vec": 4.0, "geovex": 3.0, "dummy": 20.0}
+    regions = [_fake_region(tmp_path, n, n != "h", 150, rng, noise, val_better=("hex2vec",)) for n in ("a", "h")]
+    metrics = corpus_report(regions, tmp_path / "model", "fake")
+    report = json.loads((tmp_path / "model" / "corpus_comparisons.json").read_text())
+    verdict = {(c["group"], c["baseline"]): c for c in report["comparisons"]}
+    assert verdict["all", "best_peer (hex2vec)"]["baseline_mae"] == pytest.approx(verdict["all", "hex2vec"]["baseline_mae"])
+    assert verdict["all", "best_peer (hex2vec)"]["better"]
+    for peer in ("count", "contextual_count", "hex2vec", "geovex"):
+        assert verdict["all", peer]["better"], peer
+    assert metrics["corpus.all.masked.building_count.geojepa_vs_best_peer.mae_gain_ci_low"] > 0
+    assert "masked.building_count.geovex.mlp.mae" in " ".join(metrics)  # the peers' pooled rows, by stable names
+    text = (tmp_path / "model" / "corpus_report.md").read_text()
+    assert "| geovex |" in text and "best_peer (hex2vec)" in text
+    assert "## Peers (SRAI)" in text and "Not evaluated" in text  # these fake regions say nothing of their fits
 
 
 def test_an_exported_model_folder_evaluates_like_its_checkpoint_and_keeps_the_tokenizer(corpus, tmp_path):

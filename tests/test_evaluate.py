@@ -102,8 +102,14 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
     assert (emb.level == "entity").sum() == sum(len(e) for e in tokens["entity_id"].to_pylist())
     assert len(tiles.embedding.iloc[0]) == 2 * TINY["width"]  # concat(mean, max)
     assert (tiles.geometry.geom_type == "Polygon").all() and tiles.geometry.is_valid.all()
-    assert set(summary["timing"]) == {"loading", "embedding", "probes", "probes_wall", "retrieval", "pictures",
-                                      "writing"}
+    assert set(summary["timing"]) == {"loading", "embedding", "peers", "probes", "probes_wall", "retrieval",
+                                      "pictures", "writing"}
+    # The SRAI peers beside them (the `peers` extra is part of the test install), probed the same way.
+    assert set(summary["peers"]["fitted"]) == {"count", "contextual_count", "hex2vec", "geovex"}
+    for peer in summary["peers"]["fitted"]:
+        assert mae[(peer, "mlp")]["seeds"] == 2 and mae[(peer, "mlp")]["mean"] > 0 and (peer, "knn") in mae
+        assert peer in summary["agreement"]
+    assert "## Peers (SRAI)" in (out / "report.md").read_text()
     assert set(summary["timing"]["probes"]) == {"building_count"}
     assert "Time:" in (out / "report.md").read_text()
 
