@@ -335,6 +335,7 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
             have = [r for r in members[group] if "test" in errs.err.get(ref_key, {}).get(r, {})]
             if not have:
                 continue
+            best = _best_peer(errs, task, have)
             for run in names:
                 if chosen[run] is None:
                     continue
@@ -346,6 +347,9 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
                 others = {"untrained": ("masked", task, f"{run}/untrained", "mlp")}
                 if run != names[0]:
                     others = {"reference": ref_key, **others}
+                if best is not None:
+                    others["best_peer"] = ("masked", task, best, "mlp")
+                    row["best_peer"] = best
                 for vs, other in others.items():
                     if (paired := errs.gain(key, other, have)) is None:
                         continue
@@ -362,8 +366,10 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
              "mean over probe seeds, [95% region-stratified bootstrap over test tiles]. Gains: the other model's "
              "MAE minus this run's (positive: this run better), [paired 95% bootstrap interval]; **bold** when "
              "the interval is above zero, *italic* when below.", "",
+             "*Best peer*: the SRAI embedder with the lowest pooled validation MAE (when the reference run's "
+             "regions were evaluated with the peers).", "",
              "| task | group | run | encoder | val MAE | test MAE [95% CI] | gain over reference | gain over own "
-             "untrained twin |", "|---|---|---|---|---|---|---|---|"]
+             "untrained twin | gain over best peer |", "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, vs):
         if f"gain_vs_{vs}" not in r:
@@ -376,7 +382,8 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
         val_mae = "-" if r["val_mae"] is None else f"{r['val_mae']:.3f}"
         lines.append(f"| {r['task']} | {r['group']} ({r['regions']}) | {r['run']} | {r['encoder']} | {val_mae} | "
                      f"{r['mae']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {cell(r, 'reference')} | "
-                     f"{cell(r, 'untrained')} |")
+                     f"{cell(r, 'untrained')} | {cell(r, 'best_peer')}"
+                     + (f" ({r['best_peer']})" if "best_peer" in r else "") + " |")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "ablation_report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

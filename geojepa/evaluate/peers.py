@@ -251,7 +251,7 @@ def fit(region: Region, names: tuple[str, ...], epochs: int, seed: int, radius: 
 
     peers = Peers(names, region, stats={n: PeerStats() for n in names})
     trainer = {"max_epochs": epochs, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-               "enable_progress_bar": False, "enable_model_summary": False, "deterministic": True}
+               "enable_progress_bar": False, "enable_model_summary": False}
     train = region.subset(region.train) if region.train else region
     for name in names:
         with _measure(peers.stats[name], "fit_s"), _quiet():
@@ -361,12 +361,12 @@ def _measure(stats: PeerStats, attr: str):
 
 @contextlib.contextmanager
 def _quiet():
-    """Lightning's and SRAI's progress lines and advice off."""
+    """Lightning's advice and the libraries' warnings off (SRAI's own progress bars stay: tqdm reads its
+    switch when imported)."""
     names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
     levels = [logging.getLogger(n).level for n in names]
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
