@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from geojepa.evaluate import peers
 from geojepa.evaluate.labels import TASKS
@@ -58,7 +59,8 @@ def test_every_peer_embeds_every_tile_and_masked_tags_never_reach_them(kotka):
     for name in peers.PEERS:
         assert got[name].shape == plain[name].shape == (tok.n, width[name]), name
         assert np.isfinite(got[name]).all()
-        assert fitted.stats[name].fit_s >= 0 and fitted.stats[name].transform_s > 0
+        assert fitted.stats[name].transform_s > 0 and (name in ("count", "contextual_count")
+                                                        or fitted.stats[name].fit_s > 0)
     assert (got["count"][:, building] == 0).all() and (got["contextual_count"][:, building] == 0).all()
     # A tile's own vector changes exactly when its own tags changed (Count, Hex2Vec: no neighbours in them).
     for name in ("count", "hex2vec"):
@@ -66,8 +68,41 @@ def test_every_peer_embeds_every_tile_and_masked_tags_never_reach_them(kotka):
         assert (same == ~has_building).all(), name
     # Hex2Vec and GeoVeX learnt something: tiles differ from one another.
     assert plain["hex2vec"].std(0).mean() > 0 and plain["geovex"].std(0).mean() > 0
-    # Fitted on the training tiles only.
     assert set(region.train) == {t for t, s in zip(tok.ids, tok.split, strict=True) if s == "train"}
+
+
+@needs_srai
+def test_hex2vec_and_geovex_are_fitted_on_the_training_tiles_only(kotka):
+    """Fitting on the whole region and on its training tiles alone gives the same weights (seeded): the
+    validation and test tiles never reach a fit."""
+    _, _, region = kotka
+    whole = peers.fit(region, ("hex2vec", "geovex"), epochs=1, seed=3)
+    alone = peers.fit(region.subset(region.train), ("hex2vec", "geovex"), epochs=1, seed=3)
+    for name in ("hex2vec", "geovex"):
+        a, b = whole.models[name]._model.state_dict(), alone.models[name]._model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert len(region.train) < len(region.regions)
+
+
+@needs_srai
+def test_geovex_trains_its_hexagonal_kernels_and_keeps_them_hexagonal(kotka):
+    """SRAI 0.10.2 swaps each hexagonal convolution's weight for a new tensor at every call, so training never
+    moves it; with the fix the kernels are trained and their two masked corners stay zero."""
+    from srai.embedders.geovex.model import HexagonalConv2d
+
+    _, _, region = kotka
+    train = region.subset(region.train)
+    m = peers._SquareGeoVex(region.names, 2)
+    m._prepare_model(m._get_raw_counts(train.regions, train.features, train.joint), 0.001)
+    convs = [c for c in m._model.modules() if isinstance(c, HexagonalConv2d)]
+    before = [(c.conv.weight * c.hexagonal_mask).detach().clone() for c in convs]  # the masked initial kernels
+    m.fit_grid(train, {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                       "enable_progress_bar": False, "enable_model_summary": False})
+    assert len(convs) >= 3
+    for c, w0 in zip(convs, before, strict=True):
+        w = c.conv.weight.detach()
+        assert not torch.allclose(w, w0), "a hexagonal convolution was not trained"
+        assert (w[..., 0, 0] == 0).all() and (w[..., 2, 2] == 0).all()
 
 
 @needs_srai
@@ -108,10 +143,10 @@ def test_a_missing_extra_is_a_clear_skip_not_a_failure(monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "srai", None)  # import srai -> ImportError, as without the extra
     why = peers.missing()
-    assert why == "srai is not installed: pip install -e '.[peers]'"
+    assert why.startswith("srai is not installed: pip install 'geojepa[peers]'")
     section = load_config().evaluate
     every, per_task, notes = _peers({}, None, {}, section)
     assert every == {} and per_task == {} and notes == {"skipped": why}
-    assert "Skipped: srai is not installed: pip install -e '.[peers]'." in report_lines(notes)
+    assert f"Skipped: {why}." in report_lines(notes)
     off = section.model_copy(update={"peers": ()})
     assert _peers({}, None, {}, off)[2] == {"skipped": "none asked (evaluate.peers is empty)"}

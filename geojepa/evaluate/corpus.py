@@ -39,12 +39,12 @@ from data_contracts import (
     write_table,
 )
 from geojepa.errors import GeoJepaError
+from geojepa.evaluate.peers import PEERS
 from geojepa.evaluate.report import ENCODERS
 from geojepa.workdir import WorkDir
 
 BOOTSTRAP = 2000
 GROUPS = ("all", "trained", "holdout")
-PEERS = ("count", "contextual_count", "hex2vec", "geovex")  # SRAI's embedders (geojepa.evaluate.peers)
 BASELINES = ("untrained", "tagpool", "bag_of_tags", *PEERS, "dummy")
 BEST_PEER = "best_peer"  # per task the peer with the lowest pooled validation MAE, compared like a baseline
 

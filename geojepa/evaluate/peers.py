@@ -7,8 +7,8 @@ SRAI's three inputs come from the region's own artifacts, offline:
 
 - regions: the evaluated tiles (footprints from ``tiles.parquet``, EPSG:4326), index the tile id;
 - features: the entities of ``tile_entities`` in SRAI's wide format (a column per OSM key, the tag's value in
-  it), restricted to the ``n_features`` key=value pairs found on the most training tiles (the same tags the
-  bag-of-tags baseline counts; padded with empty columns to GeoVeX's minimum of 256);
+  it), restricted to the ``n_features`` key=value pairs found on the most training tiles, fixed per region
+  (padded with empty columns to GeoVeX's minimum of 256);
 - joint: the tiling's own (tile, entity) pairs, so the peers count exactly the entities GeoJEPA reads.
 
 In the masked setting a task's label-defining tags are removed from every entity (``Task.defines``), as for
@@ -16,17 +16,21 @@ GeoJEPA's own inputs. Hex2Vec and GeoVeX are fitted once per region on the *trai
 (as GeoJEPA trains on training tiles); every tile is then embedded from the (masked) features. Neighbourhoods are
 the square grid's: the 8 tiles around a tile (``GridNeighbourhood``). GeoVeX is built for H3 hexagons: its
 hexagonal kernels and ring weights work in axial coordinates, and a square grid read in axial coordinates
-(column, row) is a hexagonal lattice whose six neighbours are the four sides and one diagonal
-(``SquareGridDataset``): GeoVeX runs unchanged on it, each tile seeing 6 of its 8 neighbours per ring. Tiles
-near the region's edge have missing neighbours: they count as empty (SRAI's H3 dataset drops such cells, which
-would leave edge tiles without an embedding).
+(column, row) is a hexagonal lattice whose six neighbours are the four sides and one diagonal pair
+(``square_grid_dataset``): GeoVeX runs on it unchanged, the other diagonal pair two rings out. Tiles near the
+region's edge have missing neighbours: they count as empty (SRAI's H3 dataset drops such cells, which would
+leave edge tiles without an embedding). One fix to SRAI 0.10.2's GeoVeX: its hexagonal convolutions replace
+their weight by a new tensor at every call, so the optimiser never updates them; ``_train_hexagonal_kernels``
+applies the same mask to a trained weight instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import random
 import threading
 import time
 import warnings
@@ -46,11 +50,20 @@ log = logging.getLogger(__name__)
 def missing() -> str | None:
     """None when the peers can run, else why not (the extra is absent)."""
     try:
-        import pytorch_lightning  # noqa: F401
         import srai  # noqa: F401
+        import pytorch_lightning  # noqa: F401
     except ImportError as e:
-        return f"{e.name} is not installed: pip install -e '.[peers]'"
+        return f"{e.name} is not installed: pip install 'geojepa[peers]' (from a checkout: pip install -e '.[peers]')"
     return None
+
+
+def version() -> str | None:
+    """The installed SRAI's version, None without the extra (part of an evaluation's freshness key)."""
+    if missing():
+        return None
+    import srai
+
+    return srai.__version__
 
 
 @dataclass
@@ -82,11 +95,12 @@ class Region:
         """The same region restricted to tiles ``ids`` (and their entities)."""
         import geopandas as gpd
 
+        keep = set(ids)
         regions = self.regions.loc[ids]
-        joint = self.joint[self.joint.index.get_level_values(0).isin(set(ids))]
+        joint = self.joint[self.joint.index.get_level_values(0).isin(keep)]
         feats = self.features.loc[joint.index.get_level_values(1).unique()]
         return Region(regions, gpd.GeoDataFrame(feats, geometry="geometry"), joint, self.names, self.pairs,
-                      {i: self.grid[i] for i in ids}, [i for i in self.train if i in set(ids)])
+                      {i: self.grid[i] for i in ids}, [i for i in self.train if i in keep])
 
 
 def load_region(tiles: Path, tile_entities: Path, ids: np.ndarray, split: np.ndarray, n_features: int) -> Region:
@@ -214,8 +228,8 @@ def square_grid_dataset(counts, grid: dict[str, tuple[int, int]], radius: int, c
 class PeerStats:
     dim: int = 0
     fit_s: float = 0.0
-    transform_s: float = 0.0
-    peak_mb: float = 0.0  # the largest resident-memory rise over the process's level before the call
+    transform_s: float = 0.0  # all embedding passes (unmasked and each masked one) together
+    peak_mb: float = 0.0  # the largest resident-memory (RSS) rise over its level before a fit or pass
 
 
 @dataclass
@@ -223,7 +237,6 @@ class Peers:
     """The fitted peers of one region: ``embed(region)`` gives every peer's vectors in the region's order."""
 
     names: tuple[str, ...]
-    region: Region
     models: dict = field(default_factory=dict)
     stats: dict[str, PeerStats] = field(default_factory=dict)
 
@@ -235,7 +248,9 @@ class Peers:
         for name in self.names:
             with _measure(self.stats[name], "transform_s"), _quiet():
                 df = _transform(name, self.models[name], region, ids)
-            x = df.reindex(ids).fillna(0.0).to_numpy(np.float32)
+            if lost := len(set(ids) - set(df.index)):
+                raise RuntimeError(f"peer {name} gave no vector for {lost} of {len(ids)} tiles")
+            x = df.loc[ids].to_numpy(np.float32)
             self.stats[name].dim = x.shape[1]
             out[name] = x
         return out
@@ -244,19 +259,18 @@ class Peers:
 def fit(region: Region, names: tuple[str, ...], epochs: int, seed: int, radius: int = 4,
         neighbourhood_distance: int = 2) -> Peers:
     """The peers ``names`` for ``region``: Count and ContextualCount need no fit; Hex2Vec and GeoVeX are
-    trained on the region's training tiles with all their tags (``epochs``, seeded)."""
-    import pytorch_lightning as pl
-    import torch
-    from srai.embedders import ContextualCountEmbedder, CountEmbedder, Hex2VecEmbedder
+    trained on the region's training tiles with all their tags (``epochs``, seeded; the process's random
+    states are left as they were). A region without training tiles is an error: nothing to fit on."""
+    from srai.embedders import ContextualCountEmbedder, CountEmbedder
 
-    peers = Peers(names, region, stats={n: PeerStats() for n in names})
+    if not region.train:
+        raise ValueError("no training tiles to fit the peers on")
+    peers = Peers(names, stats={n: PeerStats() for n in names})
     trainer = {"max_epochs": epochs, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False}
-    train = region.subset(region.train) if region.train else region
+    train = region.subset(region.train)
     for name in names:
-        with _measure(peers.stats[name], "fit_s"), _quiet():
-            pl.seed_everything(seed, verbose=False)
-            torch.manual_seed(seed)
+        with _measure(peers.stats[name], "fit_s"), _quiet(), _seeded(seed):
             if name == "count":
                 m = CountEmbedder(expected_output_features=region.names, count_subcategories=True)
             elif name == "contextual_count":
@@ -264,7 +278,7 @@ def fit(region: Region, names: tuple[str, ...], epochs: int, seed: int, radius: 
                                             expected_output_features=region.names, count_subcategories=True,
                                             num_of_multiprocessing_workers=0)
             elif name == "hex2vec":
-                m = Hex2VecEmbedder(expected_output_features=region.names, count_subcategories=True)
+                m = _classes()[0](expected_output_features=region.names, count_subcategories=True)
                 m.fit(train.regions, train.features, train.joint, grid_neighbourhood(train.grid),
                       batch_size=64, trainer_kwargs=dict(trainer))
             elif name == "geovex":
@@ -284,8 +298,16 @@ def _transform(name: str, model, region: Region, ids: list[str]):
     return model.transform(region.regions, region.features, region.joint)
 
 
-def _square_geovex_class():
-    from srai.embedders import GeoVexEmbedder
+@functools.cache
+def _classes():
+    """(Hex2Vec, GeoVeX) as used here, made on first use (SRAI is optional). SRAI's counts come out in an order
+    that changes from call to call (polars' group-by); both take them in the region's order, so a seeded fit
+    is repeatable."""
+    from srai.embedders import GeoVexEmbedder, Hex2VecEmbedder
+
+    class OrderedHex2Vec(Hex2VecEmbedder):
+        def _get_raw_counts(self, regions_gdf, features_gdf, joint_gdf):
+            return super()._get_raw_counts(regions_gdf, features_gdf, joint_gdf).loc[regions_gdf.index]
 
     class SquareGeoVex(GeoVexEmbedder):
         """SRAI's GeoVeX on a square grid (``square_grid_dataset``); model, loss and training unchanged."""
@@ -294,6 +316,9 @@ def _square_geovex_class():
             super().__init__(target_features=names, count_subcategories=True, batch_size=64,
                              neighbourhood_radius=radius)
 
+        def _get_raw_counts(self, regions_gdf, features_gdf, joint_gdf):
+            return super()._get_raw_counts(regions_gdf, features_gdf, joint_gdf).loc[regions_gdf.index]
+
         def fit_grid(self, region: Region, trainer_kwargs: dict) -> None:
             import pytorch_lightning as pl
             from torch.utils.data import DataLoader
@@ -301,6 +326,7 @@ def _square_geovex_class():
             counts = self._get_raw_counts(region.regions, region.features, region.joint)
             dataset = square_grid_dataset(counts, region.grid, self._r)
             self._prepare_model(counts, 0.001)
+            _train_hexagonal_kernels(self._model)
             pl.Trainer(**trainer_kwargs).fit(self._model, DataLoader(dataset, batch_size=self._batch_size,
                                                                      shuffle=True))
             self._is_fitted = True
@@ -319,11 +345,57 @@ def _square_geovex_class():
             return pd.DataFrame(torch.cat(x).numpy() if x else np.zeros((0, self._embedding_size)),
                                 index=dataset.get_valid_cells())
 
-    return SquareGeoVex
+    return OrderedHex2Vec, SquareGeoVex
 
 
-def _SquareGeoVex(names, radius):  # noqa: N802 - a class made on first use, SRAI being optional
-    return _square_geovex_class()(names, radius)
+def _SquareGeoVex(names, radius):  # noqa: N802 - the class is made on first use
+    return _classes()[1](names, radius)
+
+
+def _train_hexagonal_kernels(model) -> None:
+    """SRAI 0.10.2's ``HexagonalConv2d.forward`` sets ``conv.weight = Parameter(conv.weight * mask)`` at every
+    call: the optimiser, built before the first call, holds the replaced tensor, so the convolutions keep their
+    initial weights. Here the mask is a parametrisation of the weight the optimiser trains (the same masked
+    kernel in every forward pass) and the layer calls its convolution directly."""
+    from srai.embedders.geovex.model import HexagonalConv2d
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    class Masked(nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+        def forward(self, w):
+            return w * self.mask
+
+    for m in model.modules():
+        if isinstance(m, HexagonalConv2d) and not parametrize.is_parametrized(m.conv, "weight"):
+            parametrize.register_parametrization(m.conv, "weight", Masked(m.hexagonal_mask))
+            m.forward = m.conv.forward
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Lightning's ``seed_everything`` inside the block (torch, numpy and ``random``, which Hex2Vec's negative
+    sampling draws from); the process's random states and environment as they were after it."""
+    import pytorch_lightning as pl
+    import torch
+
+    py, np_state = random.getstate(), np.random.get_state()
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    with torch.random.fork_rng(devices=[]):
+        pl.seed_everything(seed, verbose=False)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _rss_mb() -> float:

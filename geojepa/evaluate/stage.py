@@ -158,7 +158,9 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         open_artifact(paths[name], contract)
     # The vocabulary of a corpus tokenizer grows with other regions: it enters by the shards' digest instead.
     inputs = {k: v for k, v in paths.items() if not (k == "tag_vocab" and region_digest)}
-    life = Lifecycle("evaluate", work_dir, cfg, inputs, section.model_dump(mode="json"),
+    # Whether SRAI is installed decides the peers' rows: an evaluation made without it is stale once it is.
+    params = {**section.model_dump(mode="json"), "peers_srai": peers.version() if section.peers else None}
+    life = Lifecycle("evaluate", work_dir, cfg, inputs, params,
                      ("geojepa.evaluate", "geojepa.model"), section="evaluate")
     if done := life.skipped(force):
         return done
@@ -296,12 +298,14 @@ def _peers(paths: dict, tok, probed: dict, section) -> tuple[dict, dict, dict]:
     retrieval), each probed task's tiles' vectors with its label-defining tags removed, and what the report
     says of them (each peer's width, fit and embedding seconds, peak memory; or why they were skipped)."""
     if not section.peers:
+        log.info("evaluate: SRAI peers skipped: none asked (evaluate.peers is empty)")
         return {}, {}, {"skipped": "none asked (evaluate.peers is empty)"}
     if why := peers.missing():
         log.warning("evaluate: SRAI peers skipped: %s", why)
         return {}, {}, {"skipped": why}
-    import srai
-
+    if not (tok.split == "train").any():
+        log.warning("evaluate: SRAI peers skipped: no training tiles to fit them on")
+        return {}, {}, {"skipped": "no training tiles to fit them on"}
     region = peers.load_region(paths["tiles"], paths["tile_entities"], tok.ids, tok.split.astype(str),
                                section.peer_features)
     with _torch_threads(_workers()):
@@ -316,7 +320,7 @@ def _peers(paths: dict, tok, probed: dict, section) -> tuple[dict, dict, dict]:
             for name, rows in members:
                 at = np.searchsorted(union, rows)
                 per_task[name] = {p: x[at] for p, x in vecs.items()}
-    notes = {"srai": srai.__version__, "features": len(region.pairs), "fitted_on_tiles": len(region.train),
+    notes = {"srai": peers.version(), "features": len(region.pairs), "feature_cap": section.peer_features, "fitted_on_tiles": len(region.train),
              "fitted": {p: {"dim": st.dim, "fit_seconds": round(st.fit_s, 2),
                             "embed_seconds": round(st.transform_s, 2), "peak_mb": round(st.peak_mb, 1)}
                         for p, st in fitted.stats.items()}}
