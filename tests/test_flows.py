@@ -32,7 +32,7 @@ FAST = ["train.width=32", "train.depth=1", "train.heads=2", "train.mlp=64", "tra
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # 30 s is not enough on 2 busy cores
         yield
 
 
