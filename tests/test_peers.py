@@ -136,6 +136,30 @@ def test_geovex_square_grid_puts_neighbours_where_the_hexagonal_kernels_expect_t
     assert corner[0, 2, 2] == 1 and 1 < corner.sum() < 19
 
 
+@needs_srai
+def test_a_tag_valued_null_does_not_collide_with_srais_empty_cells(tokenised, tmp_path):
+    """London has ``type=null``: SRAI's dummy of an empty ``type`` cell has the same name, ``type_null``."""
+    import pyarrow as pa
+
+    from data_contracts import TILE_ENTITIES
+
+    w, _ = tokenised
+    tok = token_index(w / "tokens")
+    te = pq.read_table(w / "tile_entities.parquet")
+    rows = te.to_pylist()
+    train = [r for r in rows if r["tile_id"] in {t for t, s in zip(tok.ids, tok.split, strict=True) if s == "train"}]
+    for r in train[:40]:
+        r["tags"] = [*r["tags"], ("type", "null")]
+    for r in train[40:80]:
+        r["tags"] = [*r["tags"], ("type", "multipolygon")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=TILE_ENTITIES.schema), tmp_path / "tile_entities.parquet")
+    region = peers.load_region(w / "tiles.parquet", tmp_path / "tile_entities.parquet", tok.ids,
+                               tok.split.astype(str), 512)
+    assert "type_multipolygon" in region.names and "type_null" not in region.names
+    x = peers.fit(region, ("count",), epochs=1, seed=0).embed(region)["count"]
+    assert x[:, region.names.index("type_multipolygon")].sum() > 0
+
+
 def test_a_missing_extra_is_a_clear_skip_not_a_failure(monkeypatch, tmp_path):
     from geojepa.config import load_config
     from geojepa.evaluate.report import _peers as report_lines

@@ -138,7 +138,9 @@ def load_region(tiles: Path, tile_entities: Path, ids: np.ndarray, split: np.nda
     for c in ranked:
         k, v = texts[c].split("\x1f", 1)
         name = f"{k}_{v}"
-        if name in names or not v:
+        # SRAI names the dummy of an empty cell "<key>_null" and drops every such column: a real value "null"
+        # (London has type=null) would collide with it.
+        if name in names or not v or v == "null":
             continue
         names[name] = c
         pairs.append((k, v))
