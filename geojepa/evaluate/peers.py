@@ -43,6 +43,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 PEERS = ("count", "contextual_count", "hex2vec", "geovex")
+# Their counts reach the probes as log(1 + count), as bag-of-tags' do: raw, a few dense test tiles lie far
+# outside the training range and the probes extrapolate to MAEs in the thousands (the research run's first
+# pass: docs/results/research-cpu/peers-raw-counts/).
+LOG_COUNTS = ("count", "contextual_count")
 GEOVEX_MIN_FEATURES = 256  # GeoVeX's convolutional layers want at least this many input features
 log = logging.getLogger(__name__)
 
@@ -244,7 +248,7 @@ class Peers:
 
     def embed(self, region: Region, ids: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every peer's vectors of the tiles ``ids`` (default all, in the region's order), embedded in
-        ``region`` (their neighbours' features included)."""
+        ``region`` (their neighbours' features included); counts as log(1 + count) (``LOG_COUNTS``)."""
         ids = list(region.regions.index) if ids is None else ids
         out = {}
         for name in self.names:
@@ -253,6 +257,8 @@ class Peers:
             if lost := len(set(ids) - set(df.index)):
                 raise RuntimeError(f"peer {name} gave no vector for {lost} of {len(ids)} tiles")
             x = df.loc[ids].to_numpy(np.float32)
+            if name in LOG_COUNTS:
+                x = np.log1p(x)
             self.stats[name].dim = x.shape[1]
             out[name] = x
         return out
