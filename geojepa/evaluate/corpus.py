@@ -205,7 +205,7 @@ def _peer_lines(peer_notes: dict) -> list[str]:
     if not any(n.get("fitted") for n in peer_notes.values()):
         reasons = sorted({n.get("skipped", "") for n in peer_notes.values()})
         return ["", "## Peers (SRAI)", "", "Not evaluated: " + "; ".join(reasons) + "."]
-    names = list(dict.fromkeys(p for n in peer_notes.values() for p in n.get("fitted", {})))
+    names = [p for p in PEERS if any(p in n.get("fitted", {}) for n in peer_notes.values())]
     version = next(n["srai"] for n in peer_notes.values() if n.get("fitted"))
     lines = ["", "## Peers (SRAI)", "", f"SRAI {version}'s embedders, fitted per region on its training tiles "
              "(each region's report says how). Per peer: fit + embedding seconds on the evaluating machine, and "
