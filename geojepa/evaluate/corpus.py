@@ -96,10 +96,14 @@ class _Errors:
                 "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
                 "regions": len(have)}
 
+    def covers(self, key: tuple, regions: list[str]) -> bool:
+        """Whether ``key`` has test predictions in every one of ``regions``."""
+        return all("test" in self.err.get(key, {}).get(r, {}) for r in regions)
+
     def gain(self, ours: tuple, other: tuple, regions: list[str]) -> tuple[float, float, float] | None:
         """(``other``'s pooled test MAE minus ``ours``, and the 2.5 and 97.5 percentiles of that difference over
         the shared bootstrap resamples) on ``regions``; None when ``other`` lacks one of them."""
-        if not all("test" in self.err.get(other, {}).get(r, {}) for r in regions):
+        if not self.covers(other, regions):
             return None
         gain = self.stats(other, tuple(regions))["mean"] - self.stats(ours, tuple(regions))["mean"]
         lo, hi = np.percentile(self.boot(other, regions) - self.boot(ours, regions), [2.5, 97.5])
@@ -193,10 +197,8 @@ def _best_peer(errs: _Errors, task: str, regions: list[str]) -> str | None:
     val = {}
     for peer in PEERS:
         key = ("masked", task, peer, "mlp")
-        if all("test" in errs.err.get(key, {}).get(r, {}) for r in regions):
-            s = errs.stats(key, tuple(regions))
-            if s["val_mean"] is not None:
-                val[peer] = s["val_mean"]
+        if errs.covers(key, regions) and (v := errs.stats(key, tuple(regions))["val_mean"]) is not None:
+            val[peer] = v
     return min(val, key=val.get) if val else None
 
 
