@@ -22,7 +22,7 @@ rng = np.random.default_rng(0)
 gallery = rng.standard_normal((n, dim), dtype=np.float32)
 queries = gallery[rng.choice(n, q, replace=False)] + 0.1 * rng.standard_normal((q, dim), dtype=np.float32)
 if which == "torch":
-    from geojepa.evaluate.knn import topk_cosine
+    from geojepa.encoding.neighbours import topk_cosine
 else:
     from sklearn.neighbors import NearestNeighbors
 t0 = time.perf_counter()

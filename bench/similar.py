@@ -30,7 +30,7 @@ q_idx = rng.choice(n, nq, replace=False)
 
 TOOLS = {
     "topk_cosine": SETUP + r"""
-from geojepa.evaluate.knn import topk_cosine
+from geojepa.encoding.neighbours import topk_cosine
 t0 = time.perf_counter(); topk_cosine(x[q_idx[:1]], x, 10, exclude=q_idx[:1]); one = time.perf_counter() - t0
 t0 = time.perf_counter(); _, idx = topk_cosine(x[q_idx], x, 10, exclude=q_idx); many = time.perf_counter() - t0
 np.save(sys.argv[5], idx)

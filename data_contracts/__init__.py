@@ -24,6 +24,7 @@ from data_contracts.schemas import (
     ENTITIES,
     EVAL_RESULTS,
     PREDICTIONS,
+    PROBE_FEATURES,
     TAG_VOCAB,
     TASK_LABELS,
     TILE_ENTITIES,
@@ -36,7 +37,7 @@ from data_contracts.schemas import (
 )
 
 __all__ = [
-    "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "PREDICTIONS", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
+    "ALL", "CORPUS_RESULTS", "EMBEDDINGS", "ENTITIES", "EVAL_RESULTS", "PREDICTIONS", "PROBE_FEATURES", "TAG_VOCAB", "TASK_LABELS", "TILE_ENTITIES", "TILE_IMAGES", "TILES",
     "TOKENS", "ArtifactWriter", "Contract", "ContractError", "atomic_path", "open_artifact", "read_table",
     "replace_folder", "schema_diff", "sweep", "write_table", "EMBEDDING_KEYS", "embedding_dim", "entity_embeddings",
     "tile_embeddings",

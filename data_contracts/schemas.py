@@ -226,21 +226,23 @@ TASK_LABELS = Contract(
 
 EVAL_RESULTS = Contract(
     name="eval_results",
-    version=2,
+    version=3,
     schema=pa.schema(
         [
             pa.field("setting", pa.string(), nullable=False),  # masked (label tags removed) | unmasked
             pa.field("task", pa.string(), nullable=False),
-            # geojepa (the EMA target encoder) | geojepa_context | untrained | tagpool | bag_of_tags | dummy
+            # geojepa (the EMA target encoder) | geojepa_context | untrained, untrained_1, ... (twins) | tagpool |
+            # bag_of_tags | SRAI peers | dummy
             pa.field("model", pa.string(), nullable=False),
-            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median | knn
+            pa.field("probe", pa.string(), nullable=False),  # ridge | mlp | knn | linear | median
             pa.field("metric", pa.string(), nullable=False),  # mae | r2 | accuracy | roc_auc
             pa.field("mean", pa.float64()),  # over seeds; null when undefined (e.g. one class in test)
             pa.field("std", pa.float64()),
             pa.field("seeds", pa.int32(), nullable=False),
             pa.field("n_train", pa.int32(), nullable=False),
             pa.field("n_test", pa.int32(), nullable=False),
-            pa.field("val_mean", pa.float64()),  # the same metric on the validation split (model choice; null: none)
+            pa.field("val_mean", pa.float64()),  # the same metric on held-out validation tiles (null: none)
+            pa.field("params", pa.string()),  # what the read-out chose, e.g. alpha=0.1,target=log1p; k=10
         ]
     ),
     doc="W/eval/results.parquet: one row per (setting, task, model, probe, metric), test split (val_mean: val).",
@@ -254,8 +256,8 @@ PREDICTIONS = Contract(
             pa.field("setting", pa.string(), nullable=False),
             pa.field("task", pa.string(), nullable=False),
             pa.field("model", pa.string(), nullable=False),
-            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median (Dummy)
-            pa.field("split", pa.string(), nullable=False),  # val | test
+            pa.field("probe", pa.string(), nullable=False),  # ridge | mlp | knn | linear | median (Dummy)
+            pa.field("split", pa.string(), nullable=False),  # val (held-out predictions) | test
             pa.field("tile_id", pa.string(), nullable=False),
             pa.field("label", pa.float64(), nullable=False),
             pa.field("pred", pa.list_(pa.float32()), nullable=False),  # one per probe seed
@@ -265,17 +267,35 @@ PREDICTIONS = Contract(
     "uncertainty over test tiles (bootstrap) and model choice on validation are computed from it.",
 )
 
+PROBE_FEATURES = Contract(
+    name="probe_features",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),  # geojepa | geojepa_context | twins | tagpool
+            pa.field("tile_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("group_id", pa.string(), nullable=False),  # the tile's spatial group (tiles.parquet)
+            pa.field("label", pa.float64(), nullable=False),
+            pa.field("features", pa.list_(pa.float32()), nullable=False),  # the protocol's tile vector, masked
+        ]
+    ),
+    doc="W/eval/probe_features.parquet: the masked tile vectors of the feature sets that mean the same in every "
+    "region (the encoders' and TagPool's), for the corpus report's cross-region probe.",
+)
+
 CORPUS_RESULTS = Contract(
     name="corpus_results",
-    version=2,
+    version=3,
     schema=pa.schema(
         [
             pa.field("region", pa.string(), nullable=False),  # a region's name, or pooled: all | trained | holdout
             pa.field("setting", pa.string(), nullable=False),  # masked | unmasked
             pa.field("task", pa.string(), nullable=False),
             pa.field("model", pa.string(), nullable=False),  # as in EVAL_RESULTS
-            pa.field("probe", pa.string(), nullable=False),  # linear | mlp | median (Dummy)
-            pa.field("metric", pa.string(), nullable=False),  # mae
+            pa.field("probe", pa.string(), nullable=False),  # ridge | mlp | knn | linear | median (Dummy)
+            pa.field("metric", pa.string(), nullable=False),  # mae | roc_auc | relative_mae (MAE / Dummy's)
             pa.field("mean", pa.float64(), nullable=False),  # over the (union of the) test tiles, mean over seeds
             pa.field("std", pa.float64(), nullable=False),  # over probe seeds
             pa.field("seeds", pa.int32(), nullable=False),
@@ -286,9 +306,11 @@ CORPUS_RESULTS = Contract(
             pa.field("regions", pa.int64(), nullable=False),
         ]
     ),
-    doc="OUT/corpus_results.parquet: test MAE per region and pooled (all, trained, holdout), by setting, task, "
-    "model and probe, with seed spread and a bootstrap interval over test tiles.",
+    doc="OUT/corpus_results.parquet: test metrics per region and pooled (all, trained, holdout; relative_mae: each "
+    "region's MAE over its Dummy's, averaged over regions), by setting, task, model and probe, with seed spread "
+    "and a bootstrap interval over test tiles; region 'cross-region' rows: one probe fitted on every trained-on "
+    "region.",
 )
 
 ALL = {c.name: c for c in (ENTITIES, TILES, TILE_ENTITIES, TILE_IMAGES, TAG_VOCAB, TOKENS, EMBEDDINGS, TASK_LABELS,
-                           EVAL_RESULTS, PREDICTIONS, CORPUS_RESULTS)}
+                           EVAL_RESULTS, PREDICTIONS, PROBE_FEATURES, CORPUS_RESULTS)}

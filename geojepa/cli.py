@@ -213,7 +213,7 @@ def ablation_report(
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare models evaluated on the same regions: pooled MAE and paired bootstrap gains over the first."""
-    from geojepa.evaluate.corpus import compare_runs
+    from geojepa.evaluate.ablation import compare_runs
 
     _setup(None, None, verbose)
     bad = [r for r in runs if "=" not in r]
@@ -239,7 +239,7 @@ def export_model(
     verbose: VerboseOpt = False,
 ) -> None:
     """A model folder to ship: the trained encoders (no optimizer state) and the frozen tokenizer."""
-    from geojepa.evaluate.model import resolve_model
+    from geojepa.encoding.models import resolve_model
     from geojepa.export import export_model as run_export
 
     def call():

@@ -157,20 +157,30 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """checkpoint + token shards -> task datasets, embeddings, probe scores, retrieval, report."""
+    """checkpoint + token shards -> task datasets, embeddings, probe scores, retrieval, report.
 
+    ``protocol`` fixes the read-outs and the tile vector (``geojepa.evaluate.protocol``): ``v2`` (default) or
+    ``reference`` (the thesis's comparison). The fields left None take the protocol's value."""
+
+    protocol: Literal["v2", "reference"] = "v2"
     checkpoint: str | None = None  # None: the last W/checkpoints/step-*.pt
     tasks: tuple[Literal["building_count", "traffic_signals", "max_speed", "bridge", "car_bridge"], ...] = (
         "building_count", "traffic_signals", "max_speed", "bridge", "car_bridge")
     zero_keep_ratio: float = Field(1.0, gt=0)  # sparse tasks: at most this many zero-label tiles per non-zero one
     unmasked: bool = True  # also report probes on the original tiles (label tags kept), named "unmasked"
-    probes: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
-    seeds: int = Field(5, ge=1)
+    # Read-outs (v2: ridge, mlp, knn; reference: linear, mlp, and kNN at k): None takes the protocol's.
+    probes: tuple[Literal["ridge", "mlp", "knn", "linear"], ...] | None = None
+    pooling: Literal["mean", "mean_max"] | None = None  # the tile vector (v2: mean; reference: concat(mean, max))
+    count_features: bool | None = None  # append log(1 + tokens) per modality to every tile vector (v2: yes)
+    twin_seeds: int | None = Field(None, ge=1)  # untrained twins, one per seed (v2: 3; reference: 1)
+    cv_min_val: int = Field(100, ge=1)  # fewer validation tiles: hyper-parameters by grouped cross-validation
+    cv_folds: int = Field(5, ge=2)
+    seeds: int | None = Field(None, ge=1)  # MLP probe seeds (v2: 3; reference: 5)
     hidden: int = Field(512, gt=0)  # MLP probe: in -> hidden -> 1, GELU (the reference: 768-512-1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    max_epochs: int = Field(300, gt=0)
-    patience: int = Field(30, gt=0)  # epochs without a better validation MAE before stopping
+    max_epochs: int | None = Field(None, gt=0)  # MLP probe (v2: 100; reference: 300)
+    patience: int | None = Field(None, gt=0)  # epochs without a better validation score (v2: 10; reference: 30)
     batch: int = Field(256, gt=0)
     bag_features: int = Field(1024, gt=0)  # bag-of-tags baseline: most frequent keys and key=value pairs
     # The field's own embedders (SRAI, the `peers` extra), fitted per region; skipped, and said so, without it.
@@ -178,11 +188,12 @@ class EvaluateConfig(Section):
         "count", "contextual_count", "hex2vec", "geovex")
     peer_features: int = Field(512, gt=0)  # the key=value pairs they count: those on the most training tiles
     peer_epochs: int = Field(3, gt=0)  # Hex2Vec and GeoVeX training epochs (SRAI's default)
-    k: int = Field(10, gt=0)  # neighbours for kNN regression, agreement and galleries
+    k: int = Field(10, gt=0)  # neighbours for agreement and galleries (and the reference protocol's kNN)
     gallery_queries: int = Field(4, ge=0)
     gallery_k: int = Field(5, gt=0)
     embed_batch_tiles: int = Field(64, gt=0)
     map: Literal["umap", "pca"] = "umap"  # 2-D map of the tile embeddings
+    cache: bool = True  # reuse what does not depend on the model (W/.eval-cache: twins, peers, their probes)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

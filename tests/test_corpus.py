@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -262,7 +263,7 @@ def test_corpus_report_pools_test_tiles_with_a_paired_bootstrap_and_chooses_the_
                _fake_region(tmp_path, "h", False, 200, rng, noise)]
     metrics = corpus_report(regions, tmp_path / "model", "fake")
     rows = read_table(tmp_path / "model" / "corpus_results.parquet", CORPUS_RESULTS).to_pylist()
-    get = {(r["region"], r["model"]): r for r in rows}
+    get = {(r["region"], r["model"]): r for r in rows if r["metric"] == "mae"}
     # pooled = MAE over the union of the test tiles, mean over seeds
     preds = [read_table(w.eval / "predictions.parquet", PREDICTIONS).to_pandas() for w in regions[:2]]
     union = [p[(p.model == "geojepa") & (p.split == "test")] for p in preds]
@@ -275,12 +276,14 @@ def test_corpus_report_pools_test_tiles_with_a_paired_bootstrap_and_chooses_the_
     assert width["b"] > width["a"]  # 40 test tiles leave a wider interval than 300
     # the context encoder is better on validation (chosen), though worse on test: the choice never looks at test
     report = json.loads((tmp_path / "model" / "corpus_comparisons.json").read_text())
-    assert report["chosen_encoder"] == {"building_count": "geojepa_context"}
+    assert report["chosen_encoder"] == {"building_count/mlp": "geojepa_context"}
     verdict = {(c["group"], c["baseline"]): c for c in report["comparisons"]}
     assert verdict["all", "untrained"]["better"] and verdict["holdout", "dummy"]["better"]
     assert not verdict["all", "tagpool"]["better"] and verdict["all", "tagpool"]["worse"]  # context 1.6 vs 1.02
-    assert metrics["corpus.all.masked.building_count.geojepa_vs_untrained.mae_gain_ci_low"] > 0
-    assert "| building_count | holdout (1) | geojepa_context |" in (tmp_path / "model" / "corpus_report.md").read_text()
+    assert verdict["all", "every twin (1)"]["better"]
+    assert metrics["corpus.all.masked.building_count.mlp.geojepa_vs_untrained.gain_ci_low"] > 0
+    assert "| building_count (mae) | mlp | holdout (1) | geojepa_context |" in (tmp_path / "model" /
+                                                                              "corpus_report.md").read_text()
 
 
 def test_the_best_peer_is_chosen_on_validation_and_compared_like_a_baseline(tmp_path):
@@ -294,14 +297,15 @@ def test_the_best_peer_is_chosen_on_validation_and_compared_like_a_baseline(tmp_
     metrics = corpus_report(regions, tmp_path / "model", "fake")
     report = json.loads((tmp_path / "model" / "corpus_comparisons.json").read_text())
     verdict = {(c["group"], c["baseline"]): c for c in report["comparisons"]}
-    assert verdict["all", "best_peer (hex2vec)"]["baseline_mae"] == pytest.approx(verdict["all", "hex2vec"]["baseline_mae"])
+    assert verdict["all", "best_peer (hex2vec)"]["baseline_value"] == pytest.approx(
+        verdict["all", "hex2vec"]["baseline_value"])
     assert verdict["all", "best_peer (hex2vec)"]["better"]
     for peer in ("count", "contextual_count", "hex2vec", "geovex"):
         assert verdict["all", peer]["better"], peer
-    assert metrics["corpus.all.masked.building_count.geojepa_vs_best_peer.mae_gain_ci_low"] > 0
+    assert metrics["corpus.all.masked.building_count.mlp.geojepa_vs_best_peer.gain_ci_low"] > 0
     assert "masked.building_count.geovex.mlp.mae" in " ".join(metrics)  # the peers' pooled rows, by stable names
     text = (tmp_path / "model" / "corpus_report.md").read_text()
-    assert "| geovex |" in text and "best_peer (hex2vec)" in text
+    assert "| geovex |" in text and "** (hex2vec) |" in text
     assert "## Peers (SRAI)" in text and "Not evaluated" in text  # these fake regions say nothing of their fits
 
 
@@ -333,7 +337,7 @@ def test_an_exported_model_folder_evaluates_like_its_checkpoint_and_keeps_the_to
 def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_tiles(tmp_path):
     """compare_runs: a run whose encoder errs less than the reference's gains beyond the uncertainty, paired on
     the same resamples; the baselines come from the reference; runs on other tiles or regions are refused."""
-    from geojepa.evaluate.corpus import compare_runs
+    from geojepa.evaluate.ablation import compare_runs
 
     def run(name, geojepa_noise, seed):  # the same labels and tile ids in every run, other prediction noise
         noise = {"geojepa": geojepa_noise, "geojepa_context": 30.0, "untrained": 8.0, "tagpool": 3.0, "dummy": 20.0,
@@ -344,20 +348,20 @@ def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_til
     ref, better, same = run("ref", 4.0, 0), run("better", 1.0, 1), run("same", 4.0, 2)
     metrics = compare_runs({"ref": ref, "better": better, "same": same}, tmp_path / "abl", "test")
     rows = {(r["group"], r["run"]): r for r in json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]}
-    assert rows["all", "better"]["gain_vs_reference_ci"][0] > 0  # 1.0 vs 4.0 noise: better beyond the interval
-    assert rows["all", "better"]["gain_vs_untrained_ci"][0] > 0
-    lo, hi = rows["all", "same"]["gain_vs_reference_ci"]
-    assert lo < 0 < hi  # the same noise: within the uncertainty
-    assert "gain_vs_reference" not in rows["all", "ref"]
+    assert rows["all", "better"]["vs_reference"]["better"]  # 1.0 vs 4.0 noise: better beyond the interval
+    assert rows["all", "better"]["vs_every_twin"]["better"]
+    c = rows["all", "same"]["vs_reference"]
+    assert c["ci_low"] < 0 < c["ci_high"]  # the same noise: within the uncertainty
+    assert "vs_reference" not in rows["all", "ref"]
     # every run against the best SRAI peer (the reference's rows; chosen on validation): hex2vec
-    assert rows["all", "better"]["best_peer"] == "hex2vec" and rows["all", "better"]["gain_vs_best_peer_ci"][0] > 0
-    lo, hi = rows["all", "ref"]["gain_vs_best_peer_ci"]
-    assert lo < 0 < hi  # 4.0 against hex2vec's 4.0 (geovex's 3.0 would have made it worse)
+    assert rows["all", "better"]["best_peer"] == "best_peer (hex2vec)" and rows["all", "better"]["vs_best_peer"]["better"]
+    c = rows["all", "ref"]["vs_best_peer"]
+    assert c["ci_low"] < 0 < c["ci_high"]  # 4.0 against hex2vec's 4.0 (geovex's 3.0 would have made it worse)
     assert rows["holdout", "better"]["regions"] == 1 and rows["all", "better"]["n_test"] == 400
-    assert metrics["ablation.all.building_count.better_vs_reference.mae_gain"] == pytest.approx(
-        rows["all", "ref"]["mae"] - rows["all", "better"]["mae"])
+    assert metrics["ablation.all.building_count.mlp.better_vs_reference.gain"] == pytest.approx(
+        rows["all", "ref"]["value"] - rows["all", "better"]["value"])
     report = (tmp_path / "abl" / "ablation_report.md").read_text()
-    assert "| building_count | all (2) | better | geojepa |" in report and "**+" in report
+    assert "| building_count (mae) | mlp | all (2) | better | geojepa |" in report and "**+" in report
     # another run's test tiles (here: other labels and tile ids) or other regions are refused, naming the file
     other = [_fake_region(tmp_path / "other", r, True, 150, np.random.default_rng(9), {
         "geojepa": 1.0, "geojepa_context": 1.0, "untrained": 1.0, "tagpool": 1.0, "dummy": 1.0}) for r in ("a", "h")]
@@ -366,3 +370,105 @@ def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_til
     with pytest.raises(GeoJepaError, match="regions"):
         compare_runs({"ref": ref, "one": better[:1]}, tmp_path / "abl3", "test")
     assert not (tmp_path / "abl2").exists() and not (tmp_path / "abl3").exists()
+
+
+def _fake_v2_region(root, name, seen, rng, n=(80, 60, 120)):
+    """A region evaluated with protocol v2: building_count (count) and bridge (binary), ridge predictions for
+    GeoJEPA's encoders, three twins (untrained_1 as good as GeoJEPA), TagPool and Dummy; probe features in
+    which geojepa's carry the label and the twins' are noise."""
+    from data_contracts import PREDICTIONS, PROBE_FEATURES, write_table
+    from geojepa.evaluate.protocol import PRESETS
+
+    w = WorkDir(root / name)
+    w.eval.mkdir(parents=True)
+    w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
+    w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen,
+                                                              "protocol": PRESETS["v2"].__dict__}}))
+    noise = {"geojepa": 1.0, "geojepa_context": 3.0, "untrained": 6.0, "untrained_1": 1.0, "untrained_2": 6.0,
+             "tagpool": 4.0, "dummy": 0.0}
+    cols = {f.name: [] for f in PREDICTIONS.schema}
+    feats = {f.name: [] for f in PROBE_FEATURES.schema}
+    for task in ("building_count", "bridge"):
+        for split, k in zip(("train", "val", "test"), n, strict=True):
+            y = rng.integers(0, 40, k).astype(float) if task == "building_count" else (rng.random(k) < 0.3) * 1.0
+            ids = [f"{name}/{task}/{split}/{i}" for i in range(k)]
+            for model in ("geojepa", "untrained", "untrained_1", "untrained_2", "tagpool"):
+                signal = y if model == "geojepa" else rng.normal(size=k)
+                x = np.column_stack([signal + rng.normal(0, 0.3, k), rng.normal(size=(k, 3))]).astype(np.float32)
+                for col, v in (("task", [task] * k), ("model", [model] * k), ("tile_id", ids), ("split", [split] * k),
+                               ("group_id", [str(i // 4) for i in range(k)]), ("label", y.tolist()),
+                               ("features", x.tolist())):
+                    feats[col] += v
+            if split == "train":
+                continue
+            for model, s in noise.items():
+                if model == "dummy":
+                    p = np.full((k, 1), np.median(y))
+                elif task == "bridge":
+                    p = (y + rng.normal(0, 0.15 * s, k))[:, None]
+                else:
+                    p = (y + rng.normal(0, s, k))[:, None]
+                for col, v in (("setting", ["masked"] * k), ("task", [task] * k), ("model", [model] * k),
+                               ("probe", ["median" if model == "dummy" else "ridge"] * k), ("split", [split] * k),
+                               ("tile_id", ids), ("label", y.tolist()), ("pred", p.tolist())):
+                    cols[col] += v
+    write_table(pa.table(cols, schema=PREDICTIONS.schema), w.eval / "predictions.parquet", PREDICTIONS)
+    write_table(pa.table(feats, schema=PROBE_FEATURES.schema), w.eval / "probe_features.parquet", PROBE_FEATURES)
+    return w
+
+
+def test_corpus_report_v2_headlines_auc_needs_every_twin_and_pools_relative_and_cross_region(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from data_contracts import CORPUS_RESULTS, PREDICTIONS, read_table
+    from geojepa.evaluate.corpus import corpus_report
+
+    rng = np.random.default_rng(5)
+    regions = [_fake_v2_region(tmp_path, n, n != "h", rng) for n in ("a", "b", "h")]
+    metrics = corpus_report(regions, tmp_path / "model", "v2")
+    rows = read_table(tmp_path / "model" / "corpus_results.parquet", CORPUS_RESULTS).to_pylist()
+    get = {(r["region"], r["task"], r["model"], r["probe"], r["metric"]): r for r in rows}
+    preds = pd.concat([read_table(w.eval / "predictions.parquet", PREDICTIONS).to_pandas() for w in regions])
+    mine = preds[(preds.task == "bridge") & (preds.model == "geojepa") & (preds.split == "test")]
+    want = roc_auc_score(mine.label, np.stack(mine.pred.to_numpy())[:, 0])
+    assert get["all", "bridge", "geojepa", "ridge", "roc_auc"]["mean"] == pytest.approx(want)
+    # relative MAE: each region's MAE over its Dummy's, averaged over regions
+    ratios = []
+    for n in ("a", "b", "h"):
+        part = preds[(preds.task == "building_count") & (preds.split == "test") & preds.tile_id.str.startswith(n + "/")]
+        mae = {m: np.abs(np.stack(g.pred.to_numpy())[:, 0] - g.label).mean() for m, g in part.groupby("model")}
+        ratios.append(mae["geojepa"] / mae["dummy"])
+    assert get["all", "building_count", "geojepa", "ridge", "relative_mae"]["mean"] == pytest.approx(np.mean(ratios))
+    assert get["all", "building_count", "dummy", "median", "relative_mae"]["mean"] == pytest.approx(1.0)
+    report = json.loads((tmp_path / "model" / "corpus_comparisons.json").read_text())
+    verdict = {(c["task"], c["probe"], c["group"], c["baseline"]): c for c in report["comparisons"]}
+    for task, metric in (("building_count", "mae"), ("bridge", "roc_auc")):
+        c = verdict[task, "ridge", "all", "untrained"]
+        assert c["metric"] == metric and c["better"], task
+        assert not verdict[task, "ridge", "all", "every twin (3)"]["better"]  # untrained_1 is as good
+        assert verdict[task, "ridge", "all", "tagpool"]["better"]
+    # the cross-region probe: fitted on a and b, tested on every region (the holdout's train tiles never used)
+    for group in ("all", "holdout"):
+        ours = get[group, "building_count", "geojepa", "cross_ridge", "mae"]
+        twin = get[group, "building_count", "untrained", "cross_ridge", "mae"]
+        assert ours["mean"] < 0.5 * twin["mean"] and ours["n_test"] == (360 if group == "all" else 120)
+    assert verdict["building_count", "cross_ridge", "holdout", "untrained"]["better"]
+    assert metrics["corpus.all.masked.bridge.ridge.geojepa_vs_every_twin.gain"] == pytest.approx(
+        verdict["bridge", "ridge", "all", "every twin (3)"]["gain"])
+    text = (tmp_path / "model" / "corpus_report.md").read_text()
+    assert "**Protocol: v2.**" in text and "| bridge (roc_auc) | ridge | all (3) |" in text
+    assert "Cross-region ridge" in text and "Relative MAE" in text
+
+
+def test_weighted_auc_is_sklearns_with_sample_weights():
+    from sklearn.metrics import roc_auc_score
+
+    from geojepa.evaluate.pooled import weighted_auc
+
+    rng = np.random.default_rng(2)
+    y = (rng.random(200) < 0.4) * 1.0
+    score = np.round(y + rng.normal(0, 1, 200), 1)  # ties
+    w = rng.integers(0, 4, (5, 200))
+    got = weighted_auc(score, y, w)
+    for i in range(5):
+        assert got[i] == pytest.approx(roc_auc_score(y, score, sample_weight=w[i]))

@@ -25,15 +25,17 @@ from data_contracts import (
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import evaluate, peers
+from geojepa.encoding.neighbours import topk_cosine, topk_cosine_chunks
+from geojepa.encoding.pooling import embed
+from geojepa.encoding.shards import pieces_lonlat, tiles_meta, token_index
 from geojepa.evaluate.embed import (
     bag_of_tags,
     bag_of_tags_counts,
-    embed,
     kept_tag_vectors,
     mask_item,
     masked_items,
 )
-from geojepa.evaluate.knn import topk_cosine, topk_cosine_chunks
+from geojepa.evaluate.features import unusable
 from geojepa.evaluate.labels import TASKS, parse_speed, task_labels
 from geojepa.evaluate.probe import (
     ProbeSettings,
@@ -42,13 +44,8 @@ from geojepa.evaluate.probe import (
     metrics,
     standardise,
 )
-from geojepa.evaluate.region import (
-    pieces_lonlat,
-    scan_entities,
-    tiles_meta,
-    token_index,
-)
-from geojepa.evaluate.stage import _unusable, _vocab
+from geojepa.evaluate.region import scan_entities
+from geojepa.evaluate.stage import _vocab
 from geojepa.model.jepa import Encoder, ModelConfig
 from geojepa.train.data import TokenRows
 from geojepa.train.train import train
@@ -56,7 +53,8 @@ from geojepa.train.train import train
 TINY = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "pred_width": 16, "pred_depth": 1, "pred_heads": 2,
         "batch_tiles": 8, "epochs": 1, "max_steps": 3, "num_workers": 0, "log_every": 1, "checkpoint_every": 100,
         "keep_last": 1, "modalities": ("tags", "geometry"), "device": "cpu"}
-FAST = ["evaluate.seeds=2", "evaluate.max_epochs=80", "evaluate.patience=10", "evaluate.gallery_queries=2"]
+FAST = ["evaluate.seeds=2", "evaluate.max_epochs=40", "evaluate.patience=5", "evaluate.twin_seeds=2",
+        "evaluate.gallery_queries=2"]
 
 
 def _copy_region(src, dst):
@@ -84,15 +82,17 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
     results = read_table(out / "results.parquet", EVAL_RESULTS).to_pylist()
     mae = {(r["model"], r["probe"]): r for r in results
            if r["setting"] == "masked" and r["task"] == "building_count" and r["metric"] == "mae"}
-    for model in ("geojepa", "geojepa_context", "untrained", "tagpool", "bag_of_tags"):
-        for probe in ("linear", "mlp"):
-            assert mae[(model, probe)]["seeds"] == 2 and mae[(model, probe)]["mean"] > 0
-        assert (model, "knn") in mae
+    for model in ("geojepa", "geojepa_context", "untrained", "untrained_1", "tagpool", "bag_of_tags"):
+        assert mae[(model, "mlp")]["seeds"] == 2 and mae[(model, "mlp")]["mean"] > 0
+        for probe in ("ridge", "knn"):  # closed form: one fit, its chosen setting named
+            assert mae[(model, probe)]["seeds"] == 1 and mae[(model, probe)]["params"], (model, probe)
     assert ("dummy", "median") in mae
-    assert any(r["setting"] == "unmasked" for r in results)
+    assert {r["probe"] for r in results if r["setting"] == "unmasked" and r["model"] != "dummy"} == {"ridge"}
+    assert summary["protocol"]["name"] == "v2" and "**Protocol: v2.**" in (out / "report.md").read_text()
+    assert summary["tasks"]["building_count"]["choice"]["mode"] == "cv"  # Kotka: fewer than 100 val tiles
     assert summary["pictures"]["embedding_map_umap"] == "embedding_map.png"
     assert summary["tasks"]["traffic_signals"]["skipped"]  # Kotka has no traffic signals: said, not faked
-    assert "| geojepa | mlp |" in (out / "report.md").read_text()
+    assert "| geojepa | ridge |" in (out / "report.md").read_text()
 
     tokens = read_table(w / "tokens", TOKENS, columns=["tile_id", "entity_id"])
     emb = gpd.read_parquet(out / "embeddings.parquet")
@@ -110,7 +110,7 @@ def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evalu
         return
     assert set(summary["peers"]["fitted"]) == {"count", "contextual_count", "hex2vec", "geovex"}
     for peer in summary["peers"]["fitted"]:
-        assert mae[(peer, "mlp")]["seeds"] == 2 and mae[(peer, "mlp")]["mean"] > 0 and (peer, "knn") in mae
+        assert mae[(peer, "mlp")]["seeds"] == 2 and mae[(peer, "mlp")]["mean"] > 0 and (peer, "ridge") in mae
         assert peer in summary["agreement"]
     assert "## Peers (SRAI)" in (out / "report.md").read_text()
     assert set(summary["timing"]["probes"]) == {"building_count"}
@@ -129,7 +129,7 @@ def test_predictions_give_back_the_results_and_the_validation_choice(evaluated):
     labels = read_table(w / "eval" / "task_labels.parquet", TASK_LABELS).to_pandas()
     lab = labels[labels.task == "building_count"]
     for r in results:
-        if r["task"] != "building_count" or r["metric"] != "mae" or r["probe"] == "knn":
+        if r["task"] != "building_count" or r["metric"] != "mae":
             continue
         rows = pred[(pred.setting == r["setting"]) & (pred.task == r["task"]) & (pred.model == r["model"])
                     & (pred.probe == r["probe"])]
@@ -140,9 +140,9 @@ def test_predictions_give_back_the_results_and_the_validation_choice(evaluated):
             assert p.shape[1] == r["seeds"]
             got = np.mean(np.abs(p - part.label.to_numpy()[:, None]), axis=0).mean()
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (r, split)
-    chosen = chosen_encoders(results)
+    chosen = chosen_encoders(results, "ridge")
     val = {r["model"]: r["val_mean"] for r in results if (r["setting"], r["task"], r["probe"], r["metric"])
-           == ("masked", "building_count", "mlp", "mae")}
+           == ("masked", "building_count", "ridge", "mae")}
     assert chosen["building_count"] == min(("geojepa", "geojepa_context"), key=val.get)
     assert f"building_count: {chosen['building_count']}" in (w / "eval" / "report.md").read_text()
 
@@ -381,11 +381,11 @@ def test_padding_and_batch_neighbours_do_not_change_a_tiles_embedding(tokenised)
     torch.manual_seed(0)
     enc = Encoder(ModelConfig(dims=(items[0]["tags"].shape[1], items[0]["geometry"].shape[1], 0), width=32, depth=2,
                               heads=4, mlp=64))
-    alone = np.stack([embed(enc, [it], ("tags", "geometry"))[0][0] for it in items[:3]])
+    alone = np.stack([embed(enc, [it], ("tags", "geometry")).concat()[0] for it in items[:3]])
     for pad in (False, True):
-        together, ents = embed(enc, items, ("tags", "geometry"), batch_tiles=len(items), pad_to_max=pad)
-        np.testing.assert_allclose(together[:3], alone, atol=2e-5)
-        assert [len(e) for e in ents] == [len(it["epos"]) for it in items]
+        together = embed(enc, items, ("tags", "geometry"), batch_tiles=len(items), pad_to_max=pad)
+        np.testing.assert_allclose(together.concat()[:3], alone, atol=2e-5)
+        assert [len(e) for e in together.entities] == [len(it["epos"]) for it in items]
 
 
 def test_probe_recovers_a_planted_linear_signal():
@@ -427,9 +427,9 @@ def test_stacked_probes_are_the_one_probe_fits(kind):
 
 def test_unusable_tasks_are_named():
     sp = np.array(["train"] * 4 + ["val"] * 2 + ["test"] * 2)
-    assert _unusable(np.array([3.0] * 4 + [1, 2, 3, 4]), sp) == "every training label is 3"
-    assert _unusable(np.arange(8.0), np.where(sp == "val", "test", sp)) == "0 val tiles (need 2)"
-    assert _unusable(np.arange(8.0), sp) is None
+    assert unusable(np.array([3.0] * 4 + [1, 2, 3, 4]), sp) == "every training label is 3"
+    assert unusable(np.arange(8.0), np.where(sp == "val", "test", sp)) == "0 val tiles (need 2)"
+    assert unusable(np.arange(8.0), sp) is None
 
 
 def test_binary_metrics_and_speed_parsing():
@@ -464,45 +464,52 @@ def test_exact_cosine_knn_matches_brute_force():
 
 
 def test_baseline_probes_are_cached_by_content_and_another_model_refits_only_its_own(tmp_path, monkeypatch):
-    """_score with a cache: a second evaluation with other model features fits only the model's probes and gives
-    the baselines' predictions bit for bit; other labels (a changed region) miss the cache."""
+    """probes.score with a cache: a second evaluation with other model features fits only the model's probes
+    (every read-out) and gives the baselines' predictions bit for bit; other labels (a changed region) miss."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from geojepa.evaluate import stage
+    from geojepa.evaluate import probes, readouts
+    from geojepa.evaluate.cache import Cache
+    from geojepa.evaluate.protocol import protocol
 
     rng = np.random.default_rng(0)
-    n = 120
+    n = 160
     y = rng.integers(0, 30, n).astype(float)
-    sp = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
+    sp = np.array(["train"] * 100 + ["val"] * 30 + ["test"] * 30)
+    groups = np.arange(n) // 4
     base = {"tagpool": rng.normal(size=(n, 6)).astype(np.float32) + y[:, None] / 10,
             "bag_of_tags": rng.poisson(2, size=(n, 9)).astype(np.float32)}
     section = load_config(overrides=["evaluate.seeds=2", "evaluate.max_epochs=5"]).evaluate
-    settings = ProbeSettings(max_epochs=5, patience=2)
+    proto = protocol(section)
     fitted = []
-    real = stage.fit_predict_seeds
+    for mod, name in ((probes, "fit_predict_seeds"), (readouts, "ridge"), (readouts, "knn")):
+        real = getattr(mod, name)
 
-    def spy(kind, xs, *a, **k):
-        fitted.append((kind, len(xs), xs[0].shape[1]))
-        return real(kind, xs, *a, **k)
+        def spy(*a, real=real, name=name, **k):
+            x = a[1] if name == "fit_predict_seeds" else a[0]
+            fitted.append((name, (x[0] if isinstance(x, list) else x).shape[1]))
+            return real(*a, **k)
 
-    monkeypatch.setattr(stage, "fit_predict_seeds", spy)
+        monkeypatch.setattr(mod, name, spy)
+    cache = Cache(tmp_path / "cache")
 
     def score(labels, geojepa):
         feats = {"geojepa": geojepa, **base}
-        pr = stage.Probes(TASKS["building_count"], [("masked", feats, True)], labels, sp,
-                          np.array([f"t{i}" for i in range(n)]))
+        pr = probes.TaskProbes(TASKS["building_count"], [("masked", feats, proto.probes, True)], labels, sp, groups,
+                               np.array([f"t{i}" for i in range(n)]))
         fitted.clear()
         with ThreadPoolExecutor(2) as pool:
-            rows, table, _ = stage._score([pr], section, settings, pool, cache=tmp_path / "cache")
+            rows, _, _, choice = probes.score([pr], proto, section, pool, cache)
+        assert choice["building_count"]["mode"] == "cv"
         return {(r["model"], r["probe"], r["metric"]): r["mean"] for r in rows}, list(fitted)
 
     first, fits1 = score(y, rng.normal(size=(n, 4)).astype(np.float32))
-    assert {d for _, _, d in fits1} == {4, 6, 9} and len(list((tmp_path / "cache").glob("*.npy"))) == 2 * 2 * 2
+    assert {d for _, d in fits1} == {4, 6, 9} and {f for f, _ in fits1} == {"fit_predict_seeds", "ridge", "knn"}
     second, fits2 = score(y, rng.normal(size=(n, 4)).astype(np.float32))
-    assert {d for _, _, d in fits2} == {4}  # the baselines came from the cache
+    assert {d for _, d in fits2} == {4} and {f for f, _ in fits2} == {f for f, _ in fits1}  # the rest: cached
     for model in ("tagpool", "bag_of_tags"):
-        for probe in ("linear", "mlp"):
+        for probe in proto.probes:
             assert second[model, probe, "mae"] == first[model, probe, "mae"]
     assert second["geojepa", "mlp", "mae"] != first["geojepa", "mlp", "mae"]
     _, fits3 = score(y[::-1].copy(), rng.normal(size=(n, 4)).astype(np.float32))
-    assert {d for _, _, d in fits3} == {4, 6, 9}  # other labels: other keys
+    assert {d for _, d in fits3} == {4, 6, 9}  # other labels: other keys

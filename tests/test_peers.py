@@ -4,6 +4,7 @@ expect it, and a missing extra is a clear skip."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 
@@ -14,7 +15,7 @@ import torch
 
 from geojepa.evaluate import peers
 from geojepa.evaluate.labels import TASKS
-from geojepa.evaluate.region import token_index
+from geojepa.encoding.shards import token_index
 
 needs_srai = pytest.mark.skipif(peers.missing() is not None, reason=f"SRAI peers: {peers.missing()}")
 
@@ -163,12 +164,16 @@ def test_a_tag_valued_null_does_not_collide_with_srais_empty_cells(tokenised, tm
 def test_a_missing_extra_is_a_clear_skip_not_a_failure(monkeypatch, tmp_path):
     from geojepa.config import load_config
     from geojepa.evaluate.report import _peers as report_lines
-    from geojepa.evaluate.stage import _peers
+    from geojepa.evaluate.baselines import peer_vectors
+    from geojepa.evaluate.cache import Cache
 
     monkeypatch.setitem(sys.modules, "srai", None)  # import srai -> ImportError, as without the extra
     why = peers.missing()
     assert why.startswith("srai is not installed: pip install 'geojepa[peers]'")
     section = load_config().evaluate
+    def _peers(paths, tok, sets, section):
+        return peer_vectors(paths, tok, sets, section, Cache(None), {}, contextlib.nullcontext())
+
     every, per_task, notes = _peers({}, None, {}, section)
     assert every == {} and per_task == {} and notes == {"skipped": why}
     assert f"Skipped: {why}." in report_lines(notes)

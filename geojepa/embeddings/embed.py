@@ -30,24 +30,18 @@ import pyarrow as pa
 
 from data_contracts import (
     EMBEDDING_KEYS,
-    TILE_ENTITIES,
     ArtifactWriter,
     entity_embeddings,
     sweep,
     tile_embeddings,
 )
 from geojepa.config import Config
+from geojepa.encoding.classes import class_of
+from geojepa.encoding.models import check_widths
+from geojepa.encoding.pooling import embed
+from geojepa.encoding.shards import release, tiles_meta, token_batches, token_index
+from geojepa.encoding.spill import Spill, entity_pieces
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.embed import embed
-from geojepa.evaluate.knn import class_of
-from geojepa.evaluate.region import (
-    entity_batches,
-    pieces_lonlat,
-    release,
-    tiles_meta,
-    token_batches,
-    token_index,
-)
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -152,7 +146,7 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
                  tokenizer: Path | None = None, imagery=None, force: bool = False) -> dict:
     """Write ``OUT/tile_embeddings.parquet`` and ``OUT/entity_embeddings.parquet`` (see the module docstring);
     returns a summary (tiles, entity pieces, width, seconds, files)."""
-    from geojepa.evaluate.model import resolve_model
+    from geojepa.encoding.models import resolve_model
     from geojepa.model.jepa import load_checkpoint
     from geojepa.tokens.tokenizer import load_tokenizer
 
@@ -213,7 +207,6 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
 
 def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, tcfg: dict, digest: str | None,
            folder: Path | None, imagery, t0: float) -> dict:
-    from geojepa.evaluate.stage import check_widths
     from geojepa.model.jepa import encoder_from_checkpoint
 
     w = _work_dir(str(source), out, cfg, imagery, folder, digest)
@@ -223,7 +216,7 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
                            "embed")
     encoder, _ = encoder_from_checkpoint(ckpt)
     modalities = tuple(tcfg["modalities"])
-    check_widths(tok.dims, modalities, encoder, {"checkpoint": ckpt, "tokens": w.tokens})
+    check_widths(tok.dims, modalities, encoder, ckpt, w.tokens)
     meta = tiles_meta(w.tiles, tok)
     width = encoder.width
     named = str(Path(spec).resolve()) if Path(spec).exists() else spec  # a local model by its absolute path
@@ -231,11 +224,10 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
     tmp = out / f".embed.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    spill = tmp / "entities.f32"
+    spill = Spill(tmp / "entities.f32", width)
     pieces = 0
     try:
-        with ArtifactWriter(tmp / TILE_FILE, tile_embeddings(2 * width), metadata=metadata) as tiles_out, \
-                open(spill, "wb") as ents_out:
+        with ArtifactWriter(tmp / TILE_FILE, tile_embeddings(2 * width), metadata=metadata) as tiles_out, spill:
             for r, vectors, ents in embedded_batches(tok, encoder, modalities, cfg.evaluate.embed_batch_tiles):
                 at = pa.array(r)
                 tiles_out.write(pa.table({
@@ -243,20 +235,16 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
                     "split": pa.array([str(tok.split[i]) for i in r], pa.string()),
                     "embedding": _fixed(vectors), "geometry": meta["geometry"].take(at),
                     "bbox": meta["bbox"].take(at)}))
-                flat = np.concatenate(ents) if ents else np.zeros((0, width), np.float32)
-                ents_out.write(np.ascontiguousarray(flat, np.float32).tobytes())
-        spilled = np.memmap(spill, np.float32, "r", shape=(os.path.getsize(spill) // (4 * width), width))
+                spill.write(ents)
         with ArtifactWriter(tmp / ENTITY_FILE, entity_embeddings(width), metadata=metadata) as ents_file:
-            for t, tiles, pos in entity_batches(w.tile_entities, TILE_ENTITIES, ["geometry", "tags"], tok):
-                geometry, bbox = pieces_lonlat(t["geometry"].combine_chunks(), tiles, meta)
+            for t, _, vectors, geometry, bbox in entity_pieces(w.tile_entities, tok, meta, spill, ["tags"]):
                 tags = t["tags"].combine_chunks()
                 ents_file.write(pa.table({
                     "entity_id": t["entity_id"], "tile_id": t["tile_id"],
                     "class": pa.array([class_of(x) for x in tags.to_pylist()], pa.string()), "tags": tags,
-                    "embedding": _fixed(np.asarray(spilled[pos])), "geometry": geometry, "bbox": bbox}))
-                pieces += len(pos)
-        del spilled
-        spill.unlink()
+                    "embedding": _fixed(vectors), "geometry": geometry, "bbox": bbox}))
+                pieces += len(vectors)
+        spill.path.unlink()
         for name in (ENTITY_FILE, TILE_FILE):  # both at the end; the tile file (which names the model) last
             os.replace(tmp / name, out / name)
         for view in (out / "map.html", out / "similar"):  # views of the embeddings replaced: stale now
@@ -276,8 +264,8 @@ def embedded_batches(tok, encoder, modalities: tuple[str, ...], batch_tiles: int
     token shards, a batch at a time: ``token_batches`` through ``embed``, as ``geojepa evaluate`` reads them."""
     have = tuple(m for m in ("tags", "geometry", "image") if tok.dims[m] and m in modalities)
     for r, items in token_batches(tok, have, batch_tiles):
-        vectors, ents = embed(encoder, items, modalities, batch_tiles)
-        yield r, vectors, ents
+        pooled = embed(encoder, items, modalities, batch_tiles)
+        yield r, pooled.concat(), pooled.entities
         release()
 
 

@@ -36,9 +36,9 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from geojepa.embeddings.embed import embedded_batches
+        from geojepa.encoding.models import check_widths
+        from geojepa.encoding.shards import token_index
         from geojepa.errors import GeoJepaError
-        from geojepa.evaluate.region import token_index
-        from geojepa.evaluate.stage import check_widths
         from geojepa.workdir import WorkDir
 
         batch = int((params or {}).get("batch_tiles", 64))
@@ -53,8 +53,7 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
                 raise GeoJepaError(f"{tokens}: made with tokenizer {made or '(region-own)'}, the model with "
                                    f"{self.digest or 'its region-own tokenizer'}: tokenise the region with the "
                                    "model's tokenizer (geojepa embed does)")
-            check_widths(tok.dims, self.modalities, self.encoder, {"checkpoint": "the registered model",
-                                                                   "tokens": tokens})
+            check_widths(tok.dims, self.modalities, self.encoder, "the registered model", tokens)
             for r, vectors, _ in embedded_batches(tok, self.encoder, self.modalities, batch):
                 rows["work_dir"] += [str(folder)] * len(r)
                 rows["tile_id"] += [tok.ids[i] for i in r]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from data_contracts import embedding_dim, entity_embeddings, read_table, tile_embeddings
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.knn import topk_cosine
+from geojepa.encoding.neighbours import topk_cosine
 
 
 def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:

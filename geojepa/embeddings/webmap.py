@@ -23,7 +23,7 @@ from data_contracts import atomic_path, embedding_dim, entity_embeddings, read_t
 from geojepa.embeddings.similar import load_tiles
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.figures import pca
-from geojepa.evaluate.knn import topk_cosine
+from geojepa.encoding.neighbours import topk_cosine
 
 BASE_COORDINATES = 400_000
 

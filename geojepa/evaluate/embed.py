@@ -1,10 +1,4 @@
-"""Tile and entity embeddings from a frozen encoder, and the baselines' tile vectors.
-
-Tile embedding = concat(mean, max) of the encoder's layer-normed outputs over
-the tile's real tokens: tiles are packed, never padded, so nothing else can be
-counted (with ``pad_to_max`` the padded path gives the same numbers, which a
-test checks). Entity embedding = the mean of the entity's tokens (its tags and
-geometry tokens).
+"""The masked setting's inputs and the baselines' tile vectors.
 
 The stage masks a tile from its task's ``Edits`` (``mask_item``: the same
 result as ``masked_items`` on the tile's tags, which a test checks) and builds
@@ -17,50 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
 from geojepa.evaluate.labels import Task, strip
-from geojepa.model.jepa import Encoder, TokenBatch
-from geojepa.model.layers import Packing
 from geojepa.tokens.vocab import Vocab
-from geojepa.train.data import pack
-
-ENTITY_MODALITIES = ("tags", "geometry")
-
-
-@torch.no_grad()
-def embed(encoder: Encoder, items: list[dict], modalities: tuple[str, ...], batch_tiles: int = 64,
-          pad_to_max: bool = False, device: str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
-    """(tiles, 2 x width) tile embeddings and, per tile, (entities, width) entity embeddings."""
-    encoder = encoder.to(device).eval()
-    width = encoder.width
-    lengths = [sum(len(it[m]) for m in modalities) for it in items]
-    order = np.argsort(lengths, kind="stable")  # similar lengths together
-    tiles = np.zeros((len(items), 2 * width), np.float32)
-    entities: list[np.ndarray] = [np.zeros((0, width), np.float32)] * len(items)
-    empty = torch.zeros(0, dtype=torch.long)
-    for start in range(0, len(items), batch_tiles):
-        chunk = order[start : start + batch_tiles]
-        packed = pack([items[i] for i in chunk], modalities)
-        spans = packed.pop("tiles")
-        b = TokenBatch(**packed, context=empty, pred_src=empty, pred_is_target=empty.bool(), pred_doc=empty,
-                       n_pred_docs=0, pad_to_max=pad_to_max).to(device)
-        out = encoder(encoder.embed(b), Packing(b.doc, b.n_tiles, pad_to_max)).float()
-        out = F.layer_norm(out, (width,))  # the space the predictor was trained to predict
-        count = torch.bincount(b.doc, minlength=b.n_tiles).clamp_min(1).unsqueeze(1)
-        mean = torch.zeros(b.n_tiles, width, device=device).index_add_(0, b.doc, out) / count
-        idx = b.doc.unsqueeze(1).expand(-1, width)
-        mx = torch.full((b.n_tiles, width), -torch.inf, device=device).scatter_reduce(0, idx, out, "amax")
-        tiles[chunk] = torch.cat([mean, mx], 1).cpu().numpy()
-        out = out.cpu().numpy()
-        for i, (first, *_) in zip(chunk, spans, strict=True):
-            n = len(items[i]["epos"])
-            blocks = [m for m in modalities if m in ENTITY_MODALITIES]
-            if blocks:
-                parts = [out[first + j * n : first + (j + 1) * n] for j in range(len(blocks))]
-                entities[i] = np.mean(parts, axis=0)
-    return tiles, entities
 
 
 def masked_items(items: list[dict], entity_tags: list[list[list[tuple[str, str]]]], task: Task,

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import shapely  # noqa: E402
 
-from geojepa.evaluate.knn import CLASSES  # noqa: E402
+from geojepa.encoding.classes import CLASSES  # noqa: E402
 
 log = logging.getLogger(__name__)
 COLOURS = {c: plt.get_cmap("tab20")(i) for i, c in enumerate((*CLASSES, "other"))}
@@ -80,7 +80,7 @@ def embedding_map(emb: np.ndarray, colour: np.ndarray, label: str, path: Path, m
 
         import umap
 
-        from geojepa.evaluate.knn import topk_cosine
+        from geojepa.encoding.neighbours import topk_cosine
 
         # The exact cosine neighbours (self first), computed in torch: below 4,096 points UMAP would compute
         # them with a Python-level metric call per pair (16 M calls for 4,000 tiles).

@@ -138,17 +138,33 @@ def _adamw(params, grads, exp_avg, exp_avg_sq, step: int, lr: float, weight_deca
 
 def fit_predict_seeds(kind: str, xs: list[np.ndarray], y: np.ndarray, train: np.ndarray, val: np.ndarray,
                       test: np.ndarray, seeds: list[int], s: ProbeSettings = ProbeSettings(),
-                      init_lock: threading.Lock | None = None) -> np.ndarray:
+                      init_lock: threading.Lock | None = None, loss: str = "l1") -> np.ndarray:
     """(feature sets, seeds, test rows) predictions: a probe per feature set in ``xs`` (standardised, of one
     width) and seed, trained together (see the module docstring). Fits on several threads pass one
-    ``init_lock``: the initial weights come from torch's global generator."""
+    ``init_lock``: the initial weights come from torch's global generator. ``loss``: ``l1`` (targets centred
+    on the training median, scaled by the mean absolute deviation; stopped on validation MAE) or ``logistic``
+    (0/1 targets; the output is a probability; stopped on validation log loss)."""
+    if loss not in ("l1", "logistic"):
+        raise ValueError(f"unknown probe loss {loss!r}: l1 | logistic")
     x = torch.from_numpy(np.stack(xs)) if len(xs) > 1 else torch.from_numpy(xs[0])[None]
     n_sets, members = x.shape[0], [(f, seed) for f in range(x.shape[0]) for seed in seeds]
     xt, xv, xe = x[:, train], x[:, val], x[:, test]
-    centre = float(np.median(y[train]))
-    scale = float(np.mean(np.abs(y[train] - centre))) or 1.0
+    logistic = loss == "logistic"
+    centre = 0.0 if logistic else float(np.median(y[train]))
+    scale = 1.0 if logistic else (float(np.mean(np.abs(y[train] - centre))) or 1.0)
     yt = torch.from_numpy(((y[train] - centre) / scale).astype(np.float32))
     yv = torch.from_numpy(y[val].astype(np.float32))
+
+    def fit_loss(out, target):  # (members, rows) -> (members,)
+        if logistic:
+            return torch.nn.functional.binary_cross_entropy_with_logits(out, target.expand_as(out),
+                                                                        reduction="none").mean(1)
+        return (out - target).abs().mean(1)
+
+    def val_metric(out):
+        if logistic:
+            return fit_loss(out, yv)
+        return (out * scale + centre - yv).abs().mean(1)
     with init_lock or contextlib.nullcontext():
         inits = [_init(kind, x.shape[2], s.hidden, seed) for _, seed in members]
     params = [torch.stack(p).requires_grad_() for p in zip(*inits, strict=True)]
@@ -166,12 +182,12 @@ def fit_predict_seeds(kind: str, xs: list[np.ndarray], y: np.ndarray, train: np.
         perm = torch.stack([torch.randperm(n, generator=gens[m]) for m in active])
         for i in range(0, n, s.batch):
             idx = perm[:, i : i + s.batch]
-            loss = (_forward(params, xt[which[:, None], idx]) - yt[idx]).abs().mean(1).sum()
-            grads = torch.autograd.grad(loss, params)
+            total = fit_loss(_forward(params, xt[which[:, None], idx]), yt[idx]).sum()
+            grads = torch.autograd.grad(total, params)
             step += 1
             _adamw(params, grads, exp_avg, exp_avg_sq, step, s.lr, s.weight_decay)
         with torch.no_grad():
-            mae = (_forward(params, xv[which]) * scale + centre - yv).abs().mean(1).numpy().astype(np.float64)
+            mae = val_metric(_forward(params, xv[which])).numpy().astype(np.float64)
         better = mae < best[active] - 1e-9
         for j in np.flatnonzero(better):
             for b, p in zip(best_params, params, strict=True):
@@ -189,5 +205,6 @@ def fit_predict_seeds(kind: str, xs: list[np.ndarray], y: np.ndarray, train: np.
             exp_avg_sq = [v[keep] for v in exp_avg_sq]
             active = active[stay]
     with torch.no_grad():
-        out = _forward(best_params, xe[feature]) * scale + centre
+        out = _forward(best_params, xe[feature])
+        out = torch.sigmoid(out) if logistic else out * scale + centre
     return out.numpy().astype(np.float64).reshape(n_sets, len(seeds), len(test))

@@ -1,8 +1,10 @@
-"""Which model to evaluate: a checkpoint file, a model folder, or a registered MLflow model version."""
+"""Which trained model to run: a checkpoint file, a model folder, or a registered MLflow model version; its
+checkpoint loaded, and the checks that its tokens match (tokenizer digest, token widths)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from geojepa.config import Config
@@ -62,3 +64,51 @@ def _registered(uri: str, cfg: Config, cache: Path) -> Path:
         raise GeoJepaError(f"{uri}: version {mv.version}'s run {mv.run_id} logged no checkpoint")
     log.info("evaluate: %s is %s", uri, found[-1])
     return found[-1]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A resolved training checkpoint: where it is, its resolved train config, its tokenizer digest (None: the
+    region-own tokenizer of the region it was trained on) and its modalities."""
+
+    checkpoint: Path
+    config: dict
+    digest: str | None
+    modalities: tuple[str, ...]
+
+    def encoder(self, which: str = "target", untrained: bool = False, seed: int = 0):
+        from geojepa.model.jepa import encoder_from_checkpoint
+
+        return encoder_from_checkpoint(self.checkpoint, untrained=untrained, seed=seed, which=which)[0]
+
+
+def load_trained(spec: str | Path, cfg: Config, cache: Path) -> Trained:
+    """``resolve_model`` and the checkpoint's config; a damaged or foreign file is a ``GeoJepaError``."""
+    from geojepa.model.jepa import load_checkpoint
+
+    ckpt = resolve_model(spec, cfg, cache)
+    if not ckpt.is_file():
+        raise GeoJepaError(f"{ckpt}: checkpoint not found")
+    try:
+        config = load_checkpoint(ckpt)["config"]
+    except ValueError as e:
+        raise GeoJepaError(str(e)) from None
+    return Trained(ckpt, config, config.get("tokenizer_digest"), tuple(config["modalities"]))
+
+
+def check_tokens(trained: Trained, tokens: Path, made_with: str | None, hint: str) -> None:
+    """The token shards in ``tokens`` (made with tokenizer ``made_with``) must be the model's; ``hint``: how to
+    make them."""
+    if trained.digest != made_with:
+        raise GeoJepaError(f"{trained.checkpoint}: the model was trained on tokens of tokenizer "
+                           f"{trained.digest or '(region-own)'}, but {tokens} were made with "
+                           f"{made_with or 'the region-own tokenizer'}; {hint}")
+
+
+def check_widths(dims: dict[str, int], modalities: tuple[str, ...], encoder, checkpoint, tokens) -> None:
+    """The encoder's input widths must be the shards' (``dims``: width per modality)."""
+    for i, m in enumerate(("tags", "geometry", "image")):
+        want = getattr(encoder.proj[i], "in_features", 0)
+        if m in modalities and want != dims[m]:
+            raise GeoJepaError(f"{checkpoint}: the encoder takes {m} tokens of width {want}, the shards in "
+                               f"{tokens} hold width {dims[m]}; use the tokens it was trained on")

@@ -1,4 +1,4 @@
-"""Exact cosine kNN with torch (queries in chunks against the whole gallery), and the retrieval scores.
+"""Exact cosine kNN with torch (queries in chunks against the whole gallery).
 
 A million 768-d tiles are 3 GB of float32: one chunk of queries times the
 gallery (never copied), then ``topk``; ``bench/knn.py`` gives the speed and
@@ -10,11 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.nn import functional as F
-
-# Tag classes for the neighbour-agreement score: an entity's class is the first of these keys it has.
-CLASSES = ("building", "highway", "railway", "amenity", "shop", "leisure", "landuse", "natural", "waterway",
-           "public_transport", "man_made", "barrier", "tourism", "office", "power", "place", "boundary")
-
 
 @torch.no_grad()
 def topk_cosine(queries: np.ndarray, gallery: np.ndarray, k: int, exclude: np.ndarray | None = None,
@@ -59,29 +54,3 @@ def topk_cosine_chunks(queries: np.ndarray, chunks, k: int, exclude: np.ndarray 
         best_s, order = torch.cat([best_s, v], 1).topk(min(k, best_s.shape[1] + v.shape[1]), dim=1)
         best_i = torch.cat([best_i, i + start], 1).gather(1, order)
     return best_s.cpu().numpy(), best_i.cpu().numpy()
-
-
-def knn_regression_mae(emb: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, k: int) -> float:
-    """MAE of predicting each test tile's label by the mean of its k nearest training tiles' labels."""
-    _, idx = topk_cosine(emb[test], emb[train], k)
-    return float(np.mean(np.abs(y[train][idx].mean(1) - y[test])))
-
-
-def class_histograms(entity_tags: list[list[list[tuple[str, str]]]]) -> np.ndarray:
-    """(tiles, classes + 1) share of the tile's entities per tag class (last column: none of them)."""
-    out = np.zeros((len(entity_tags), len(CLASSES) + 1), np.float64)
-    for i, tile in enumerate(entity_tags):
-        for tags in tile:
-            keys = {k for k, _ in tags}
-            out[i, next((j for j, c in enumerate(CLASSES) if c in keys), len(CLASSES))] += 1
-    return out / np.maximum(out.sum(1, keepdims=True), 1)
-
-
-def class_of(tags: list[tuple[str, str]]) -> str:
-    keys = {k for k, _ in tags}
-    return next((c for c in CLASSES if c in keys), "other")
-
-
-def neighbour_agreement(hist: np.ndarray, idx: np.ndarray) -> float:
-    """Mean histogram intersection (1: identical class mix) between each tile and its neighbours."""
-    return float(np.minimum(hist[:, None, :], hist[idx]).sum(-1).mean())

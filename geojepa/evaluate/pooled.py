@@ -1,0 +1,209 @@
+"""Test metrics pooled over regions, with a region-stratified bootstrap over test tiles (the corpus and
+ablation reports' arithmetic).
+
+``Scores`` holds every (setting, task, model, probe)'s predictions and labels on each region's val and test
+tiles, aligned by tile id, and one set of bootstrap draws per (setting, task, region) shared by every model, so
+two models' difference is paired (the same resamples of the same tiles). Metrics:
+
+- ``mae``: over the union of the regions' test tiles, mean over probe seeds; the bootstrap reweights tiles;
+- ``roc_auc`` (binary tasks under protocol v2): over the union of the test tiles, per seed then averaged;
+  the bootstrap's AUC is the weighted AUC of the seed-mean prediction under each resample's tile counts;
+- ``relative_mae``: each region's MAE over its Dummy's (the training median), averaged over regions, so a
+  few regions with large counts cannot dominate (each resample takes the ratio within the region).
+
+``cross_region``: one ridge read-out per (task, model) fitted on every trained-on region's train tiles
+(penalty chosen on their validation tiles) and tested on every region's test tiles, from each region's
+``eval/probe_features.parquet``: whether the features mean the same from one place to the next.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+import pandas as pd
+
+from geojepa.errors import GeoJepaError
+
+BOOTSTRAP = 2000
+HIGHER_IS_BETTER = {"roc_auc"}
+CROSS = "cross_ridge"  # the cross-region read-out's probe name
+
+
+def weighted_auc(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ROC-AUC of ``score`` for 0/1 labels ``y`` under each row of tile weights ``w`` (resamples, tiles); ties
+    count one half. nan where a resample holds one class only."""
+    order = np.argsort(score, kind="stable")
+    s, pos = score[order], y[order] > 0.5
+    w = w[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    neg = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    posw = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    n1, n0 = posw.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (posw * (below + 0.5 * neg)).sum(1) / (n1 * n0)
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float:
+    return float(weighted_auc(score, y, np.ones((1, len(y))))[0])
+
+
+class Scores:
+    """Predictions of every (setting, task, model, probe) per region and split (see the module docstring)."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], metric_of):
+        self.metric_of = metric_of  # task -> its headline metric (mae | roc_auc)
+        self.data: dict[tuple, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
+        self.draws: dict[tuple, np.ndarray] = {}  # (setting, task, region) -> (BOOTSTRAP, tiles) counts
+        for region, df in frames.items():
+            for key, g in df.groupby(["setting", "task", "model", "probe", "split"], sort=False):
+                g = g.sort_values("tile_id")
+                p = np.stack(g["pred"].to_numpy()).astype(np.float64)
+                self.data.setdefault(key[:4], {}).setdefault(region, {})[key[4]] = (p, g["label"].to_numpy(float))
+                if key[4] == "test" and (key[0], key[1], region) not in self.draws:
+                    rng = np.random.default_rng(zlib.crc32(f"{key[0]}/{key[1]}/{region}".encode()))
+                    n = len(g)
+                    self.draws[key[0], key[1], region] = rng.multinomial(n, np.full(n, 1 / n),
+                                                                         size=BOOTSTRAP).astype(np.int32)
+
+    def covers(self, key: tuple, regions) -> bool:
+        """Whether ``key`` has test predictions in every one of ``regions``."""
+        return all("test" in self.data.get(key, {}).get(r, {}) for r in regions)
+
+    def have(self, key: tuple, regions) -> list[str]:
+        return [r for r in regions if "test" in self.data.get(key, {}).get(r, {})]
+
+    def _split(self, key, regions, split) -> tuple[np.ndarray, np.ndarray] | None:
+        parts = [self.data[key][r][split] for r in regions if split in self.data[key].get(r, {})]
+        if not parts:
+            return None
+        return np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts])
+
+    @staticmethod
+    def _value(metric: str, p: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per seed (columns of ``p``)."""
+        if metric == "roc_auc":
+            if len(np.unique(y)) < 2:
+                return np.full(p.shape[1], np.nan)
+            return np.array([auc(p[:, j], y) for j in range(p.shape[1])])
+        return np.abs(p - y[:, None]).mean(0)
+
+    @functools.cache  # noqa: B019 (one report's lifetime; rows, choices and comparisons reuse it)
+    def stats(self, key: tuple, regions: tuple[str, ...], metric: str) -> dict | None:
+        """Pooled ``metric`` of ``key`` over ``regions`` (those that have it); None when none has it or it is
+        undefined there (one class only)."""
+        have = tuple(self.have(key, regions))
+        if not have:
+            return None
+        seeds = {self.data[key][r]["test"][0].shape[1] for r in have}
+        if len(seeds) > 1:
+            raise GeoJepaError(f"{key}: the regions were probed with different numbers of seeds ({sorted(seeds)}); "
+                               "evaluate them with the same settings to pool them")
+        if metric == "relative_mae":
+            dummy = (key[0], key[1], "dummy", "median")
+            have = tuple(r for r in have if self.covers(dummy, [r]))
+            if not have:
+                return None
+            per_seed = np.mean([self._value("mae", *self.data[key][r]["test"])
+                                / max(self._value("mae", *self.data[dummy][r]["test"]).mean(), 1e-12) for r in have], 0)
+            val = None
+        else:
+            per_seed = self._value(metric, *self._split(key, have, "test"))
+            v = self._split(key, have, "val")
+            val = None if v is None else float(np.nanmean(self._value(metric, *v)))
+        if np.isnan(per_seed).all():
+            return None
+        boot = self.boot(key, have, metric)
+        return {"mean": float(np.nanmean(per_seed)), "std": float(np.nanstd(per_seed)), "seeds": len(per_seed),
+                "n_test": int(sum(len(self.data[key][r]["test"][1]) for r in have)),
+                "val_mean": None if val is None or np.isnan(val) else val,
+                "ci_low": float(np.nanpercentile(boot, 2.5)), "ci_high": float(np.nanpercentile(boot, 97.5)),
+                "regions": len(have)}
+
+    def boot(self, key: tuple, regions, metric: str) -> np.ndarray:
+        """(BOOTSTRAP,) pooled ``metric`` of each resample (region-stratified)."""
+        if metric == "roc_auc":
+            p, y = self._split(key, regions, "test")
+            w = np.concatenate([self.draws[key[0], key[1], r] for r in regions], 1)
+            return weighted_auc(p.mean(1), y, w)
+        if metric == "relative_mae":
+            dummy = (key[0], key[1], "dummy", "median")
+            out = np.zeros(BOOTSTRAP)
+            for r in regions:
+                d = self.draws[key[0], key[1], r]
+                e = np.abs(self.data[key][r]["test"][0] - self.data[key][r]["test"][1][:, None]).mean(1)
+                e0 = np.abs(self.data[dummy][r]["test"][0] - self.data[dummy][r]["test"][1][:, None]).mean(1)
+                out += (d @ e) / np.maximum(d @ e0, 1e-12)
+            return out / len(regions)
+        total, n = np.zeros(BOOTSTRAP), 0
+        for r in regions:
+            p, y = self.data[key][r]["test"]
+            e = np.abs(p - y[:, None]).mean(1)
+            total += self.draws[key[0], key[1], r] @ e
+            n += len(e)
+        return total / n
+
+    def gain(self, ours: tuple, other: tuple, regions: list[str], metric: str) -> tuple[float, float, float] | None:
+        """How much better ``ours`` is than ``other`` on ``regions`` (MAE: other's minus ours; AUC: ours minus
+        other's) and the 2.5 and 97.5 percentiles of that difference over the shared resamples; None when
+        ``other`` lacks one of them or the metric is undefined there."""
+        if not (self.covers(other, regions) and self.covers(ours, regions)):
+            return None
+        a, b = self.stats(ours, tuple(regions), metric), self.stats(other, tuple(regions), metric)
+        if a is None or b is None:
+            return None
+        sign = 1.0 if metric in HIGHER_IS_BETTER else -1.0
+        diff = sign * (self.boot(ours, regions, metric) - self.boot(other, regions, metric))
+        lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+        return sign * (a["mean"] - b["mean"]), float(lo), float(hi)
+
+    def chosen(self, task: str, probe: str, regions, candidates, setting: str = "masked") -> str | None:
+        """Of ``candidates`` (model names), the one with the best pooled validation headline metric of
+        ``probe`` on ``regions`` (never chosen on test)."""
+        metric = self.metric_of(task)
+        val = {}
+        for m in candidates:
+            s = self.stats((setting, task, m, probe), tuple(regions), metric)
+            if s is not None and s["val_mean"] is not None:
+                val[m] = -s["val_mean"] if metric in HIGHER_IS_BETTER else s["val_mean"]
+        return min(val, key=val.get) if val else None
+
+
+def cross_region(features: dict[str, pd.DataFrame], seen: dict[str, bool], kinds: dict[str, str],
+                 min_val: int = 100, folds: int = 5) -> tuple[pd.DataFrame | None, dict]:
+    """The cross-region ridge read-out (see the module docstring) on each region's probe features (``features``:
+    region -> PROBE_FEATURES frame): prediction rows like ``predictions.parquet``'s (probe ``CROSS``) for every
+    region's test tiles and the trained-on regions' validation tiles, and per task its chosen setting or why
+    it was skipped."""
+    from geojepa.evaluate import readouts
+
+    notes, out = {}, []
+    trained = [r for r in features if seen[r]]
+    if not trained:
+        return None, {"skipped": "no trained-on region has probe features"}
+    frames = []
+    for region, df in features.items():
+        keep = df.split == "test" if not seen[region] else np.ones(len(df), bool)
+        frames.append(df[keep].assign(region=region))
+    every = pd.concat(frames, ignore_index=True)
+    for (task, model), g in every.groupby(["task", "model"], sort=True):
+        g = g.sort_values(["region", "tile_id"])
+        sp = g.split.to_numpy(str)
+        groups = (g.region + "/" + g.group_id).to_numpy(str)
+        x = np.stack(g.features.to_numpy()).astype(np.float32)
+        y = g.label.to_numpy(float)
+        try:
+            p = readouts.plan(sp, np.unique(groups, return_inverse=True)[1], min_val, folds)
+        except ValueError as e:
+            notes[task] = {"skipped": str(e)}
+            continue
+        r = readouts.ridge(x, y, kinds[task], p)
+        notes.setdefault(task, {})[model] = r.chosen
+        for split, rows, pred in (("val", p.val, r.val), ("test", p.test, r.test[0])):
+            sub = g.iloc[rows]
+            out.append(pd.DataFrame({"setting": "masked", "task": task, "model": model, "probe": CROSS,
+                                     "split": split, "tile_id": sub.tile_id.to_numpy(), "label": sub.label.to_numpy(),
+                                     "pred": [[float(v)] for v in pred], "region": sub.region.to_numpy()}))
+    return (pd.concat(out, ignore_index=True) if out else None), notes
