@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_child, synth_pbf  # noqa: E402
-from evaluate import prepare  # noqa: E402
+from evaluate_streaming import prepare  # noqa: E402
 
 STREAM = r"""
 import json, sys, time
@@ -35,8 +35,8 @@ print(json.dumps({"tiles": s["tiles"], "entity_pieces": s["entity_pieces"], "emb
 WHOLE = r"""
 import json, sys, time
 import pyarrow.parquet as pq
-from geojepa.evaluate.embed import embed
-from geojepa.evaluate.region import token_index
+from geojepa.encoding.pooling import embed
+from geojepa.encoding.shards import token_index
 from geojepa.model.jepa import encoder_from_checkpoint
 from geojepa.train.data import TokenRows
 from geojepa.workdir import WorkDir
@@ -52,8 +52,8 @@ for shard in tok.shards:
     rows = TokenRows(pq.read_table(shard, columns=["entity_position", "patch_position",
                                                    *(TokenRows.COLUMNS[m] for m in have)]), have)
     items += [rows.item(i) for i in range(len(rows.n_entities))]
-tiles, ents = embed(encoder, items, modalities, 64)
-print(json.dumps({"tiles": len(tiles), "entity_pieces": int(sum(len(e) for e in ents)),
+pooled = embed(encoder, items, modalities, 64)
+print(json.dumps({"tiles": len(pooled.mean), "entity_pieces": int(sum(len(e) for e in pooled.entities)),
                   "embed_s": time.perf_counter() - t0}))
 """
 

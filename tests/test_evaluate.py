@@ -28,7 +28,7 @@ from geojepa.evaluate import evaluate, peers
 from geojepa.encoding.neighbours import topk_cosine, topk_cosine_chunks
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import pieces_lonlat, tiles_meta, token_index
-from geojepa.evaluate.embed import (
+from geojepa.evaluate.masking import (
     bag_of_tags,
     bag_of_tags_counts,
     kept_tag_vectors,
@@ -150,11 +150,13 @@ def test_predictions_give_back_the_results_and_the_validation_choice(evaluated):
 def test_the_encoder_is_chosen_on_validation_never_on_test():
     from geojepa.evaluate.report import chosen_encoders
 
-    row = {"setting": "masked", "task": "t", "probe": "mlp", "metric": "mae"}
+    row = {"setting": "masked", "task": "building_count", "probe": "mlp", "metric": "mae"}
     results = [{**row, "model": "geojepa", "mean": 1.0, "val_mean": 5.0},
                {**row, "model": "geojepa_context", "mean": 9.0, "val_mean": 4.0},
                {**row, "model": "tagpool", "mean": 0.1, "val_mean": 0.1}]
-    assert chosen_encoders(results) == {"t": "geojepa_context"}
+    assert chosen_encoders(results) == {"building_count": "geojepa_context"}
+    auc = [{**r, "task": "bridge", "metric": "roc_auc", "val_mean": r["val_mean"] / 10} for r in results]
+    assert chosen_encoders(auc) == {"bridge": "geojepa"}  # ROC-AUC: higher is better
 
 
 def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised, cfg):
@@ -513,3 +515,156 @@ def test_baseline_probes_are_cached_by_content_and_another_model_refits_only_its
     assert second["geojepa", "mlp", "mae"] != first["geojepa", "mlp", "mae"]
     _, fits3 = score(y[::-1].copy(), rng.normal(size=(n, 4)).astype(np.float32))
     assert {d for _, d in fits3} == {4, 6, 9}  # other labels: other keys
+
+
+@pytest.mark.parametrize("override, says", [
+    ("evaluate.protocol=v3", "evaluate.protocol: Input should be 'v2' or 'reference'"),
+    ("evaluate.probes=[ridge,svm]", "evaluate.probes.1: Input should be 'ridge', 'mlp', 'knn' or 'linear'"),
+    ("evaluate.twin_seeds=0", "evaluate.twin_seeds: Input should be greater than or equal to 1"),
+])
+def test_a_protocol_or_read_out_that_does_not_exist_is_a_one_line_error(tmp_path, override, says):
+    from typer.testing import CliRunner
+
+    from geojepa.cli import app
+
+    out = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--set", override])
+    assert out.exit_code == 1 and says in out.output and "Traceback" not in out.output
+
+
+def test_ridge_is_sklearns_ridge_with_the_penalty_and_target_chosen_on_held_out_tiles():
+    from sklearn.linear_model import Ridge
+
+    from geojepa.evaluate import readouts
+
+    rng = np.random.default_rng(4)
+    n, d = 300, 12
+    x = rng.normal(size=(n, d))
+    y = np.round(np.exp(0.6 * x[:, 0] + 0.3 * x[:, 1] + 0.2 * rng.normal(size=n)))  # a count, log-linear
+    sp = np.array(["train"] * 150 + ["val"] * 100 + ["test"] * 50)
+    plan = readouts.plan(sp, None, min_val=100)
+    assert plan.mode == "validation"
+    r = readouts.ridge(x, y, "count", plan)
+    alpha, target = (part.split("=")[1] for part in r.chosen.split(","))
+    assert target == "log1p"  # the log-linear count is fitted better on log1p y
+    fit = plan.final
+    z = readouts.standardise_clipped(x, fit).astype(np.float64)
+    alpha = readouts.ALPHAS[np.argmin(np.abs(np.log(readouts.ALPHAS / float(alpha))))]  # named to 3 digits
+    ref = Ridge(alpha=alpha * len(fit)).fit(z[fit], np.log1p(y[fit]))
+    want = np.clip(np.expm1(ref.predict(z[plan.test])), y[fit].min(), y[fit].max())
+    np.testing.assert_allclose(r.test[0], want, rtol=1e-6, atol=1e-6)
+    # the choice: no other penalty or target scores the validation tiles better
+    tr, va = np.flatnonzero(sp == "train"), np.flatnonzero(sp == "val")
+    zt = readouts.standardise_clipped(x, tr).astype(np.float64)
+    for a in readouts.ALPHAS:
+        for fwd, back in ((np.log1p, np.expm1), (lambda v: v, lambda v: v)):
+            p = back(Ridge(alpha=a * len(tr)).fit(zt[tr], fwd(y[tr])).predict(zt[va]))
+            p = np.clip(p, y[tr].min(), y[tr].max())
+            assert np.mean(np.abs(p - y[va])) >= r.held_out_score - 1e-9
+
+
+def test_cross_validation_folds_are_whole_spatial_groups_and_never_test_tiles():
+    from geojepa.evaluate import readouts
+
+    sp = np.array((["train"] * 6 + ["val"] * 1 + ["test"] * 3) * 20)
+    groups = np.repeat(np.arange(50), 4)
+    plan = readouts.plan(sp, groups, min_val=100, folds=5)
+    assert plan.mode == "cv" and len(plan.rounds) == 5
+    test = set(np.flatnonzero(sp == "test"))
+    held = np.concatenate([o for _, o in plan.rounds])
+    assert sorted(held) == sorted(plan.final) and not test & set(held)
+    for fit, out in plan.rounds:
+        assert not set(groups[fit]) & set(groups[out])  # no group on both sides of a fold
+    with pytest.raises(ValueError, match="3 spatial groups in train \\+ validation"):
+        readouts.plan(sp[:12], groups[:12], min_val=100, folds=5)
+
+
+def test_a_task_too_small_for_cross_validation_is_a_named_skip(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geojepa.evaluate import probes
+    from geojepa.evaluate.cache import Cache
+    from geojepa.evaluate.protocol import protocol
+
+    section = load_config().evaluate
+    sp = np.array(["train"] * 8 + ["val"] * 2 + ["test"] * 4)
+    pr = probes.TaskProbes(TASKS["bridge"], [("masked", {"tagpool": np.eye(14, 3, dtype=np.float32)},
+                                              ("ridge",), True)], np.arange(14.0) % 2, sp, np.zeros(14, int),
+                           np.array([f"t{i}" for i in range(14)]))
+    with ThreadPoolExecutor(1) as pool:
+        rows, _, _, choice = probes.score([pr], protocol(section), section, pool, Cache(None))
+    assert rows == [] and "too few tiles to choose read-out settings" in choice["bridge"]["skipped"]
+    assert "1 spatial groups" in choice["bridge"]["skipped"]
+
+
+def test_clipped_features_keep_a_rare_count_from_blowing_up():
+    """A count on 2 of 200 training tiles, unrelated to the label: standardised without a bound, a test tile
+    where it is common is hundreds of stds out and a plain ridge is far worse than Dummy; clipped at 5, with
+    the predictions in the labels' range, the read-out stays near Dummy."""
+    from sklearn.linear_model import Ridge
+
+    from geojepa.evaluate import readouts
+    from geojepa.evaluate.probe import standardise
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x = np.zeros((n, 2))
+    x[:, 1] = rng.normal(size=n)
+    x[[3, 7], 0] = 1.0  # rare on training tiles
+    x[250:, 0] = 40.0  # and common, large, on the test tiles
+    y = np.abs(rng.normal(10, 3, n))
+    sp = np.array(["train"] * 200 + ["val"] * 50 + ["test"] * 50)
+    z = readouts.standardise_clipped(x, np.arange(200))
+    assert np.abs(z).max() <= readouts.CLIP
+    dummy = np.mean(np.abs(y[250:] - np.median(y[:250])))
+    plain = standardise(x, np.arange(250))
+    blown = Ridge(alpha=1e-3).fit(plain[:250], y[:250]).predict(plain[250:])
+    assert np.mean(np.abs(blown - y[250:])) > 3 * dummy  # what the clipping is for
+    r = readouts.ridge(x, y, "regression", readouts.plan(sp, np.arange(n) // 4, min_val=100))
+    assert np.mean(np.abs(r.test[0] - y[250:])) < 1.5 * dummy
+
+
+def test_the_reference_protocol_still_runs_and_says_so(evaluated, tmp_path):
+    """`evaluate.protocol: reference`: concat(mean, max), linear probes by AdamW, one twin, MAE everywhere."""
+    w, _, _ = evaluated
+    _copy_region(w, tmp_path)
+    shutil.copytree(w / "checkpoints", tmp_path / "checkpoints")
+    c = load_config(overrides=["tracking.enabled=false", "evaluate.protocol=reference", "evaluate.probes=[linear]",
+                               "evaluate.seeds=1", "evaluate.max_epochs=5", "evaluate.peers=[]",
+                               "evaluate.unmasked=false", "evaluate.gallery_queries=2"])
+    summary = evaluate(tmp_path, c)
+    assert summary["protocol"]["name"] == "reference" and summary["protocol"]["pooling"] == "mean_max"
+    results = read_table(tmp_path / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
+    models = {r["model"] for r in results}
+    assert {"geojepa", "untrained", "tagpool"} <= models and "untrained_1" not in models
+    assert {r["probe"] for r in results} == {"linear", "median"}
+    assert "**Protocol: reference**" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_another_model_reuses_the_regions_twins_peers_and_baseline_probes(evaluated, tmp_path):
+    """A second model of the same architecture on the same region: the twins' vectors, the peers and every
+    probe that is not the model's come from the region's cache, with the same numbers; the model's differ."""
+    w, c, first = evaluated
+    _copy_region(w, tmp_path)
+    shutil.copytree(w / ".eval-cache", tmp_path / ".eval-cache")
+    ckpt = sorted((w / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=False)
+    for k, v in state["model"].items():
+        if v.is_floating_point():
+            state["model"][k] = v + 0.05 * torch.randn_like(v)
+    other = tmp_path / "other" / "checkpoints" / ckpt.name
+    other.parent.mkdir(parents=True)
+    torch.save(state, other)
+    second = evaluate(tmp_path, c, checkpoint=other)
+    assert second["cache"]["twins_cached"] == ["untrained", "untrained_1"]
+    assert second["cache"]["misses"] < second["cache"]["hits"]
+    key = ("setting", "task", "model", "probe", "metric")
+    rows = [{tuple(r[k] for k in key): r["mean"] for r in read_table(d / "eval" / "results.parquet",
+                                                                     EVAL_RESULTS).to_pylist()}
+            for d in (w, tmp_path)]
+    for k, v in rows[0].items():
+        if k[0] == "masked" and k[2] not in ("geojepa", "geojepa_context"):
+            assert rows[1][k] == v, k  # bit for bit
+    assert rows[1]["masked", "building_count", "geojepa", "ridge", "mae"] != \
+        rows[0]["masked", "building_count", "geojepa", "ridge", "mae"]
+    if first["peers"].get("fitted"):
+        assert second["peers"]["cached"] is True

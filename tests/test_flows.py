@@ -89,7 +89,7 @@ def test_pipeline_runs_every_stage_groups_mlflow_runs_and_leaves_artifacts(piped
     assert "trained on the train splits of kotka" in version.description
     # The registered version resolves to its checkpoint, for `evaluate --model models:/geojepa-encoder/N`.
     from geojepa.config import load_config
-    from geojepa.evaluate.model import resolve_model
+    from geojepa.encoding.models import resolve_model
 
     got = resolve_model(f"models:/geojepa-encoder/{version.version}", load_config(), root / ".models")
     made = sorted((root / "mini-model" / "checkpoints").glob("step-*.pt"))[-1]

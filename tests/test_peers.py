@@ -179,3 +179,18 @@ def test_a_missing_extra_is_a_clear_skip_not_a_failure(monkeypatch, tmp_path):
     assert f"Skipped: {why}." in report_lines(notes)
     off = section.model_copy(update={"peers": ()})
     assert _peers({}, None, {}, off)[2] == {"skipped": "none asked (evaluate.peers is empty)"}
+
+
+@needs_srai
+def test_srais_progress_bars_stay_out_of_the_logs(kotka, capfd):
+    """ContextualCount draws a tqdm bar per tile batch; inside the evaluation it draws nothing, and SRAI's own
+    tqdm is back afterwards."""
+    import srai.embedders.contextual_count_embedder as ccm
+
+    _, _, region = kotka
+    before = ccm.tqdm
+    capfd.readouterr()
+    peers.fit(region, ("contextual_count",), epochs=1, seed=0).embed(region)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "\r" not in err, err[-300:]
+    assert ccm.tqdm is before

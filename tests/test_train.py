@@ -227,7 +227,7 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
         import pandas as pd
 
         from geojepa.embeddings.embed import embedded_batches
-        from geojepa.evaluate.region import token_index
+        from geojepa.encoding.shards import token_index
         from geojepa.model.jepa import encoder_from_checkpoint
 
         model = mlflow.pyfunc.load_model("models:/geojepa-encoder/1")

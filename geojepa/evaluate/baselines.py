@@ -17,7 +17,7 @@ from geojepa import manifest
 from geojepa.encoding.shards import TokenIndex
 from geojepa.evaluate import peers
 from geojepa.evaluate.cache import Cache, key
-from geojepa.evaluate.embed import bag_of_tags_counts
+from geojepa.evaluate.masking import bag_of_tags_counts
 from geojepa.evaluate.features import TaskSet
 from geojepa.evaluate.region import RegionScan
 

@@ -24,7 +24,7 @@ import numpy as np
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import TokenIndex, release, token_batches
 from geojepa.encoding.spill import Spill
-from geojepa.evaluate.embed import kept_tag_vectors, mask_item, tag_pool, without_images
+from geojepa.evaluate.masking import kept_tag_vectors, mask_item, tag_pool, without_images
 from geojepa.evaluate.labels import Task, subsample
 from geojepa.evaluate.protocol import Protocol
 from geojepa.evaluate.region import RegionScan

@@ -439,18 +439,42 @@ def _measure(stats: PeerStats, attr: str):
             stats.peak_mb = max(stats.peak_mb, peak[0], _rss_mb() - base)
 
 
+TQDM_MODULES = ("srai.embedders.geovex.dataset", "srai.embedders.hex2vec.neighbour_dataset",
+                "srai.embedders.contextual_count_embedder")  # SRAI's modules that draw progress bars
+
+
+def _silent_tqdm(iterable=None, *args, **kwargs):
+    """tqdm without a bar: SRAI's bars redraw with carriage returns thousands of times into the logs."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, *args, **{**kwargs, "disable": True})
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Lightning's advice and the libraries' warnings off (SRAI's own progress bars stay: tqdm reads its
-    switch when imported)."""
+    """Lightning's advice, the libraries' warnings and SRAI's progress bars off while a peer fits or embeds
+    (each SRAI module that draws one gets a disabled ``tqdm`` for the block, and its own back after)."""
+    import importlib
+
     names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
     levels = [logging.getLogger(n).level for n in names]
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
+    patched = []
+    for mod_name in TQDM_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        if hasattr(mod, "tqdm"):
+            patched.append((mod, mod.tqdm))
+            mod.tqdm = _silent_tqdm
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for mod, original in patched:
+            mod.tqdm = original
         for n, lv in zip(names, levels, strict=True):
             logging.getLogger(n).setLevel(lv)

@@ -148,7 +148,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     twin_keys = {name: key("twin", region_inputs, _architecture(trained), section.seed + i, section.tasks,
                            section.zero_keep_ratio, rendered,
                            manifest.code_version("geojepa.encoding.pooling", "geojepa.model",
-                                                 "geojepa.evaluate.features", "geojepa.evaluate.embed"))
+                                                 "geojepa.evaluate.features", "geojepa.evaluate.masking"))
                  for i, name in enumerate(proto.twins())}
     pools = {name: features.Pools.from_arrays(hit) for name, k in twin_keys.items()
              if (hit := cache.load("twins", k)) is not None}

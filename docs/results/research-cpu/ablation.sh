@@ -20,9 +20,10 @@ ALL=("${TRAIN[@]}" liechtenstein porto-centre)
 # (skipped when the arm is already trained with these settings)
 OMP_NUM_THREADS=2 $G .venv/bin/geojepa train "$M" --data "${TRAIN[@]/#/$R/}" --config $C "$@"
 for n in "${ALL[@]}"; do
-  mkdir -p "$A/$n/manifests" "$R/$n/.probe-cache"
-  # the baselines' probes are the same for every arm: one cache (geojepa/evaluate/stage.py, _score)
-  for f in "$R/$n"/* "$R/$n/.probe-cache"; do
+  mkdir -p "$A/$n/manifests" "$R/$n/.eval-cache"
+  # what does not depend on the model (the peers, the baselines' probes; twins of the same architecture) is
+  # the same for every arm: one cache per region (geojepa/evaluate/cache.py)
+  for f in "$R/$n"/* "$R/$n/.eval-cache"; do
     case "$(basename "$f")" in eval|manifests) ;; *) ln -sfn "$(realpath "$f")" "$A/$n/$(basename "$f")" ;; esac
   done
   for f in "$R/$n"/manifests/*.json; do
