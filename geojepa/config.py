@@ -149,6 +149,10 @@ class TrainConfig(Section):
     vicreg_scale: float = Field(0.02, ge=0)  # loss = jepa + vicreg_scale x (var_weight x var + cov_weight x cov)
     var_weight: float = Field(25.0, ge=0)
     cov_weight: float = Field(1.0, ge=0)
+    # vicreg: VICReg on the predictions and the tiles' mean context embeddings (rewards a shared tile component);
+    # target: on the predictions only, against the targets' own per-dimension std and covariance
+    regulariser: Literal["vicreg", "target"] = "vicreg"
+    target_centre: bool = False  # predict each target minus its (tile, modality)'s mean target
     masks: MaskSettings = MaskSettings()
     # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap
     # times the median region's; or explicit weights by region name (the same total, shared by weight).

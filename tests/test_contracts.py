@@ -16,7 +16,7 @@ def _labels(n=3):
 
 def test_every_artifact_has_a_versioned_schema():
     assert set(ALL) == {"entities", "tiles", "tile_entities", "tile_images", "tag_vocab", "tokens", "embeddings",
-                        "task_labels", "eval_results", "predictions", "corpus_results"}
+                        "task_labels", "eval_results", "predictions", "probe_features", "corpus_results"}
     for contract in ALL.values():
         assert contract.version >= 1 and len(contract.schema) > 0
 

@@ -280,7 +280,7 @@ def test_corpus_report_pools_test_tiles_with_a_paired_bootstrap_and_chooses_the_
     verdict = {(c["group"], c["baseline"]): c for c in report["comparisons"]}
     assert verdict["all", "untrained"]["better"] and verdict["holdout", "dummy"]["better"]
     assert not verdict["all", "tagpool"]["better"] and verdict["all", "tagpool"]["worse"]  # context 1.6 vs 1.02
-    assert verdict["all", "every twin (1)"]["better"]
+    assert verdict["all", "every twin (1 of 1)"]["better"]
     assert metrics["corpus.all.masked.building_count.mlp.geojepa_vs_untrained.gain_ci_low"] > 0
     assert "| building_count (mae) | mlp | holdout (1) | geojepa_context |" in (tmp_path / "model" /
                                                                               "corpus_report.md").read_text()
@@ -445,7 +445,7 @@ def test_corpus_report_v2_headlines_auc_needs_every_twin_and_pools_relative_and_
     for task, metric in (("building_count", "mae"), ("bridge", "roc_auc")):
         c = verdict[task, "ridge", "all", "untrained"]
         assert c["metric"] == metric and c["better"], task
-        assert not verdict[task, "ridge", "all", "every twin (3)"]["better"]  # untrained_1 is as good
+        assert not verdict[task, "ridge", "all", "every twin (3 of 3)"]["better"]  # untrained_1 is as good
         assert verdict[task, "ridge", "all", "tagpool"]["better"]
     # the cross-region probe: fitted on a and b, tested on every region (the holdout's train tiles never used)
     for group in ("all", "holdout"):
@@ -454,7 +454,7 @@ def test_corpus_report_v2_headlines_auc_needs_every_twin_and_pools_relative_and_
         assert ours["mean"] < 0.5 * twin["mean"] and ours["n_test"] == (360 if group == "all" else 120)
     assert verdict["building_count", "cross_ridge", "holdout", "untrained"]["better"]
     assert metrics["corpus.all.masked.bridge.ridge.geojepa_vs_every_twin.gain"] == pytest.approx(
-        verdict["bridge", "ridge", "all", "every twin (3)"]["gain"])
+        verdict["bridge", "ridge", "all", "every twin (3 of 3)"]["gain"])
     text = (tmp_path / "model" / "corpus_report.md").read_text()
     assert "**Protocol: v2.**" in text and "| bridge (roc_auc) | ridge | all (3) |" in text
     assert "Cross-region ridge" in text and "Relative MAE" in text

@@ -400,7 +400,8 @@ def test_the_collapse_monitor_reads_validation_tiles_and_sees_a_collapse(w):
     monitor = CollapseMonitor([w / "tokens"], ("tags", "geometry"), "cpu", n=64)
     assert len(monitor.items) == min(64, len(ShardDataset(w / "tokens", "val", ("tags", "geometry"))))
     healthy = monitor(model)
-    assert set(healthy) == {f"val.{k}.{e}" for k in ("erank", "mean_cos") for e in ("target", "context")}
+    assert set(healthy) == {f"val.{k}.{e}" for k in ("erank", "mean_cos", "within_share") for e in ("target", "context")}
+    assert 0 < healthy["val.within_share.target"] <= 1
     assert healthy["val.erank.target"] > 2
     with torch.no_grad():  # a collapsed target: every token the same output
         model.target_encoder.norm.weight.zero_()
@@ -419,3 +420,42 @@ def test_a_micro_batch_of_one_tile_has_a_finite_loss(w):
                                 mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
     out = model(Collator(("tags", "geometry"), data.dims, seed=0)([data[0]]))
     assert all(torch.isfinite(v) for v in out.values()), out
+
+
+def test_the_diagnostics_see_a_tile_wide_gist_and_the_target_terms_spare_a_perfect_predictor():
+    """``_context_mean`` is the per-(tile, modality) mean of the context tokens' targets (falling back to the
+    tile's, then the batch's); ``within_share`` falls when a tile-wide component is added; the target-relative
+    terms are zero for the targets themselves and positive for a collapsed prediction."""
+    from geojepa.model.jepa import _context_mean, target_relative_terms, within_share
+
+    g = torch.Generator().manual_seed(0)
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    modality = torch.tensor([0, 0, 1, 1, 0, 0, 1, 0, 1])
+    target = torch.randn(9, 8, generator=g)
+    group = doc * 3 + modality
+    context = torch.tensor([0, 2, 4, 7])
+    src = torch.tensor([1, 3, 5, 6, 8])
+    got = _context_mean(target, group, context, src, doc, 3)
+    want = torch.stack([target[0], target[2], target[4], target[4], target[7]])  # tile 1 image: no context of
+    torch.testing.assert_close(got, want)  # its modality there -> the tile's context mean (token 4 alone)
+    z = torch.randn(300, 16, generator=g)
+    docs = torch.arange(300) // 10
+    share = within_share(z, docs, 30)
+    gist = z + 3 * torch.randn(30, 16, generator=g)[docs]  # a component shared by each tile's tokens
+    assert 0.8 < share <= 1.0 and within_share(gist, docs, 30) < 0.2
+    var, cov = target_relative_terms(z, z)
+    assert float(var) == 0.0 and float(cov) == pytest.approx(0.0, abs=1e-10)
+    var, cov = target_relative_terms(torch.zeros_like(z) + z.mean(0), z)  # one vector for every token
+    assert float(var) > 0.5
+    shifted = target_relative_terms(z + 5.0, z)  # a constant shift is not what the terms are about
+    assert float(shifted[0]) == pytest.approx(0.0, abs=1e-6) and float(shifted[1]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_the_target_regulariser_and_centring_train_and_every_step_records_the_diagnostics(w, cfg):
+    train(_resolved(cfg, w, modalities=("tags", "geometry"), regulariser="target", target_centre=True, max_steps=3))
+    history = json.loads((w / "checkpoints" / "history.json").read_text())
+    for h in history:
+        assert {"trivial", "jepa_gain", "within_share"} <= set(h) and math.isfinite(h["loss"])
+        assert h["jepa_gain"] == pytest.approx(h["trivial"] - h["jepa"], abs=1e-6)
+        assert "tile_std" not in h  # no VICReg on tile means under the target regulariser
+    assert "val.within_share.target" in history[-1]

@@ -16,10 +16,10 @@ import pandas as pd
 
 from data_contracts import atomic_path
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.corpus import BEST_PEER, GROUPS, _region, compare, headline_probes
+from geojepa.evaluate.corpus import BEST_PEER, GROUPS, compare, headline_probes, protocol_of, read_region
 from geojepa.evaluate.pooled import Scores
 from geojepa.evaluate.probes import ENCODERS
-from geojepa.evaluate.protocol import PRESETS, Protocol, is_twin
+from geojepa.evaluate.protocol import PRESETS, is_twin
 from geojepa.evaluate.labels import TASKS
 from geojepa.workdir import WorkDir
 
@@ -33,7 +33,7 @@ def _load(runs: dict[str, list[WorkDir]]) -> tuple[dict, dict, Protocol]:
     frames, seen, protos = {}, {}, set()
     for run in names:
         for w in runs[run]:
-            df, summary = _region(w)
+            df, summary = read_region(w)
             protos.add(json.dumps(summary.get("protocol") or PRESETS["reference"].__dict__, sort_keys=True))
             seen.setdefault(w.name, bool(summary.get("seen_in_training", True)))
             if bool(summary.get("seen_in_training", True)) != seen[w.name]:
@@ -49,7 +49,7 @@ def _load(runs: dict[str, list[WorkDir]]) -> tuple[dict, dict, Protocol]:
     if len(protos) > 1:
         raise GeoJepaError("the runs' regions were evaluated with different protocols; evaluate every run with one "
                            "`evaluate.protocol`")
-    return frames, seen, Protocol(**json.loads(protos.pop()))
+    return frames, seen, protocol_of(protos.pop(), runs[names[0]][0].path)
 
 
 def _same_tiles(ref: pd.DataFrame, df: pd.DataFrame, first: str, run: str, w: WorkDir) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ class Cache:
         try:
             with np.load(self._path(kind, k, ".npz"), allow_pickle=False) as z:
                 out = {name: z[name] for name in z.files}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             self.misses += 1
             return None
         self.hits += 1

@@ -40,7 +40,8 @@ BEST_PEER = "best_peer"  # per task and read-out the peer with the best pooled v
 NAMED = ("tagpool", "bag_of_tags")  # the baselines besides the twins, the peers and Dummy
 
 
-def _region(w: WorkDir):
+def read_region(w: WorkDir):
+    """A region's evaluation: (its predictions frame, its evaluate summary)."""
     path = w.eval / "predictions.parquet"
     if not path.exists():
         raise GeoJepaError(f"{path}: missing; run `geojepa evaluate {w.path} --model ...` first (again, if it was "
@@ -53,15 +54,33 @@ def load_regions(regions: list[WorkDir]) -> tuple[dict, dict, dict, Protocol]:
     """(predictions by region, summaries by region, whether each was trained on, the shared protocol)."""
     frames, summaries = {}, {}
     for w in regions:
-        frames[w.name], summaries[w.name] = _region(w)
-    names = {s.get("protocol", {}).get("name", "reference") for s in summaries.values()}
-    if len(names) > 1:
-        raise GeoJepaError(f"the regions were evaluated with different protocols ({', '.join(sorted(names))}); "
-                           "evaluate them again with one `evaluate.protocol` to pool them")
-    first = next(iter(summaries.values()), {})
-    proto = Protocol(**first["protocol"]) if first.get("protocol") else PRESETS["reference"]
+        frames[w.name], summaries[w.name] = read_region(w)
+    protos = {n: json.dumps(s.get("protocol") or PRESETS["reference"].__dict__, sort_keys=True)
+              for n, s in summaries.items()}
+    if len(set(protos.values())) > 1:
+        first = next(iter(protos))
+        other = next(n for n, p in protos.items() if p != protos[first])
+        raise GeoJepaError(f"{other} was evaluated with another protocol than {first} ({json.loads(protos[other])} "
+                           f"against {json.loads(protos[first])}); evaluate them with the same evaluate settings "
+                           "to pool them")
+    checkpoints = {s.get("checkpoint") for s in summaries.values()}
+    if len(checkpoints) > 1:
+        raise GeoJepaError(f"the regions were evaluated with different models ({', '.join(sorted(map(str, checkpoints)))})"
+                           "; a corpus report pools one model's evaluations (compare models with ablation-report)")
+    proto = protocol_of(next(iter(protos.values()), None), regions[0].path if regions else "")
     seen = {n: bool(s.get("seen_in_training", True)) for n, s in summaries.items()}
     return frames, summaries, seen, proto
+
+
+def protocol_of(text: str | None, where) -> Protocol:
+    """The ``Protocol`` of a summary's protocol record (JSON), or a clear error naming the region."""
+    if not text:
+        return PRESETS["reference"]
+    try:
+        return Protocol(**json.loads(text))
+    except TypeError:
+        raise GeoJepaError(f"{where}: its evaluation records a protocol this version does not know; evaluate it "
+                           "again") from None
 
 
 def headline_probes(proto: Protocol, present: set[str]) -> list[str]:
@@ -166,8 +185,10 @@ def compare(scores: Scores, task: str, probe: str, encoder: str | None, regions:
             twin_rows.append(row)
     if twin_rows:
         closest = min(twin_rows, key=lambda r: r["ci_low"])
-        out.append({**closest, "baseline": f"every twin ({len(twin_rows)})", "baseline_key": "every_twin",
-                    "better": all(r["better"] for r in twin_rows), "worse": any(r["worse"] for r in twin_rows)})
+        every = len(twin_rows) == len(twins)  # a twin missing in one of the regions: no claim over every twin
+        out.append({**closest, "baseline": f"every twin ({len(twin_rows)} of {len(twins)})",
+                    "baseline_key": "every_twin", "better": every and all(r["better"] for r in twin_rows),
+                    "worse": any(r["worse"] for r in twin_rows)})
     return out
 
 

@@ -10,7 +10,7 @@
 3. ``tile_vectors``: the protocol's tile vector of an encoder (mean, or concat(mean, max)) with, under v2,
    log(1 + tokens) per modality appended (the masked counts in the masked setting).
 
-The twins do not depend on the evaluated model: ``twin_key`` addresses their vectors in the region's cache.
+The twins do not depend on the evaluated model: the stage keeps their ``Pools`` in the region's cache.
 """
 
 from __future__ import annotations
@@ -66,7 +66,11 @@ def task_sets(tasks: list[Task], scan: RegionScan, tok: TokenIndex, section, mod
 
 
 def unusable(y: np.ndarray, sp: np.ndarray) -> str | None:
-    for s in ("train", "val", "test"):
+    """Why a task's tiles cannot be probed (None when they can): none labelled, too few to score (test), to fit
+    (train) or to stop the MLP and choose on (val), or one training label only."""
+    if not len(y):
+        return "no tile has a label for it"
+    for s in ("test", "train", "val"):
         if (sp == s).sum() < 2:
             return f"{(sp == s).sum()} {s} tiles (need 2)"
     if np.all(y[sp == "train"] == y[sp == "train"][0]):

@@ -6,10 +6,12 @@ tiles, aligned by tile id, and one set of bootstrap draws per (setting, task, re
 two models' difference is paired (the same resamples of the same tiles). Metrics:
 
 - ``mae``: over the union of the regions' test tiles, mean over probe seeds; the bootstrap reweights tiles;
-- ``roc_auc`` (binary tasks under protocol v2): over the union of the test tiles, per seed then averaged;
-  the bootstrap's AUC is the weighted AUC of the seed-mean prediction under each resample's tile counts;
+- ``roc_auc`` (binary tasks under protocol v2): the AUC of the seed-mean prediction over the union of the
+  test tiles (std: the spread of the seeds' own AUCs); each bootstrap resample's is the weighted AUC of the
+  same prediction under the resample's tile counts;
 - ``relative_mae``: each region's MAE over its Dummy's (the training median), averaged over regions, so a
-  few regions with large counts cannot dominate (each resample takes the ratio within the region).
+  few regions with large counts cannot dominate (each resample takes the ratio within the region; a region
+  where Dummy is exact on every test tile has no ratio and is left out).
 
 ``cross_region``: one ridge read-out per (task, model) fitted on every trained-on region's train tiles
 (penalty chosen on their validation tiles) and tested on every region's test tiles, from each region's
@@ -101,22 +103,29 @@ class Scores:
         if len(seeds) > 1:
             raise GeoJepaError(f"{key}: the regions were probed with different numbers of seeds ({sorted(seeds)}); "
                                "evaluate them with the same settings to pool them")
+        point = None
         if metric == "relative_mae":
             dummy = (key[0], key[1], "dummy", "median")
-            have = tuple(r for r in have if self.covers(dummy, [r]))
+            # a region where Dummy is exact (every test label the training median) has no ratio: left out
+            have = tuple(r for r in have if self.covers(dummy, [r]) and self._dummy_mae(dummy, r) > 0)
             if not have:
                 return None
-            per_seed = np.mean([self._value("mae", *self.data[key][r]["test"])
-                                / max(self._value("mae", *self.data[dummy][r]["test"]).mean(), 1e-12) for r in have], 0)
+            per_seed = np.mean([self._value("mae", *self.data[key][r]["test"]) / self._dummy_mae(dummy, r)
+                                for r in have], 0)
             val = None
         else:
-            per_seed = self._value(metric, *self._split(key, have, "test"))
+            p, y = self._split(key, have, "test")
+            per_seed = self._value(metric, p, y)
+            if metric == "roc_auc":  # the AUC of the seed-mean prediction, as each bootstrap resample takes it
+                point = self._value(metric, p.mean(1, keepdims=True), y)[0]
             v = self._split(key, have, "val")
-            val = None if v is None else float(np.nanmean(self._value(metric, *v)))
+            val = None if v is None else float(np.nanmean(self._value(metric, v[0].mean(1, keepdims=True), v[1])
+                                                         if metric == "roc_auc" else self._value(metric, *v)))
         if np.isnan(per_seed).all():
             return None
         boot = self.boot(key, have, metric)
-        return {"mean": float(np.nanmean(per_seed)), "std": float(np.nanstd(per_seed)), "seeds": len(per_seed),
+        mean = float(np.nanmean(per_seed)) if point is None else float(point)
+        return {"mean": mean, "std": float(np.nanstd(per_seed)), "seeds": len(per_seed),
                 "n_test": int(sum(len(self.data[key][r]["test"][1]) for r in have)),
                 "val_mean": None if val is None or np.isnan(val) else val,
                 "ci_low": float(np.nanpercentile(boot, 2.5)), "ci_high": float(np.nanpercentile(boot, 97.5)),
@@ -130,13 +139,17 @@ class Scores:
             return weighted_auc(p.mean(1), y, w)
         if metric == "relative_mae":
             dummy = (key[0], key[1], "dummy", "median")
-            out = np.zeros(BOOTSTRAP)
+            ratios = []
             for r in regions:
+                if not (self.covers(dummy, [r]) and self._dummy_mae(dummy, r) > 0):
+                    continue
                 d = self.draws[key[0], key[1], r]
                 e = np.abs(self.data[key][r]["test"][0] - self.data[key][r]["test"][1][:, None]).mean(1)
                 e0 = np.abs(self.data[dummy][r]["test"][0] - self.data[dummy][r]["test"][1][:, None]).mean(1)
-                out += (d @ e) / np.maximum(d @ e0, 1e-12)
-            return out / len(regions)
+                den = (d @ e0).astype(np.float64)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratios.append(np.where(den > 0, (d @ e) / den, np.nan))  # a resample of exact Dummy tiles: none
+            return np.nanmean(ratios, 0) if ratios else np.full(BOOTSTRAP, np.nan)
         total, n = np.zeros(BOOTSTRAP), 0
         for r in regions:
             p, y = self.data[key][r]["test"]
@@ -144,6 +157,9 @@ class Scores:
             total += self.draws[key[0], key[1], r] @ e
             n += len(e)
         return total / n
+
+    def _dummy_mae(self, dummy: tuple, region: str) -> float:
+        return float(self._value("mae", *self.data[dummy][region]["test"]).mean())
 
     def gain(self, ours: tuple, other: tuple, regions: list[str], metric: str) -> tuple[float, float, float] | None:
         """How much better ``ours`` is than ``other`` on ``regions`` (MAE: other's minus ours; AUC: ours minus

@@ -15,11 +15,11 @@ evaluating another model on the region fits only the model's own probes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ from geojepa.evaluate.protocol import Protocol
 
 log = logging.getLogger(__name__)
 ENCODERS = ("geojepa", "geojepa_context")  # the trained model's EMA target and context encoders: never cached
-PROBE_CODE = 3  # bump when a read-out changes what it predicts: cached probes are then ignored
 _INIT = threading.Lock()
 
 
@@ -57,10 +56,19 @@ class TaskProbes:
 
 
 def probe_key(probe: str, x: np.ndarray, pr: TaskProbes, proto: Protocol, section) -> str:
-    settings = {k: getattr(section, k) for k in ("hidden", "lr", "weight_decay", "batch", "seed", "cv_min_val",
-                                                 "cv_folds", "k")}
-    return key(PROBE_CODE, torch.__version__, probe, proto.__dict__, settings, x, pr.y.astype(np.float64),
-               pr.sp.astype(str).astype("U8"), pr.groups.astype(np.int64))
+    """Everything a cached probe's predictions depend on: the read-out, the protocol and settings, the task's
+    kind, the features, labels, splits and groups, torch's version and the read-outs' code."""
+    settings = {k: getattr(section, k) for k in ("hidden", "lr", "weight_decay", "batch", "seed", "k")}
+    return key(_code(), torch.__version__, probe, pr.task.kind, proto.__dict__, settings, x,
+               pr.y.astype(np.float64), pr.sp.astype(str).astype("U8"), pr.groups.astype(np.int64))
+
+
+@functools.cache
+def _code() -> str:
+    from geojepa import manifest
+
+    return manifest.code_version("geojepa.evaluate.readouts", "geojepa.evaluate.probe", "geojepa.evaluate.probes",
+                                 "geojepa.encoding.neighbours")
 
 
 def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
@@ -74,7 +82,7 @@ def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
     for t, pr in enumerate(probes):
         if proto.choose:
             try:
-                plans[t] = readouts.plan(pr.sp, pr.groups, section.cv_min_val, section.cv_folds, section.seed)
+                plans[t] = readouts.plan(pr.sp, pr.groups, proto.cv_min_val, proto.cv_folds, section.seed)
             except ValueError as e:
                 choice[pr.task.name] = {"skipped": f"too few tiles to choose read-out settings: {e}"}
                 log.warning("evaluate: task %s skipped: %s", pr.task.name, choice[pr.task.name]["skipped"])
@@ -102,10 +110,10 @@ def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
             for (probe, dim), models in widths.items():
                 cost = len(tr) * dim * len(models) * len(seeds) * (section.hidden if probe == "mlp" else 1) * 20
                 units.append([cost, "stack", t, setting, probe, tuple(models), seeds])
-    total, workers = sum(u[0] for u in units), _workers()
+    total, n_workers = sum(u[0] for u in units), workers()
     parts = []
     for u in units:
-        n = min(workers, len(u[6])) if u[1] == "stack" and workers > 1 and u[0] > total / (2 * workers) else 1
+        n = min(n_workers, len(u[6])) if u[1] == "stack" and n_workers > 1 and u[0] > total / (2 * n_workers) else 1
         parts += [[u[0] * len(c) / len(u[6]), *u[1:6], c.tolist()] for c in np.array_split(np.array(u[6]), n)]
     parts.sort(key=lambda u: -u[0])
     seconds, lock = np.zeros(len(probes)), threading.Lock()
@@ -125,7 +133,7 @@ def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
         else:
             va, te = pr.split("val"), pr.split("test")
             scored = np.concatenate([va, te])
-            loss = "logistic" if proto.clip and pr.task.kind == "binary" else "l1"
+            loss = "logistic" if proto.binary_loss == "logistic" and pr.task.kind == "binary" else "l1"
             p = fit_predict_seeds(probe, [std[t, setting, m] for m in models], pr.y, pr.split("train"), va,
                                   scored, chunk, settings, init_lock=_INIT, loss=loss)
             got = {m: (pm[:, : len(va)], pm[:, len(va) :], f"seeds={len(chunk)}") for m, pm in zip(models, p,
@@ -200,7 +208,7 @@ def _rows(probes: list[TaskProbes], preds: dict, plans: dict, proto: Protocol) -
     return rows, pa.table(out, schema=PREDICTIONS.schema)
 
 
-def _workers() -> int:
+def workers() -> int:
     """The cores this process may use."""
     import os
 
@@ -208,9 +216,3 @@ def _workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-def cache_root(work_dir: Path, enabled: bool) -> Path | None:
-    from geojepa.evaluate.cache import CACHE_DIR
-
-    return work_dir / CACHE_DIR if enabled else None

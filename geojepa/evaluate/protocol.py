@@ -36,6 +36,9 @@ class Protocol:
     patience: int
     clip: bool  # standardised features clipped, constant columns zeroed, predictions in the labels' range
     choose: bool  # ridge / kNN settings chosen on held-out tiles (else: kNN at k)
+    binary_loss: str  # the MLP's loss on binary tasks: logistic (a probability) | l1
+    cv_min_val: int = 100  # fewer validation tiles than this: settings chosen by grouped cross-validation
+    cv_folds: int = 5
 
     def headline(self, kind: str) -> str:
         return HEADLINE[kind] if self.name == "v2" else "mae"
@@ -46,9 +49,9 @@ class Protocol:
 
 
 PRESETS = {
-    "v2": Protocol("v2", "mean", True, ("ridge", "mlp", "knn"), ("ridge",), 3, 3, 100, 10, True, True),
+    "v2": Protocol("v2", "mean", True, ("ridge", "mlp", "knn"), ("ridge",), 3, 3, 100, 10, True, True, "logistic"),
     "reference": Protocol("reference", "mean_max", False, ("linear", "mlp", "knn"), ("linear", "mlp", "knn"), 1, 5,
-                          300, 30, False, False),
+                          300, 30, False, False, "l1"),
 }
 
 
@@ -57,10 +60,15 @@ def is_twin(model: str) -> bool:
 
 
 def protocol(section) -> Protocol:
-    """The protocol of an ``evaluate`` config section: its preset, with the fields the section sets."""
+    """The protocol of an ``evaluate`` config section: its preset, with the fields the section sets. A
+    combination that cannot run (ridge under the reference protocol, which chooses nothing on held-out tiles)
+    raises ``ValueError`` saying so."""
     base = PRESETS[section.protocol]
     given = {k: getattr(section, k) for k in ("pooling", "count_features", "twin_seeds", "seeds", "max_epochs",
-                                              "patience") if getattr(section, k) is not None}
+                                              "patience", "cv_min_val", "cv_folds") if getattr(section, k) is not None}
+    if not base.choose and "ridge" in (section.probes or ()):
+        raise ValueError("evaluate.probes: ridge chooses its penalty on held-out tiles, which the reference protocol "
+                         "does not do; use evaluate.protocol: v2, or the reference's linear, mlp and knn")
     if section.probes is not None:
         given["probes"] = tuple(section.probes)
         given["unmasked_probes"] = tuple(p for p in section.probes if p in base.unmasked_probes) or tuple(

@@ -44,17 +44,18 @@ def protocol_lines(proto: dict | None) -> list[str]:
     """The protocol paragraph every report opens with."""
     if not proto or proto.get("name") == "reference":
         return ["**Protocol: reference** (the thesis's comparison): tile vector concat(mean, max) of the encoder's "
-                "outputs; linear and MLP probes (AdamW, L1, stopped on validation MAE), kNN at k; one untrained "
-                "twin; MAE for every task.", ""]
+                "outputs; linear and MLP probes (AdamW, L1, stopped on validation MAE), kNN at a fixed k "
+                "(evaluate.k); one untrained twin; MAE for every task.", ""]
     pooling = "mean" if proto["pooling"] == "mean" else "concat(mean, max)"
     return [f"**Protocol: v2.** Tile vector of every encoder and of TagPool: the {pooling} of its outputs"
             + (" plus log(1 + tokens) per modality" if proto["count_features"] else "") + "; read-outs fixed in "
             f"advance, all reported: closed-form *ridge* (penalty and, for counts, log target chosen on held-out "
             f"tiles), *mlp* ({proto['seeds']} seeds, at most {proto['max_epochs']} epochs, patience "
             f"{proto['patience']}; logistic for binary tasks) and cosine *knn* (k chosen likewise), on standardised "
-            "features clipped at |z| <= 5, predictions within the training labels' range. Settings are chosen on "
-            "the validation split, or by grouped 5-fold cross-validation over train + validation when it has "
-            f"fewer than 100 tiles. {proto['twin_seeds']} untrained twins (same architecture, seeds 0, 1, ...): a "
+            "features clipped at |z| <= 5, predictions within the training labels' range. Ridge and kNN settings are "
+            f"chosen on the validation split, or by grouped {proto.get('cv_folds', 5)}-fold cross-validation over "
+            f"train + validation when it has fewer than {proto.get('cv_min_val', 100)} tiles (the MLP stops on the "
+            f"validation split). {proto['twin_seeds']} untrained twins (same architecture, consecutive seeds): a "
             "claim over 'the twin' must hold against each. Headline: MAE for counts and max_speed, ROC-AUC for "
             "bridge and car_bridge.", ""]
 
@@ -85,8 +86,30 @@ def headline_markdown(results: list[dict], proto: dict | None) -> list[str]:
                 if v:
                     spans.append(f"{q} {min(v):.3f} to {max(v):.3f}")
             out += ["", f"Twins ({len(twins)} seeds): " + "; ".join(spans) + "."]
+        out += _verdicts(results, task, metric, probes, p)
         out.append("")
     return out
+
+
+def _verdicts(results: list[dict], task: str, metric: str, probes: list[str], p: Protocol) -> list[str]:
+    """Per read-out, where the trained encoder (chosen on validation) stands against every twin: point estimates
+    on this region's test tiles (the corpus report pools regions and gives intervals)."""
+    higher = metric in HIGHER_IS_BETTER
+    lines = []
+    for q in probes:
+        enc = chosen_encoders([r for r in results if r["task"] == task], q, p).get(task)
+        get = {r["model"]: r for r in results if (r["setting"], r["task"], r["probe"], r["metric"])
+               == ("masked", task, q, metric) and r["mean"] is not None}
+        twins = [get[m]["mean"] for m in get if is_twin(m)]
+        if enc is None or enc not in get or not twins:
+            continue
+        v = get[enc]["mean"]
+        better = sum((v > t) if higher else (v < t) for t in twins)
+        where = ("better than every twin" if better == len(twins) else "worse than every twin" if better == 0
+                 else f"better than {better} of {len(twins)} twins")
+        lines.append(f"- {q}: {enc} {v:.3f} is {where} ({min(twins):.3f} to {max(twins):.3f}), on "
+                     f"{get[enc]['n_test']} test tiles, point estimates only.")
+    return ["", "Trained encoder (chosen on validation) against the twins:", *lines] if lines else []
 
 
 def results_markdown(results: list[dict]) -> str:
@@ -99,7 +122,7 @@ def results_markdown(results: list[dict]) -> str:
         metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
         first = rows[0]
         out.append(f"### {task} ({setting}; {first['n_train']} train / {first['n_test']} test tiles)\n")
-        out.append("| model | probe | " + " | ".join(metrics) + " | val mae | chosen |")
+        out.append("| model | probe | " + " | ".join(metrics) + " | held-out val mae | chosen |")
         out.append("|---|---|" + "---|" * (len(metrics) + 2))
         for model, probe in dict.fromkeys((r["model"], r["probe"]) for r in rows):
             cells = {r["metric"]: r for r in rows if r["model"] == model and r["probe"] == probe}

@@ -68,7 +68,13 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     the region's own last checkpoint). The model must have been trained on tokens of the region's tokenizer;
     the report says whether the region was among its training regions."""
     w = WorkDir(work_dir)
-    work_dir, section, proto = w.path, cfg.evaluate, protocol(cfg.evaluate)
+    try:
+        work_dir, section, proto = w.path, cfg.evaluate, protocol(cfg.evaluate)
+    except ValueError as e:
+        raise GeoJepaError(str(e)) from None
+    if not work_dir.is_dir() or not w.tokens.is_dir():
+        raise GeoJepaError(f"{work_dir}: not a tokenised region (no {w.tokens.name}/ folder); prepare it with "
+                           f"`geojepa extract PBF {work_dir}`, `geojepa tile {work_dir}` and `geojepa tokens {work_dir}`")
     spec = model or checkpoint or section.checkpoint
     trained = load_trained(spec or last_checkpoint(work_dir), cfg, work_dir.parent / ".models")
     check_tokens(trained, w.tokens, w.tokenizer_digest(), "tokenise the region with the model's tokenizer "
@@ -145,10 +151,14 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     lap("loading")
 
     # 2. embedding: the trained encoders and the twins not in the cache
-    twin_keys = {name: key("twin", region_inputs, _architecture(trained), section.seed + i, section.tasks,
-                           section.zero_keep_ratio, rendered,
-                           manifest.code_version("geojepa.encoding.pooling", "geojepa.model",
-                                                 "geojepa.evaluate.features", "geojepa.evaluate.masking"))
+    # A twin's vectors depend on its architecture and seed, the region's tokens, each task's tiles (their
+    # rows and masked counts) and the code that embeds and masks them.
+    twin_code = manifest.code_version("geojepa.encoding", "geojepa.model", "geojepa.train.data",
+                                      "geojepa.evaluate.features", "geojepa.evaluate.masking",
+                                      "geojepa.evaluate.labels", "geojepa.evaluate.region")
+    task_tiles = {t: [s.rows, s.kept] for t, s in sets.items()}
+    twin_keys = {name: key("twin", region_inputs, _architecture(trained), section.seed + i, rendered, twin_code,
+                           *[a for t in sorted(task_tiles) for a in (t, *task_tiles[t])])
                  for i, name in enumerate(proto.twins())}
     pools = {name: features.Pools.from_arrays(hit) for name, k in twin_keys.items()
              if (hit := cache.load("twins", k)) is not None}
@@ -170,7 +180,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     # 3. baselines without an encoder: bag-of-tags, SRAI's peers
     bag_all, bag_task = baselines.bag_of_tags(scan, tok, sets, section, tasks)
     peer_all, peer_task, peer_notes = baselines.peer_vectors(paths, tok, sets, section, cache, region_inputs,
-                                                             _torch_threads(_workers()))
+                                                             _torch_threads(probes.workers()))
     lap("peers")
 
     # 4. probes
@@ -243,14 +253,6 @@ def _role(w: WorkDir, trained: Trained) -> tuple[bool, str]:
                   f"holdout: the model never saw this region (trained on {', '.join(names)})")
 
 
-def _workers() -> int:
-    """The cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     """Torch ops on ``n`` threads inside the block. The evaluation's matrices are small: its parallelism is
@@ -266,7 +268,7 @@ def _torch_threads(n: int):
 
 def _pool() -> ThreadPoolExecutor:
     """A thread per core, each running torch ops on one thread (the setting is per thread)."""
-    return ThreadPoolExecutor(_workers(), initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(probes.workers(), initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _rendered(tile_images: Path) -> bool:

@@ -132,6 +132,53 @@ def vicreg_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return var, off.pow(2).sum() / z.shape[1]
 
 
+def target_relative_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anti-collapse measured against the targets' own statistics (no reward for a shared component): a hinge
+    on each dimension's std of the predictions at the targets' (detached) std, and the squared difference of
+    the predictions' off-diagonal covariance from the targets' (per dimension). A perfect predictor pays 0."""
+    p = pred.float() - pred.float().mean(0)
+    t = target.float().detach() - target.float().detach().mean(0)
+    std_p = torch.sqrt(p.var(0) + 1e-4)
+    std_t = torch.sqrt(t.var(0) + 1e-4)
+    var = F.relu(std_t - std_p).mean()
+    n = max(len(p) - 1, 1)
+    diff = (p.T @ p - t.T @ t) / n
+    off = diff - torch.diag(torch.diag(diff))
+    return var, off.pow(2).sum() / p.shape[1]
+
+
+def _group_mean(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, width) mean of the rows of ``x`` in each group (zero for an empty group)."""
+    total = torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, group, x)
+    return total / torch.bincount(group, minlength=n).clamp_min(1)[:, None].to(x.dtype)
+
+
+@torch.no_grad()
+def _context_mean(target: torch.Tensor, group: torch.Tensor, context: torch.Tensor, src: torch.Tensor,
+                  doc: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """The trivial prediction of each target ``src``: the mean target of the context tokens of its (tile,
+    modality); of its tile's context tokens when the modality has none there; of the batch's otherwise."""
+    k = len(MODALITIES)
+    by_group = _group_mean(target[context], group[context], n_tiles * k)
+    n_group = torch.bincount(group[context], minlength=n_tiles * k)
+    by_tile = _group_mean(target[context], doc[context], n_tiles)
+    n_tile = torch.bincount(doc[context], minlength=n_tiles)
+    fallback = target[context].mean(0) if len(context) else target.mean(0)
+    out = torch.where((n_tile[doc[src]] > 0)[:, None], by_tile[doc[src]], fallback)
+    return torch.where((n_group[group[src]] > 0)[:, None], by_group[group[src]], out)
+
+
+@torch.no_grad()
+def within_share(z: torch.Tensor, doc: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """The share of the rows' total variance that is within their tiles: 1 - between / total (1: tiles alike
+    on average, every difference inside them; near 0: each tile one vector)."""
+    z = z.float()
+    centred = z - z.mean(0)
+    total = centred.pow(2).sum()
+    inside = (z - _group_mean(z, doc, n_tiles)[doc]).pow(2).sum()
+    return inside / total.clamp_min(1e-12)
+
+
 def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     """Collapse detectors over a set of embeddings (rows): effective rank (exp of the entropy of the centred
     singular values' shares; 1 = all on one axis) and mean pairwise cosine (1 = all the same direction)."""
@@ -148,12 +195,13 @@ def collapse_stats(z: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def tile_means(encoder: Encoder, b: TokenBatch) -> torch.Tensor:
-    """(tiles, width) mean of the encoder's layer-normed outputs over each tile's tokens (all of them)."""
+def tile_means(encoder: Encoder, b: TokenBatch, tokens: bool = False):
+    """(tiles, width) mean of the encoder's layer-normed outputs over each tile's tokens (all of them); with
+    ``tokens``, also the outputs themselves."""
     out = encoder(encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max)).float()
     out = F.layer_norm(out, (out.shape[-1],))
-    count = torch.bincount(b.doc, minlength=b.n_tiles).clamp_min(1).unsqueeze(1)
-    return torch.zeros(b.n_tiles, out.shape[1], device=out.device).index_add_(0, b.doc, out) / count
+    means = _group_mean(out, b.doc, b.n_tiles)
+    return (means, out) if tokens else means
 
 
 class GeoJEPA(nn.Module):
@@ -167,29 +215,51 @@ class GeoJEPA(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, b: TokenBatch, vicreg_scale: float = 0.02, var_weight: float = 25.0,
-                cov_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                cov_weight: float = 1.0, regulariser: str = "vicreg", target_centre: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """The loss and its parts. ``regulariser``: ``vicreg`` (VICReg terms on the predictions and on the tiles'
+        mean context embeddings) or ``target`` (on the predictions only, measured against the targets' own
+        statistics: see ``target_relative_terms``). ``target_centre``: predict each target minus the mean of
+        its (tile, modality)'s targets. Diagnostics (no gradient): ``trivial``, the loss of predicting each
+        target as the mean of its (tile, modality)'s *context* tokens' targets; ``jepa_gain`` = trivial - jepa
+        (what the predictor knows beyond the tile's gist); ``within_share``, the share of the targets'
+        variance that is within tiles (a shared tile-wide component lowers it)."""
         with torch.no_grad():
             target = self.target_encoder(self.target_encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max))
-            target = F.layer_norm(target, (target.shape[-1],))
+            target = F.layer_norm(target, (target.shape[-1],)).float()
+            group = b.doc * len(MODALITIES) + b.modality  # (tile, modality) of every token
+            if target_centre:
+                target = target - _group_mean(target, group, b.n_tiles * len(MODALITIES))[group]
         x = self.encoder.embed(b)[b.context]
         context_out = self.encoder(x, Packing(b.doc[b.context], b.n_tiles, b.pad_to_max))
-        pred = self.predictor(context_out, b)
-        jepa = F.smooth_l1_loss(pred.float(), target[b.pred_src[b.pred_is_target]].float(), beta=1.0)
-        # VICReg where collapse would hurt: the predictions (as the reference) and the tiles' mean context
-        # embeddings (what a tile embedding is made of). Not on the context tokens themselves: after a LayerNorm
-        # with a learned scale, the variance hinge is met for free (per-dimension std 1.00 while the loss rose).
-        tile = torch.zeros(b.n_tiles, context_out.shape[1], device=pred.device, dtype=torch.float32)
-        doc = b.doc[b.context]
-        tile = tile.index_add_(0, doc, context_out.float()) / torch.bincount(doc, minlength=b.n_tiles).clamp_min(1)[:, None]
-        # A spread needs two rows: a micro-batch of one tile (the remainder of an epoch's draw) has no tile term.
-        terms = [vicreg_terms(z) for z in (pred, tile) if len(z) >= 2]
+        pred = self.predictor(context_out, b).float()
+        src = b.pred_src[b.pred_is_target]
+        wanted = target[src]
+        jepa = F.smooth_l1_loss(pred, wanted, beta=1.0)
         zero = jepa.new_zeros(())
-        var = torch.stack([t[0] for t in terms]).mean() if terms else zero
-        cov = torch.stack([t[1] for t in terms]).mean() if terms else zero
+        if regulariser == "target":
+            var, cov = target_relative_terms(pred, wanted) if len(pred) >= 2 else (zero, zero)
+            tile = None
+        else:
+            # VICReg where collapse would hurt: the predictions (as the reference) and the tiles' mean context
+            # embeddings (what a tile embedding is made of).
+            tile = torch.zeros(b.n_tiles, context_out.shape[1], device=pred.device, dtype=torch.float32)
+            doc = b.doc[b.context]
+            tile = tile.index_add_(0, doc, context_out.float()) / torch.bincount(
+                doc, minlength=b.n_tiles).clamp_min(1)[:, None]
+            # A spread needs two rows: a micro-batch of one tile has no tile term.
+            terms = [vicreg_terms(z) for z in (pred, tile) if len(z) >= 2]
+            var = torch.stack([t[0] for t in terms]).mean() if terms else zero
+            cov = torch.stack([t[1] for t in terms]).mean() if terms else zero
         loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
-        return {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
-                "std": pred.detach().float().std(0, correction=0).mean(),
-                "tile_std": tile.detach().std(0, correction=0).mean()}
+        with torch.no_grad():
+            trivial = F.smooth_l1_loss(_context_mean(target, group, b.context, src, b.doc, b.n_tiles), wanted, beta=1.0)
+        out = {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
+               "std": pred.detach().std(0, correction=0).mean(), "trivial": trivial,
+               "jepa_gain": trivial - jepa.detach(), "within_share": within_share(target, b.doc, b.n_tiles)}
+        if tile is not None:
+            out["tile_std"] = tile.detach().std(0, correction=0).mean()
+        return out
 
     def compile_blocks(self) -> GeoJEPA:
         """torch.compile every transformer block in place (dynamic shapes: one compilation serves every packed

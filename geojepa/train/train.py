@@ -27,12 +27,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from geojepa.model.jepa import GeoJEPA, ModelConfig, TokenBatch, collapse_stats, load_checkpoint, tile_means
+from geojepa.model.jepa import (
+    GeoJEPA,
+    ModelConfig,
+    TokenBatch,
+    collapse_stats,
+    load_checkpoint,
+    tile_means,
+    within_share,
+)
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.masks import MaskConfig
 from geojepa.workdir import WorkDir, checkpoints_in
 
 log = logging.getLogger("geojepa.train")
+COLLAPSE_COS = 0.95  # validation tiles' mean pairwise cosine above which training warns of collapse
 
 
 class NonFiniteLoss(RuntimeError):
@@ -114,15 +123,20 @@ class CollapseMonitor:
         for name, enc in (("target", model.target_encoder), ("context", model.encoder)):
             was = enc.training
             enc.eval()
-            z = []
+            z, tokens, docs, at = [], [], [], 0
             for i in range(0, len(self.items), batch_tiles):
                 packed = pack(self.items[i : i + batch_tiles], self.modalities)
                 packed.pop("tiles")
                 b = TokenBatch(**packed, context=empty, pred_src=empty, pred_is_target=empty.bool(), pred_doc=empty,
                                n_pred_docs=0).to(self.device)
-                z.append(tile_means(enc, b))
+                means, outs = tile_means(enc, b, tokens=True)
+                z.append(means)
+                tokens.append(outs)
+                docs.append(b.doc + at)
+                at += b.n_tiles
             enc.train(was)
             out.update({f"val.{k}.{name}": v for k, v in collapse_stats(torch.cat(z)).items()})
+            out[f"val.within_share.{name}"] = float(within_share(torch.cat(tokens), torch.cat(docs), at))
         return out
 
 
@@ -221,7 +235,8 @@ def train(cfg: dict) -> dict:
     history: list[dict] = []
     if step and (ckpt_dir / "history.json").exists():
         history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
-    loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight") if k in cfg}
+    loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight", "regulariser", "target_centre")
+                    if k in cfg}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     t_last, tokens_since = time.perf_counter(), 0
     while step < total:
@@ -273,9 +288,10 @@ def train(cfg: dict) -> dict:
                 t_last, tokens_since = now, 0
                 if device.type == "cuda":
                     record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log.info("step %d/%d loss %.4f jepa %.4f var %.4f cov %.4f lr %.2e ema %.5f target drift %.3f", step,
-                         total, parts["loss"], parts["jepa"], parts["var"], parts["cov"], lr, momentum,
-                         record["target_drift"])
+                log.info("step %d/%d loss %.4f jepa %.4f (trivial %.4f, gain %.4f) var %.4f cov %.4f within-tile "
+                         "share %.3f lr %.2e ema %.5f target drift %.3f", step, total, parts["loss"], parts["jepa"],
+                         parts["trivial"], parts["jepa_gain"], parts["var"], parts["cov"], parts["within_share"], lr,
+                         momentum, record["target_drift"])
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
@@ -283,6 +299,10 @@ def train(cfg: dict) -> dict:
                 if stats := monitor(model):
                     record.update(stats)
                     log.info("step %d validation tiles: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+                    if stats.get("val.mean_cos.target", 0.0) > COLLAPSE_COS:
+                        log.warning("step %d: validation tiles' mean cosine %.3f > %.2f: the target encoder is "
+                                    "collapsing (every tile the same direction)", step, stats["val.mean_cos.target"],
+                                    COLLAPSE_COS)
                     if tracker:
                         tracker.log_metrics(stats, step=step)
                 _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, cfg["keep_last"], cfg)
