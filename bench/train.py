@@ -77,8 +77,8 @@ def run(model: GeoJEPA, device, data: list[TokenBatch], steps: int, warmup: int)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"tokens_per_s": real / seconds, "tflops": flops_per_step(model, real) / seconds / 1e12,
-            "peak_gb": peak}
+    return {"tokens_per_s": real / seconds, "steps_per_s": steps / seconds,
+            "tflops": flops_per_step(model, real) / seconds / 1e12, "peak_gb": peak}
 
 
 def matmul_rate(device) -> float:
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="tiles per batch")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--crop", type=int, default=None,
+                    help="also run with train.max_entities_per_tile=CROP (steps/s against the uncropped run)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile the blocks of both models (auto: on a GPU)")
     args = ap.parse_args()
@@ -113,22 +115,29 @@ def main() -> None:
           f"{len(tiles)} tiles, "
           f"{per_batch} per batch, median {int(np.median([len(t['epos']) for t in tiles]))} entities")
     results = {}
-    for name, bucketed, pad in (("packed+bucketed", True, False), ("padded baseline", False, True)):
+    arms = [("packed+bucketed", True, False, None), ("padded baseline", False, True, None)]
+    if args.crop:
+        arms.append((f"crop {args.crop}", True, False, args.crop))
+    for name, bucketed, pad, crop in arms:
         torch.manual_seed(0)
         model = GeoJEPA(ModelConfig(dims=(DIM, DIM, 0), **size)).to(device)
         if args.compile == "on" or (args.compile == "auto" and gpu):
             model.compile_blocks()
-        collate = Collator(("tags", "geometry"), {"tags": DIM, "geometry": DIM, "image": 0}, seed=0, pad_to_max=pad)
+        collate = Collator(("tags", "geometry"), {"tags": DIM, "geometry": DIM, "image": 0}, seed=0, pad_to_max=pad,
+                           max_entities=crop)
         data = [collate(b) for b in batches(tiles, per_batch, bucketed, seed=1)]
         if not bucketed:  # the baseline pads every tile to the batch's longest: count the padding too
             waste = np.mean([1 - b.n_tokens / (b.n_tiles * int(torch.bincount(b.doc).max())) for b in data])
             print(f"  baseline batches: {waste:.0%} of padded token slots are padding")
         r = run(model, device, data, steps, warmup=2)
         results[name] = r
-        print(f"  {name:16s} {r['tokens_per_s']:10,.0f} real tokens/s  {r['tflops']:7.3f} TFLOP/s  "
-              f"peak {r['peak_gb']:.2f} GB")
+        print(f"  {name:16s} {r['tokens_per_s']:10,.0f} real tokens/s  {r['steps_per_s']:6.2f} steps/s  "
+              f"{r['tflops']:7.3f} TFLOP/s  peak {r['peak_gb']:.2f} GB")
     ratio = results["packed+bucketed"]["tokens_per_s"] / results["padded baseline"]["tokens_per_s"]
     print(f"  ratio packed/padded: x{ratio:.2f}")
+    if args.crop:
+        gain = results[f"crop {args.crop}"]["steps_per_s"] / results["packed+bucketed"]["steps_per_s"]
+        print(f"  steps/s with tiles cropped to {args.crop} entities / uncropped: x{gain:.2f}")
     if gpu:
         rate = matmul_rate(device)
         print(f"  bf16 matmul rate of this chip: {rate:.0f} TFLOP/s; model reaches "

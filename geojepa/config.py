@@ -153,6 +153,7 @@ class TrainConfig(Section):
     # target: on the predictions only, against the targets' own per-dimension std and covariance
     regulariser: Literal["vicreg", "target"] = "vicreg"
     target_centre: bool = False  # predict each target minus its (tile, modality)'s mean target
+    max_entities_per_tile: int | None = Field(None, ge=1)  # a longer training tile: a random spatial crop of it
     masks: MaskSettings = MaskSettings()
     # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap
     # times the median region's; or explicit weights by region name (the same total, shared by weight).

@@ -258,9 +258,10 @@ def test_training_benchmark_runs_on_cpu():
 
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, str(root / "bench" / "train.py"), "--tiles", "16", "--batch", "4",
-                          "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+                          "--steps", "2", "--crop", "50"], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "real tokens/s" in out.stdout and "ratio packed/padded: x" in out.stdout
+    assert "steps/s with tiles cropped to 50 entities / uncropped: x" in out.stdout
 
 
 def test_training_imports_without_the_pipeline_packages():
@@ -459,3 +460,32 @@ def test_the_target_regulariser_and_centring_train_and_every_step_records_the_di
         assert h["jepa_gain"] == pytest.approx(h["trivial"] - h["jepa"], abs=1e-6)
         assert "tile_std" not in h  # no VICReg on tile means under the target regulariser
     assert "val.within_share.target" in history[-1]
+
+
+def test_a_long_tile_is_cropped_to_a_contiguous_part_of_it_and_short_ones_are_left_whole(w):
+    from geojepa.train.data import spatial_crop
+
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    i = int(np.argmax(data.lengths))
+    item = data[i]
+    n = len(item["epos"])
+    assert n > 20
+    rng = np.random.default_rng(0)
+    cut = spatial_crop(item, 10, rng)
+    assert len(cut["epos"]) == len(cut["tags"]) == len(cut["geometry"]) == 10
+    centres = item["epos"].reshape(n, 4, 2).mean(1)
+    kept = [int(np.flatnonzero((item["epos"] == e).all(1))[0]) for e in cut["epos"]]
+    assert kept == sorted(kept)  # the tile's order
+    for j, e in enumerate(cut["epos"]):  # rows stay together: each kept entity's tags and geometry are its own
+        np.testing.assert_array_equal(cut["tags"][j], item["tags"][kept[j]])
+    # contiguous: every entity left out is at least as far from the kept ones' nearest anchor candidate
+    d = ((centres[:, None] - centres[kept][None]) ** 2).sum(-1)
+    anchor = kept[int(np.argmin(d[kept].max(0)))]
+    far = ((centres - centres[anchor]) ** 2).sum(1)
+    assert far[kept].max() <= np.sort(far)[9] + 1e-9
+    assert spatial_crop(data[int(np.argmin(data.lengths))], 10, rng) is not None
+    short = data[int(np.argmin(data.lengths))]
+    assert spatial_crop(short, len(short["epos"]), rng) is short
+    collate = Collator(("tags", "geometry"), data.dims, seed=0, max_entities=10)
+    b = collate([data[i], short])
+    assert (b.doc == 0).sum() == 20  # 10 entities x (tags, geometry)

@@ -149,12 +149,15 @@ class Collator:
     """Packs tiles and draws their masks; deterministic per (seed, epoch, tiles), whatever the worker."""
 
     def __init__(self, modalities: tuple[str, ...], dims: dict[str, int], seed: int, masks: MaskConfig = MaskConfig(),
-                 pad_to_max: bool = False):
+                 pad_to_max: bool = False, max_entities: int | None = None):
         self.modalities, self.dims, self.seed, self.masks, self.pad_to_max = modalities, dims, seed, masks, pad_to_max
+        self.max_entities = max_entities
         self.epoch = 0
 
     def __call__(self, items: list[dict]) -> TokenBatch:
         rng = np.random.default_rng([self.seed, self.epoch, *(it["index"] for it in items)])
+        if self.max_entities:
+            items = [spatial_crop(it, self.max_entities, rng) for it in items]
         packed = pack(items, self.modalities)
         context, pred_src, pred_target, pred_doc = [], [], [], []
         n_pred = 0
@@ -176,6 +179,23 @@ class Collator:
                           pred_pos=pred_pos, pred_is_target=pred_target,
                           pred_doc=torch.from_numpy(cat(pred_doc)).long(), n_pred_docs=n_pred,
                           pad_to_max=self.pad_to_max)
+
+
+def spatial_crop(item: dict, k: int, rng: np.random.Generator) -> dict:
+    """A tile of more than ``k`` entities cut to the ``k`` whose centres are nearest a random one of them (in
+    the tile's order; image patches untouched): a spatially contiguous part of the tile, a different one each
+    epoch. Long tiles cost the attention quadratically; this bounds a training step's worst case."""
+    n = len(item["epos"])
+    if n <= k:
+        return item
+    centres = item["epos"].reshape(n, 4, 2).mean(1)
+    anchor = centres[rng.integers(n)]
+    keep = np.sort(np.argsort(((centres - anchor) ** 2).sum(1), kind="stable")[:k])
+    out = dict(item)
+    for name in ("epos", "tags", "geometry"):
+        if name in item:
+            out[name] = item[name][keep]
+    return out
 
 
 def pack(items: list[dict], modalities: tuple[str, ...]) -> dict:
