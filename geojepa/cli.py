@@ -227,6 +227,22 @@ def ablation_report(
     _run(lambda: compare_runs({n: [WorkDir(Path(root) / g) for g in regions] for n, root in pairs}, out, title))
 
 
+@app.command("arms")
+def arms(
+    spec: Annotated[Path, typer.Argument(help="the arms spec (YAML: steps, seeds, data, judge, arms; geojepa/arms.py)")],
+    out: Annotated[Path, typer.Argument(help="where the arms' models, views and arms.md go")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The fast learning loop: train each arm for a few hundred steps per seed, judge it on jepa_gain, the
+    within-tile share and the ridge read-out against every twin on a trained-on and a holdout region."""
+    from geojepa.arms import run_arms
+
+    _setup(config, set_, verbose)
+    _run(lambda: run_arms(spec, out, str(config) if config else None, list(set_ or [])))
+
+
 @app.command("export-model")
 def export_model(
     model: Annotated[str, typer.Argument(help="a checkpoint or a model folder (OUT of geojepa train)")],
