@@ -30,11 +30,15 @@ def _own(model: str) -> bool:
 
 def _load(runs: dict[str, list[WorkDir]]) -> tuple[dict, dict, Protocol]:
     names = list(runs)
-    frames, seen, protos = {}, {}, set()
+    frames, seen, protos, twins = {}, {}, set(), {}
     for run in names:
         for w in runs[run]:
             df, summary = read_region(w)
-            protos.add(json.dumps(summary.get("protocol") or PRESETS["reference"].__dict__, sort_keys=True))
+            # the number of twins may differ between runs (a larger model's twins cost more): each run is judged
+            # against its own; everything else must be the same
+            proto = {**(summary.get("protocol") or PRESETS["reference"].__dict__)}
+            twins.setdefault(run, proto.pop("twin_seeds", 1))
+            protos.add(json.dumps(proto, sort_keys=True))
             seen.setdefault(w.name, bool(summary.get("seen_in_training", True)))
             if bool(summary.get("seen_in_training", True)) != seen[w.name]:
                 raise GeoJepaError(f"{w.path}: run {run} was {'not ' if not seen[w.name] else ''}trained on "
@@ -49,7 +53,8 @@ def _load(runs: dict[str, list[WorkDir]]) -> tuple[dict, dict, Protocol]:
     if len(protos) > 1:
         raise GeoJepaError("the runs' regions were evaluated with different protocols; evaluate every run with one "
                            "`evaluate.protocol`")
-    return frames, seen, protocol_of(protos.pop(), runs[names[0]][0].path)
+    proto = json.dumps({**json.loads(protos.pop()), "twin_seeds": twins[names[0]]})
+    return frames, seen, protocol_of(proto, runs[names[0]][0].path)
 
 
 def _same_tiles(ref: pd.DataFrame, df: pd.DataFrame, first: str, run: str, w: WorkDir) -> None:

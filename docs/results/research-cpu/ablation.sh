@@ -30,5 +30,7 @@ for n in "${ALL[@]}"; do
     [ "$(basename "$f")" = evaluate.json ] || cp "$f" "$A/$n/manifests/"
   done
   # The masked setting is what the ablation compares: the unmasked probes are left out (same seeds and fits).
-  $G .venv/bin/geojepa evaluate "$A/$n" --model "$M" --config $C --set evaluate.unmasked=false
+  # EVAL_SET: more evaluate overrides, e.g. EVAL_SET="--set evaluate.twin_seeds=1" for a larger arm's cheaper twins
+  # shellcheck disable=SC2086
+  $G .venv/bin/geojepa evaluate "$A/$n" --model "$M" --config $C --set evaluate.unmasked=false ${EVAL_SET:-}
 done
