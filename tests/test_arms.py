@@ -18,6 +18,7 @@ TINY = ["train.width=32", "train.depth=1", "train.heads=4", "train.mlp=64", "tra
         "tracking.enabled=false", "evaluate.tasks=[building_count]", "evaluate.twin_seeds=2", "evaluate.peers=[]"]
 
 
+@pytest.mark.slow  # two trainings and two evaluations: about a minute on this 2-core machine
 def test_two_arms_train_and_are_judged_through_views_of_the_region(tmp_path, tokenised):
     src, _ = tokenised
     w = tmp_path / "kotka"
