@@ -16,7 +16,7 @@ import pandas as pd
 
 from data_contracts import atomic_path
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.corpus import BEST_PEER, GROUPS, compare, headline_probes, protocol_of, read_region
+from geojepa.evaluate.corpus import BEST_PEER, GROUPS, RESOLUTION, compare, headline_probes, protocol_of, read_region
 from geojepa.evaluate.pooled import Scores
 from geojepa.evaluate.probes import ENCODERS
 from geojepa.evaluate.protocol import PRESETS, is_twin
@@ -117,8 +117,8 @@ def compare_runs(runs: dict[str, list[WorkDir]], out: Path, title: str) -> dict:
                         paired = scores.gain(ours, ("masked", task, chosen[names[0]], probe), have, metric)
                         if paired is not None:
                             g, lo, hi = paired
-                            vs["reference"] = {"gain": g, "ci_low": lo, "ci_high": hi, "better": lo > 0,
-                                               "worse": hi < 0}
+                            vs["reference"] = {"gain": g, "ci_low": lo, "ci_high": hi, "better": lo > RESOLUTION,
+                                               "worse": hi < -RESOLUTION}
                     for k in ("reference", "every_twin", BEST_PEER):
                         if k in vs:
                             c = vs[k]

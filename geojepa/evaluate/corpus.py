@@ -38,6 +38,9 @@ from geojepa.workdir import WorkDir
 GROUPS = ("all", "trained", "holdout")
 BEST_PEER = "best_peer"  # per task and read-out the peer with the best pooled validation score
 NAMED = ("tagpool", "bag_of_tags")  # the baselines besides the twins, the peers and Dummy
+# A gain whose whole interval is within this of zero is no difference (read-outs clipped to the labels' range keep
+# their order by at most 1e-6: two exact predictions differ by that much, not by a finding).
+RESOLUTION = 1e-4
 
 
 def read_region(w: WorkDir):
@@ -179,7 +182,8 @@ def compare(scores: Scores, task: str, probe: str, encoder: str | None, regions:
         row = {"task": task, "probe": probe, "group": group, "metric": metric, "encoder": encoder,
                "baseline": f"{BEST_PEER} ({best})" if label == BEST_PEER else label, "baseline_key": label,
                "geojepa": mine, "baseline_value": mine - gain if metric in HIGHER_IS_BETTER else mine + gain,
-               "gain": gain, "ci_low": lo, "ci_high": hi, "better": lo > 0, "worse": hi < 0, "regions": len(have)}
+               "gain": gain, "ci_low": lo, "ci_high": hi, "better": lo > RESOLUTION, "worse": hi < -RESOLUTION,
+               "regions": len(have)}
         out.append(row)
         if model in twins:
             twin_rows.append(row)

@@ -119,8 +119,9 @@ class Scores:
             if metric == "roc_auc":  # the AUC of the seed-mean prediction, as each bootstrap resample takes it
                 point = self._value(metric, p.mean(1, keepdims=True), y)[0]
             v = self._split(key, have, "val")
-            val = None if v is None else float(np.nanmean(self._value(metric, v[0].mean(1, keepdims=True), v[1])
-                                                         if metric == "roc_auc" else self._value(metric, *v)))
+            vals = None if v is None else (self._value(metric, v[0].mean(1, keepdims=True), v[1])
+                                           if metric == "roc_auc" else self._value(metric, *v))
+            val = None if vals is None or np.isnan(vals).all() else float(np.nanmean(vals))
         if np.isnan(per_seed).all():
             return None
         boot = self.boot(key, have, metric)
