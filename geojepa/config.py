@@ -196,7 +196,7 @@ class EvaluateConfig(Section):
     k: int = Field(10, gt=0)  # neighbours for agreement and galleries (and the reference protocol's kNN)
     gallery_queries: int = Field(4, ge=0)
     gallery_k: int = Field(5, gt=0)
-    embed_batch_tiles: int = Field(64, gt=0)
+    embed_batch_tiles: int = Field(256, gt=0)  # tiles read at once; embedded in chunks of similar length
     map: Literal["umap", "pca"] = "umap"  # 2-D map of the tile embeddings
     cache: bool = True  # reuse what does not depend on the model (W/.eval-cache: twins, peers, their probes)
     seed: int = 0

@@ -676,3 +676,19 @@ def test_another_model_reuses_the_regions_twins_peers_and_baseline_probes(evalua
         rows[0]["masked", "building_count", "geojepa", "ridge", "mae"]
     if first["peers"].get("fitted"):
         assert second["peers"]["cached"] is True
+
+
+def test_tiles_are_embedded_in_chunks_of_similar_length_within_a_padding_budget():
+    from geojepa.encoding.pooling import chunks
+
+    lengths = np.random.default_rng(0).lognormal(np.log(120), 1.0, 500).astype(int) + 1
+    got = chunks(lengths, 64, 4096)
+    flat = np.concatenate(got)
+    assert sorted(flat.tolist()) == list(range(500))  # every tile once
+    assert np.all(np.diff(lengths[flat]) >= 0)  # shortest first
+    for c in got:
+        assert len(c) <= 64 and (len(c) == 1 or len(c) * lengths[c].max() <= 4096)
+    padded = sum(len(c) * lengths[c].max() for c in got)
+    before = sum(min(64, 500 - i) * lengths[i : i + 64].max() for i in range(0, 500, 64))
+    assert padded < 0.5 * before  # the padding budget's point: far fewer padded slots than consecutive chunks
+    assert [len(c) for c in chunks(lengths, 64, None)][:-1] == [64] * 7

@@ -33,20 +33,37 @@ class Pooled:
         return np.concatenate([self.mean, self.max], 1)
 
 
+def chunks(lengths: np.ndarray, batch_tiles: int, token_budget: int | None) -> list[np.ndarray]:
+    """Tiles in order of length, cut into chunks of at most ``batch_tiles`` tiles and, with ``token_budget``,
+    at most that many padded token slots (tiles x the chunk's longest): off the GPU attention is computed on
+    each chunk padded to its longest tile, so mixing a 900-token tile with 60 short ones pays 61 x 900."""
+    order = np.argsort(lengths, kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < batch_tiles and (
+                token_budget is None or (end + 1 - start) * lengths[order[end]] <= token_budget):
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
 @torch.no_grad()
 def embed(encoder: Encoder, items: list[dict], modalities: tuple[str, ...], batch_tiles: int = 64,
-          pad_to_max: bool = False, device: str = "cpu") -> Pooled:
-    """Each tile's mean and max of the outputs and its entities' embeddings (see the module docstring)."""
+          pad_to_max: bool = False, device: str = "cpu", token_budget: int | None = 4096) -> Pooled:
+    """Each tile's mean and max of the outputs and its entities' embeddings (see the module docstring); tiles
+    are embedded in chunks of similar length (``chunks``; ``token_budget`` None: ``batch_tiles`` alone)."""
     encoder = encoder.to(device).eval()
+    if str(device).startswith("cuda"):  # packed attention there (FlexAttention): no padding to save
+        token_budget = None
     width = encoder.width
-    lengths = [sum(len(it[m]) for m in modalities) for it in items]
-    order = np.argsort(lengths, kind="stable")  # similar lengths together
+    lengths = np.array([sum(len(it[m]) for m in modalities) for it in items], np.int64)
     means = np.zeros((len(items), width), np.float32)
     maxes = np.zeros((len(items), width), np.float32)
     entities: list[np.ndarray] = [np.zeros((0, width), np.float32)] * len(items)
     empty = torch.zeros(0, dtype=torch.long)
-    for start in range(0, len(items), batch_tiles):
-        chunk = order[start : start + batch_tiles]
+    for chunk in chunks(lengths, batch_tiles, token_budget):
         packed = pack([items[i] for i in chunk], modalities)
         spans = packed.pop("tiles")
         b = TokenBatch(**packed, context=empty, pred_src=empty, pred_is_target=empty.bool(), pred_doc=empty,
