@@ -66,7 +66,9 @@ def view(region: WorkDir, at: Path) -> WorkDir:
         if f.name in ("eval", "manifests", "checkpoints") or f.name.startswith(".eval.tmp"):
             continue
         link = at / f.name
-        if not link.exists():
+        if link.is_symlink() and not link.exists():  # a link left from a region since moved
+            link.unlink()
+        if not (link.is_symlink() or link.exists()):
             link.symlink_to(f.resolve())
     (region.path / ".eval-cache").mkdir(exist_ok=True)
     if not (at / ".eval-cache").exists():

@@ -152,7 +152,7 @@ class TrainConfig(Section):
     # vicreg: VICReg on the predictions and the tiles' mean context embeddings (rewards a shared tile component);
     # target: on the predictions only, against the targets' own per-dimension std and covariance
     regulariser: Literal["vicreg", "target"] = "vicreg"
-    target_centre: bool = False  # predict each target minus its (tile, modality)'s mean target
+    target_centre: bool = False  # predict each target minus its (tile, modality)'s context mean target
     max_entities_per_tile: int | None = Field(None, ge=1)  # a longer training tile: a random spatial crop of it
     masks: MaskSettings = MaskSettings()
     # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap

@@ -460,6 +460,17 @@ def test_the_target_regulariser_and_centring_train_and_every_step_records_the_di
         assert h["jepa_gain"] == pytest.approx(h["trivial"] - h["jepa"], abs=1e-6)
         assert "tile_std" not in h  # no VICReg on tile means under the target regulariser
     assert "val.within_share.target" in history[-1]
+    assert all(h["within_share"] < 1 - 1e-6 for h in history)  # measured on the uncentred targets
+    # centred, the trivial prediction is 0: the same trivial loss as the uncentred context mean, same batch
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    torch.manual_seed(0)
+    model = GeoJEPA(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4,
+                                mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
+    batch = Collator(("tags", "geometry"), data.dims, seed=0)([data[i] for i in range(4)])
+    with torch.no_grad():
+        plain, centred = model(batch), model(batch, target_centre=True)
+    assert float(centred["trivial"]) == pytest.approx(float(plain["trivial"]), rel=1e-6)
+    assert float(centred["within_share"]) == pytest.approx(float(plain["within_share"]), rel=1e-6)
 
 
 def test_a_long_tile_is_cropped_to_a_contiguous_part_of_it_and_short_ones_are_left_whole(w):

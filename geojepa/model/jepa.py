@@ -219,17 +219,21 @@ class GeoJEPA(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """The loss and its parts. ``regulariser``: ``vicreg`` (VICReg terms on the predictions and on the tiles'
         mean context embeddings) or ``target`` (on the predictions only, measured against the targets' own
-        statistics: see ``target_relative_terms``). ``target_centre``: predict each target minus the mean of
-        its (tile, modality)'s targets. Diagnostics (no gradient): ``trivial``, the loss of predicting each
+        statistics: see ``target_relative_terms``). Diagnostics (no gradient): ``trivial``, the loss of predicting each
         target as the mean of its (tile, modality)'s *context* tokens' targets; ``jepa_gain`` = trivial - jepa
-        (what the predictor knows beyond the tile's gist); ``within_share``, the share of the targets'
-        variance that is within tiles (a shared tile-wide component lowers it)."""
+        (what the predictor knows beyond the tile's gist; the trivial baseline reads target-encoder outputs
+        that saw the whole tile, the masked tokens included, so it is a strict bar); ``within_share``, the
+        share of the targets' variance that is within tiles (a shared tile-wide component lowers it).
+        ``target_centre`` subtracts from every target that same context mean (the trivial prediction is then
+        0, and ``trivial`` the same number as without centring)."""
         with torch.no_grad():
-            target = self.target_encoder(self.target_encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max))
-            target = F.layer_norm(target, (target.shape[-1],)).float()
+            raw = self.target_encoder(self.target_encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max))
+            raw = F.layer_norm(raw, (raw.shape[-1],)).float()
             group = b.doc * len(MODALITIES) + b.modality  # (tile, modality) of every token
-            if target_centre:
-                target = target - _group_mean(target, group, b.n_tiles * len(MODALITIES))[group]
+            target = raw
+            if target_centre:  # minus what the context shows of the tile: the trivial prediction becomes 0
+                every = torch.arange(len(raw), device=raw.device)
+                target = raw - _context_mean(raw, group, b.context, every, b.doc, b.n_tiles)
         x = self.encoder.embed(b)[b.context]
         context_out = self.encoder(x, Packing(b.doc[b.context], b.n_tiles, b.pad_to_max))
         pred = self.predictor(context_out, b).float()
@@ -252,11 +256,11 @@ class GeoJEPA(nn.Module):
             var = torch.stack([t[0] for t in terms]).mean() if terms else zero
             cov = torch.stack([t[1] for t in terms]).mean() if terms else zero
         loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
-        with torch.no_grad():
-            trivial = F.smooth_l1_loss(_context_mean(target, group, b.context, src, b.doc, b.n_tiles), wanted, beta=1.0)
+        with torch.no_grad():  # on the uncentred targets (centred, the same value: the trivial prediction is 0)
+            trivial = F.smooth_l1_loss(_context_mean(raw, group, b.context, src, b.doc, b.n_tiles), raw[src], beta=1.0)
         out = {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
                "std": pred.detach().std(0, correction=0).mean(), "trivial": trivial,
-               "jepa_gain": trivial - jepa.detach(), "within_share": within_share(target, b.doc, b.n_tiles)}
+               "jepa_gain": trivial - jepa.detach(), "within_share": within_share(raw, b.doc, b.n_tiles)}
         if tile is not None:
             out["tile_std"] = tile.detach().std(0, correction=0).mean()
         return out

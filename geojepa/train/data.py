@@ -183,8 +183,10 @@ class Collator:
 
 def spatial_crop(item: dict, k: int, rng: np.random.Generator) -> dict:
     """A tile of more than ``k`` entities cut to the ``k`` whose centres are nearest a random one of them (in
-    the tile's order; image patches untouched): a spatially contiguous part of the tile, a different one each
-    epoch. Long tiles cost the attention quadratically; this bounds a training step's worst case."""
+    the tile's order): a spatially contiguous part of the tile, a different one each epoch. Long tiles cost
+    the attention quadratically; this bounds a training step's worst case with tags and geometry. Positions
+    stay the tile's (the masks' block sizes remain fractions of the whole tile, so a crop's blocks hold
+    fewer entities) and image patches are untouched (with images the worst case is not bounded)."""
     n = len(item["epos"])
     if n <= k:
         return item
