@@ -1,4 +1,4 @@
-"""kNN retrieval speed: exact cosine top-k with torch (geojepa.evaluate.knn) against scikit-learn's brute-force
+"""kNN retrieval speed: exact cosine top-k with torch (geojepa.encoding.neighbours) against scikit-learn's brute-force
 NearestNeighbors (cosine) on the same random gallery, each in its own process (peak RSS from wait4).
 
     python bench/knn.py [--tiles 1000000] [--dim 768] [--queries 2000] [--k 10]
