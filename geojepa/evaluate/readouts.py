@@ -82,18 +82,10 @@ def plan(sp: np.ndarray, groups: np.ndarray | None, min_val: int = 100, folds: i
 def score(kind: str, y: np.ndarray, p: np.ndarray) -> float:
     """The choice metric, lower is better: MAE, or 1 - ROC-AUC for binary tasks (MAE with one class)."""
     if kind == "binary" and len(np.unique(y)) == 2:
-        return 1.0 - roc_auc(y, p)
+        from geojepa.evaluate.pooled import auc
+
+        return 1.0 - auc(p, y)
     return float(np.mean(np.abs(y - p)))
-
-
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC-AUC of scores ``p`` for 0/1 labels ``y`` (ties count one half)."""
-    from scipy.stats import rankdata
-
-    pos = y > 0.5
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    r = rankdata(p)
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _transforms(kind: str) -> tuple[str, ...]:

@@ -15,8 +15,7 @@ A=work/ablation-$NAME
 M=$R/ablation-$NAME-model
 C=configs/research-cpu.yaml
 G="/usr/bin/time -f %C:%e_s_%M_KB"
-TRAIN=(helsinki kotka isle-of-wight malta andorra rutland monaco london-centre munchen-centre moscow-centre)
-ALL=("${TRAIN[@]}" liechtenstein porto-centre)
+source docs/results/research-cpu/regions.sh
 # (skipped when the arm is already trained with these settings)
 OMP_NUM_THREADS=2 $G .venv/bin/geojepa train "$M" --data "${TRAIN[@]/#/$R/}" --config $C "$@"
 for n in "${ALL[@]}"; do

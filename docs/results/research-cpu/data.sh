@@ -7,12 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 R=work/research
 C=configs/research-cpu.yaml
-declare -A SRC=([helsinki]=helsinki [kotka]=kotka [isle-of-wight]=isle-of-wight-2020-04 [malta]=malta-2016-11
-  [andorra]=andorra-2021-10 [rutland]=rutland-2022-07 [monaco]=monaco-2016-03 [london-centre]=london-centre-2020
-  [munchen-centre]=munchen-centre-2020 [moscow-centre]=moscow-centre-2020 [liechtenstein]=liechtenstein-2022-12
-  [porto-centre]=porto-centre-2020)
-TRAIN=(helsinki kotka isle-of-wight malta andorra rutland monaco london-centre munchen-centre moscow-centre)
-ALL=("${TRAIN[@]}" liechtenstein porto-centre)
+source docs/results/research-cpu/regions.sh
 for n in "${ALL[@]}"; do
   .venv/bin/geojepa extract "data/samples/${SRC[$n]}.osm.pbf" $R/$n --config $C
   .venv/bin/geojepa tile $R/$n --config $C

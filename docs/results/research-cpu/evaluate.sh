@@ -10,8 +10,7 @@ MODEL=$1; OUT=$2; shift 2
 R=work/research
 C=configs/research-cpu.yaml
 G="/usr/bin/time -f %C:%e_s_%M_KB"
-TRAIN=(helsinki kotka isle-of-wight malta andorra rutland monaco london-centre munchen-centre moscow-centre)
-ALL=("${TRAIN[@]}" liechtenstein porto-centre)
+source docs/results/research-cpu/regions.sh
 for n in "${ALL[@]}"; do
   $G .venv/bin/geojepa evaluate $R/$n --model "$MODEL" --config $C "$@"
 done
