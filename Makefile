@@ -13,6 +13,7 @@ demo: $(VENV_STAMP)
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} $(PY) -m flows.pipeline
 
 test: $(VENV_STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV_STAMP)

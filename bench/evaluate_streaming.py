@@ -188,8 +188,10 @@ def probes(w: Path, task: str) -> dict:
               f"{np.mean(m['linear']):.3f} ± {np.std(m['linear']):.3f}, MLP {np.mean(m['mlp']):.3f} ± "
               f"{np.std(m['mlp']):.3f}")
     base = r["stacked"]["seconds"]
-    print(f"  ratio per-seed (default threads) / stacked: x{r['per-seed loop, default threads']['seconds'] / base:.2f}; "
-          f"per-seed (1 thread) / stacked: x{r['per-seed loop, 1 thread']['seconds'] / base:.2f}")
+    print(
+        f"  ratio per-seed (default threads) / stacked: x{r['per-seed loop, default threads']['seconds'] / base:.2f}; "
+        f"per-seed (1 thread) / stacked: x{r['per-seed loop, 1 thread']['seconds'] / base:.2f}"
+    )
     return r
 
 

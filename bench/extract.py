@@ -69,8 +69,11 @@ def main() -> None:
                   f"peak {r['peak_rss_mb']:7.0f} MB", flush=True)
         if len(tools) == 2:
             ours, base = rows[-2], rows[-1]
-            print(f"{'':22s} ratio geojepa/quackosm: throughput x{ours['entities_per_s'] / base['entities_per_s']:.2f}, "
-                  f"peak memory x{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}", flush=True)
+            print(
+                f"{'':22s} ratio geojepa/quackosm: throughput x{ours['entities_per_s'] / base['entities_per_s']:.2f}, "
+                f"peak memory x{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}",
+                flush=True,
+            )
     (DATA / "extract_results.json").write_text(json.dumps(rows, indent=2))
 
 

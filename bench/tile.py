@@ -248,8 +248,11 @@ def main() -> None:
             img_rate = imaged["tiles"] / max(imaged["seconds"] - plain["seconds"], 1e-9)
             print(f"  + imagery         {imaged['seconds']:7.2f} s  {img_rate:8.1f} image tiles/s (224 px from the "
                   f"mosaic)  peak {imaged['peak_rss_mb']:5.0f} MB")
-        print(f"  geopandas clip    {base['seconds_loop']:7.2f} s  {base_rate:8.1f} tiles/s  (sample of {base['tiles']} tiles)"
-              f"  peak {base['peak_rss_mb']:5.0f} MB")
+        print(
+            f"  geopandas clip    {base['seconds_loop']:7.2f} s  {base_rate:8.1f} tiles/s  "
+            f"(sample of {base['tiles']} tiles)"
+            f"  peak {base['peak_rss_mb']:5.0f} MB"
+        )
         print(f"  ratio geojepa/geopandas: x{ours_rate / base_rate:.1f} tiles/s", flush=True)
         results.append({"km2": km2, "ours": plain, "imagery": imaged, "baseline": base})
     (DATA / "tile_results.json").write_text(json.dumps(results, indent=2))

@@ -61,8 +61,11 @@ def main() -> None:
         print(f"  first run  {first['seconds']:7.1f} s (embedding {first['vocab_embedded']:,} texts, shape encoder "
               f"trained in {first['geometry_train_seconds']:.1f} s: val loss {first['geometry_val_loss']:.3f} vs "
               f"{first['geometry_val_loss_untrained']:.3f} untrained)  peak {first['peak_rss_mb']:5.0f} MB")
-        print(f"  tokenise   {steady['seconds']:7.1f} s  {steady['tiles_tokenised'] / steady['seconds']:7.1f} tiles/s  "
-              f"{steady['tokens'] / steady['seconds']:9,.0f} tokens/s  peak {steady['peak_rss_mb']:5.0f} MB", flush=True)
+        print(
+            f"  tokenise   {steady['seconds']:7.1f} s  {steady['tiles_tokenised'] / steady['seconds']:7.1f} tiles/s  "
+            f"{steady['tokens'] / steady['seconds']:9,.0f} tokens/s  peak {steady['peak_rss_mb']:5.0f} MB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

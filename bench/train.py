@@ -56,7 +56,9 @@ def flops_per_step(model: GeoJEPA, real: int) -> float:
 
 def run(model: GeoJEPA, device, data: list[TokenBatch], steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     real = 0
     for i in range(warmup + steps):
         if i == warmup:

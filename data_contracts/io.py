@@ -165,7 +165,9 @@ class ArtifactWriter:
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         problems = schema_diff(self.contract.schema, data.schema)
         if problems:
-            raise ContractError(f"{self.path}: data for {self.contract.name!r} breaks its contract: " + "; ".join(problems))
+            raise ContractError(
+                f"{self.path}: data for {self.contract.name!r} breaks its contract: " + "; ".join(problems)
+            )
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         data = data.select(self.contract.schema.names).cast(self.contract.schema)

@@ -101,7 +101,9 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
     if parent:
         uri = mask_uri(tracking_uri(model, cfg.tracking))
         serve = "" if uri.startswith("http") else f" (serve it first: mlflow ui --backend-store-uri {uri})"
-        link_artifact(f"mlflow-{c.name}", run_link(model, cfg, parent), f"MLflow: pipeline {c.name} and its runs{serve}")
+        link_artifact(
+            f"mlflow-{c.name}", run_link(model, cfg, parent), f"MLflow: pipeline {c.name} and its runs{serve}"
+        )
     return rows
 
 

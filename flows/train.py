@@ -1,4 +1,5 @@
-"""train: torchrun on the regions' train token shards (its log streams into this run; a failure carries its last lines)."""
+"""train: torchrun on the regions' train token shards (its log streams into this run; a failure carries its last
+lines)."""
 
 from __future__ import annotations
 

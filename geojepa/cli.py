@@ -72,7 +72,9 @@ def extract(
     pbf: Annotated[Path, typer.Argument(help="OpenStreetMap *.osm.pbf file")],
     work_dir: Annotated[Path, typer.Argument(help="work directory W; writes W/entities.parquet")],
     bbox: Annotated[str | None, typer.Option(help="clip to min_lon,min_lat,max_lon,max_lat")] = None,
-    tags: Annotated[str | None, typer.Option(help="keep only entities with these tags: key or key=value, comma-separated")] = None,
+    tags: Annotated[
+        str | None, typer.Option(help="keep only entities with these tags: key or key=value, comma-separated")
+    ] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -109,8 +111,13 @@ def tile(
 @app.command()
 def tokens(
     work_dir: Annotated[Path, typer.Argument(help="work directory W holding the tile artifacts")],
-    tokenizer: Annotated[Path | None, typer.Option(help="a corpus tokenizer folder T (geojepa tokenizer fit); "
-                                                        "default: the region's own vocabulary and shape encoder")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="a corpus tokenizer folder T (geojepa tokenizer fit); "
+            "default: the region's own vocabulary and shape encoder"
+        ),
+    ] = None,
     train_geometry: Annotated[bool, typer.Option(help="(re)train the region's own shape encoder first")] = False,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -131,10 +138,13 @@ app.add_typer(tokenizer_app, name="tokenizer")
 @tokenizer_app.command("fit")
 def tokenizer_fit(
     folder: Annotated[Path, typer.Argument(help="tokenizer folder T")],
-    regions: Annotated[list[Path], typer.Argument(help="work directories of the training regions, tiled", show_default=False)],
+    regions: Annotated[
+        list[Path], typer.Argument(help="work directories of the training regions, tiled", show_default=False)
+    ],
     data: DataFlag = False,
-    force: Annotated[bool, typer.Option(help="refit an existing tokenizer (a new digest: its models no longer "
-                                             "match)")] = False,
+    force: Annotated[
+        bool, typer.Option(help="refit an existing tokenizer (a new digest: its models no longer match)")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -147,9 +157,15 @@ def tokenizer_fit(
 
 @app.command()
 def train(
-    out_dir: Annotated[Path, typer.Argument(help="model folder OUT (checkpoints in OUT/checkpoints); alone: a region "
-                                                 "W trained on its own tokens")],
-    regions: Annotated[list[Path] | None, typer.Argument(help="the regions' work directories", show_default=False)] = None,
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="model folder OUT (checkpoints in OUT/checkpoints); alone: a region W trained on its own tokens"
+        ),
+    ],
+    regions: Annotated[
+        list[Path] | None, typer.Argument(help="the regions' work directories", show_default=False)
+    ] = None,
     data: DataFlag = False,
     nproc: Annotated[int, typer.Option(help="processes per node (GPUs; CPU processes with train.device=cpu)")] = 1,
     nnodes: Annotated[int, typer.Option(help="nodes (torchrun --nnodes)")] = 1,
@@ -169,8 +185,13 @@ def train(
 @app.command()
 def evaluate(
     work_dir: Annotated[Path, typer.Argument(help="work directory W holding tokens/ and checkpoints/; writes W/eval/")],
-    model: Annotated[str | None, typer.Option(help="a checkpoint, a model folder (OUT of geojepa train) or "
-                                                   "models:/geojepa-encoder/N; default: the last in W/checkpoints")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="a checkpoint, a model folder (OUT of geojepa train) or "
+            "models:/geojepa-encoder/N; default: the last in W/checkpoints"
+        ),
+    ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint file (same as --model FILE)")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -183,7 +204,9 @@ def evaluate(
     def call():
         summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
                                model=model)
-        return {k: v for k, v in summary.items() if k != "tasks"} | {"report": str(WorkDir(work_dir).eval / "report.md")}
+        return {k: v for k, v in summary.items() if k != "tasks"} | {
+            "report": str(WorkDir(work_dir).eval / "report.md")
+        }
 
     _run(call)
 
@@ -229,7 +252,9 @@ def ablation_report(
 
 @app.command("arms")
 def arms(
-    spec: Annotated[Path, typer.Argument(help="the arms spec (YAML: steps, seeds, data, judge, arms; geojepa/arms.py)")],
+    spec: Annotated[
+        Path, typer.Argument(help="the arms spec (YAML: steps, seeds, data, judge, arms; geojepa/arms.py)")
+    ],
     out: Annotated[Path, typer.Argument(help="where the arms' models, views and arms.md go")],
     config: ConfigOpt = None,
     set_: SetOpt = None,

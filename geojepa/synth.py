@@ -184,12 +184,16 @@ def generate(out: Path | str, km2: float, seed: int, cfg: SynthConfig = SynthCon
             cx, cy = x0 + size / 2, y0 + size / 2
             if abs(cx - river_x(cy)) < river_w / 2 + block / 2 + 4:
                 if rng.random() < 0.5:
-                    city.ring(_rect(cx, cy, size * 0.6, size * 0.6, 0), {"leisure": "park", "name": f"Riverside Park {i}-{j}"})
+                    city.ring(
+                        _rect(cx, cy, size * 0.6, size * 0.6, 0), {"leisure": "park", "name": f"Riverside Park {i}-{j}"}
+                    )
                 continue
             r = radius(cx, cy)
             u = rng.random()
             if u < 0.05:
-                city.ring(_rect(cx, cy, size, size, 0), {"leisure": "park", "name": f"{NAMES[(i + j) % len(NAMES)]} Park"})
+                city.ring(
+                    _rect(cx, cy, size, size, 0), {"leisure": "park", "name": f"{NAMES[(i + j) % len(NAMES)]} Park"}
+                )
                 continue
             if u < 0.08:
                 city.ring(_rect(cx, cy, size, size, 0), {"landuse": "grass"})

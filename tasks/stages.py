@@ -69,8 +69,13 @@ def tokens(work_dir: str, config_path: str | None, overrides: list[str] | None, 
                                      tokenizer=tokenizer))
 
 
-@task(name="fit-tokenizer", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=30),
-      retry_condition_fn=_retry_unless_bad_input)
+@task(
+    name="fit-tokenizer",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=30),
+    retry_condition_fn=_retry_unless_bad_input,
+)
 def fit_tokenizer(folder: str, work_dirs: list[str], config_path: str | None, overrides: list[str] | None) -> dict:
     """The corpus's frozen tokenizer (kept as it is when it exists)."""
     from geojepa.tokens.tokenizer import fit

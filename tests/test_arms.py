@@ -41,7 +41,9 @@ def test_two_arms_train_and_are_judged_through_views_of_the_region(tmp_path, tok
     assert not (w / "eval").exists()  # each arm evaluated through its own view
     text = (tmp_path / "out" / "arms.md").read_text()
     assert "| control | 0 |" in text and "| target | 0 |" in text and "kotka/building_count" in text
-    assert json.loads((tmp_path / "out" / "arms.json").read_text())["rows"][1]["overrides"] == ["train.regulariser=target"]
+    assert json.loads((tmp_path / "out" / "arms.json").read_text())["rows"][1]["overrides"] == [
+        "train.regulariser=target"
+    ]
 
 
 def test_a_spec_without_arms_is_a_clear_error(tmp_path):

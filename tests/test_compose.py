@@ -36,7 +36,9 @@ def _config(env_file: Path) -> subprocess.CompletedProcess:
                           text=True, env=env)
 
 
-needs_compose = pytest.mark.skipif(_compose() is None, reason="neither `docker compose` nor docker-compose is installed")
+needs_compose = pytest.mark.skipif(
+    _compose() is None, reason="neither `docker compose` nor docker-compose is installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,9 @@ def _env(service: dict) -> dict:
 
 
 def test_services_are_wired(services):
-    assert {"check-env", "postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    assert {"check-env", "postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker"} <= set(
+        services
+    )
     for name, s in services.items():
         for port in s.get("ports", []):
             host = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]

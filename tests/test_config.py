@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
@@ -16,7 +17,7 @@ def test_defaults_match_the_reference():
 def test_overrides_are_typed_and_config_is_frozen():
     cfg = load_config(overrides=["extract.read_block_mb=7", "extract.bbox=[1, 2, 3, 4]", "tracking.enabled=false"])
     assert cfg.extract.read_block_mb == 7 and cfg.extract.bbox == (1.0, 2.0, 3.0, 4.0) and not cfg.tracking.enabled
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.extract.read_block_mb = 8
 
 

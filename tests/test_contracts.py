@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_contracts import ALL, TAG_VOCAB, TASK_LABELS, ContractError, ArtifactWriter, read_table, sweep, write_table
+from data_contracts import ALL, TAG_VOCAB, TASK_LABELS, ArtifactWriter, ContractError, read_table, sweep, write_table
 
 
 def _labels(n=3):

@@ -189,11 +189,16 @@ def test_every_stage_shares_one_lifecycle_skip_force_and_recovery(corpus, tmp_pa
     root, w, cfg = corpus["root"], corpus["w"]["moscow-centre-2020"], corpus["cfg"]
     model = root / "model"
     stages = {
-        "extract": (w.path, lambda force=False: extract(SAMPLES / "moscow-centre-2020.osm.pbf", w.path, cfg, force=force)),
+        "extract": (
+            w.path,
+            lambda force=False: extract(SAMPLES / "moscow-centre-2020.osm.pbf", w.path, cfg, force=force),
+        ),
         "tile": (w.path, lambda force=False: tile(w.path, cfg, force=force)),
         "tokens": (w.path, lambda force=False: tokens(w.path, cfg, tokenizer=root / "T", force=force)),
-        "train": (model, lambda force=False: train(model, cfg, data=[corpus["w"]["kotka"].path,
-                                                                        corpus["w"]["helsinki"].path])),
+        "train": (
+            model,
+            lambda force=False: train(model, cfg, data=[corpus["w"]["kotka"].path, corpus["w"]["helsinki"].path]),
+        ),
         "evaluate": (w.path, lambda force=False: evaluate(w.path, cfg, model=model, force=force)),
     }
     for stage, (folder, run) in stages.items():
@@ -340,8 +345,15 @@ def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_til
     from geojepa.evaluate.ablation import compare_runs
 
     def run(name, geojepa_noise, seed):  # the same labels and tile ids in every run, other prediction noise
-        noise = {"geojepa": geojepa_noise, "geojepa_context": 30.0, "untrained": 8.0, "tagpool": 3.0, "dummy": 20.0,
-                 "hex2vec": 4.0, "geovex": 3.0}  # hex2vec: 2.0 on validation, so chosen, though geovex is better on test
+        noise = {
+            "geojepa": geojepa_noise,
+            "geojepa_context": 30.0,
+            "untrained": 8.0,
+            "tagpool": 3.0,
+            "dummy": 20.0,
+            "hex2vec": 4.0,
+            "geovex": 3.0,
+        }  # hex2vec: 2.0 on validation, so chosen, though geovex is better on test
         return [_fake_region(tmp_path / name, r, r != "h", 200, np.random.default_rng([seed, i]), noise, labels=i,
                              val_better=("geojepa_context", "hex2vec")) for i, r in enumerate(("a", "h"))]
 
@@ -354,7 +366,9 @@ def test_ablation_report_pairs_runs_on_the_same_test_tiles_and_refuses_other_til
     assert c["ci_low"] < 0 < c["ci_high"]  # the same noise: within the uncertainty
     assert "vs_reference" not in rows["all", "ref"]
     # every run against the best SRAI peer (the reference's rows; chosen on validation): hex2vec
-    assert rows["all", "better"]["best_peer"] == "best_peer (hex2vec)" and rows["all", "better"]["vs_best_peer"]["better"]
+    assert (
+        rows["all", "better"]["best_peer"] == "best_peer (hex2vec)" and rows["all", "better"]["vs_best_peer"]["better"]
+    )
     c = rows["all", "ref"]["vs_best_peer"]
     assert c["ci_low"] < 0 < c["ci_high"]  # 4.0 against hex2vec's 4.0 (geovex's 3.0 would have made it worse)
     assert rows["holdout", "better"]["regions"] == 1 and rows["all", "better"]["n_test"] == 400

@@ -139,9 +139,13 @@ def test_bad_queries_models_and_outputs_are_refused_naming_the_value_and_nothing
     meta = {**t.schema.metadata, b"geojepa:model_version": b"step-00000001.pt sha256:0000000000000000"}
     pq.write_table(t.replace_schema_metadata(meta), other / "tile_embeddings.parquet")
     before = (other / "tile_embeddings.parquet").read_bytes()
-    with pytest.raises(GeoJepaError, match=r"tile_embeddings.parquet: holds embeddings of another model \(step-00000001"):
+    with pytest.raises(
+        GeoJepaError, match=r"tile_embeddings.parquet: holds embeddings of another model \(step-00000001"
+    ):
         embed_source(summary["work_dir"], other, cfg, MODEL)
-    assert (other / "tile_embeddings.parquet").read_bytes() == before and not (other / "entity_embeddings.parquet").exists()
+    assert (other / "tile_embeddings.parquet").read_bytes() == before and not (
+        other / "entity_embeddings.parquet"
+    ).exists()
     # a checkpoint without its tokenizer, on a new PBF
     lone = tmp_path / "lone"
     lone.mkdir()

@@ -23,11 +23,13 @@ from data_contracts import (
     read_table,
 )
 from geojepa.config import load_config
-from geojepa.errors import GeoJepaError
-from geojepa.evaluate import evaluate, peers
 from geojepa.encoding.neighbours import topk_cosine, topk_cosine_chunks
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import pieces_lonlat, tiles_meta, token_index
+from geojepa.errors import GeoJepaError
+from geojepa.evaluate import evaluate, peers
+from geojepa.evaluate.features import unusable
+from geojepa.evaluate.labels import TASKS, parse_speed, task_labels
 from geojepa.evaluate.masking import (
     bag_of_tags,
     bag_of_tags_counts,
@@ -35,8 +37,6 @@ from geojepa.evaluate.masking import (
     mask_item,
     masked_items,
 )
-from geojepa.evaluate.features import unusable
-from geojepa.evaluate.labels import TASKS, parse_speed, task_labels
 from geojepa.evaluate.probe import (
     ProbeSettings,
     fit_predict,
@@ -220,7 +220,9 @@ def test_entity_rows_hold_their_piece_in_the_tile_not_the_whole_entity(evaluated
     ents = emb[emb.level == "entity"].set_index(["tile_id", "entity_id"])
     foot = emb[emb.level == "tile"].set_index("tile_id").geometry
     tiles = read_table(w / "tiles.parquet", TILES).to_pandas().set_index("tile_id")
-    te = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "geometry"]).to_pandas()
+    te = read_table(
+        w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "geometry"]
+    ).to_pandas()
     te = te[te.tile_id.isin(foot.index)].drop_duplicates(["tile_id", "entity_id"], keep=False)
     to_lonlat = Transformer.from_crs(tiles.crs.iloc[0], "EPSG:4326", always_xy=True)
     for r in te.sample(min(300, len(te)), random_state=0).itertuples():
@@ -309,7 +311,9 @@ def region(tokenised):
     vocab = _vocab(w / "tag_vocab.parquet")
     scan = scan_entities(w / "tile_entities.parquet", tok, list(TASKS.values()), vocab)
     tables = [pq.read_table(f) for f in tok.shards]
-    items = [it for t in tables for rows in [TokenRows(t, ("tags", "geometry"))] for it in map(rows.item, range(t.num_rows))]
+    items = [
+        it for t in tables for rows in [TokenRows(t, ("tags", "geometry"))] for it in map(rows.item, range(t.num_rows))
+    ]
     te = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id", "entity_id", "kind", "tags"])
     te = te.sort_by([("tile_id", "ascending"), ("entity_id", "ascending")]).to_pylist()
     ents: dict[str, list] = {}

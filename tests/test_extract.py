@@ -175,7 +175,9 @@ def test_hilbert_key_visits_quadrants_in_curve_order():
 
 def test_bbox_clip_and_tag_filter(tmp_path, cfg):
     box = (24.940, 60.166, 24.948, 60.172)
-    clip = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"bbox": box, "tag_filter": ("building", "amenity=cafe")})})
+    clip = cfg.model_copy(
+        update={"extract": cfg.extract.model_copy(update={"bbox": box, "tag_filter": ("building", "amenity=cafe")})}
+    )
     extract(HELSINKI, tmp_path, clip)
     t = read_table(tmp_path / "entities.parquet", ENTITIES).to_pylist()
     assert t

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from geojepa.encoding.shards import token_index
 from geojepa.evaluate import peers
 from geojepa.evaluate.labels import TASKS
-from geojepa.encoding.shards import token_index
 
 needs_srai = pytest.mark.skipif(peers.missing() is not None, reason=f"SRAI peers: {peers.missing()}")
 
@@ -36,7 +36,9 @@ def test_count_is_the_tiles_own_entity_count_per_tag(kotka):
     assert x.shape == (tok.n, len(region.names))
     col = region.names.index("building_yes")
     te = pq.read_table(w / "tile_entities.parquet", columns=["tile_id", "entity_id", "tags"]).to_pylist()
-    want = Counter(t for t, _ in {(r["tile_id"], r["entity_id"]) for r in te if dict(r["tags"]).get("building") == "yes"})
+    want = Counter(
+        t for t, _ in {(r["tile_id"], r["entity_id"]) for r in te if dict(r["tags"]).get("building") == "yes"}
+    )
     assert np.expm1(x[:, col]).round(4).tolist() == [float(want.get(t, 0)) for t in tok.ids]  # log(1 + count)
     assert x[:, col].sum() > 0
 
@@ -163,9 +165,9 @@ def test_a_tag_valued_null_does_not_collide_with_srais_empty_cells(tokenised, tm
 
 def test_a_missing_extra_is_a_clear_skip_not_a_failure(monkeypatch, tmp_path):
     from geojepa.config import load_config
-    from geojepa.evaluate.report import _peers as report_lines
     from geojepa.evaluate.baselines import peer_vectors
     from geojepa.evaluate.cache import Cache
+    from geojepa.evaluate.report import _peers as report_lines
 
     monkeypatch.setitem(sys.modules, "srai", None)  # import srai -> ImportError, as without the extra
     why = peers.missing()

@@ -82,7 +82,13 @@ def test_clipped_polygon_areas_sum_to_the_original(tiled, extracted):
     grid = Grid(utm_epsg(24.94, 60.17), 300.0, 4, 8)
     orig = project(shapely.from_wkb(ents["geometry"].to_numpy(zero_copy_only=False)), grid.to_utm())
     simple = shapely.area(shapely.simplify(orig, 0.3, preserve_topology=True))
-    by_id = dict(zip(ents["entity_id"].to_pylist(), zip(shapely.area(orig), shapely.length(orig), simple), strict=True))
+    by_id = dict(
+        zip(
+            ents["entity_id"].to_pylist(),
+            zip(shapely.area(orig), shapely.length(orig), simple, strict=True),
+            strict=True,
+        )
+    )
     split = [e for e in pieces if te.filter(pc.equal(te["entity_id"], e)).num_rows > 1]
     assert len(split) > 20, "some polygons cross tile borders"
     for eid, total in pieces.items():
@@ -96,8 +102,12 @@ def test_partitions_do_not_change_the_result(tiled, w, cfg):
     tiled_w, _ = tiled
     summary = tile(w, _cfg(cfg, min_entities=1, max_entities=100_000, partition_groups=1), imagery="render")
     assert summary["partitions"] > 2
-    a = read_table(tiled_w / "tile_entities.parquet", TILE_ENTITIES).sort_by([("tile_id", "ascending"), ("entity_id", "ascending")])
-    b = read_table(w / "tile_entities.parquet", TILE_ENTITIES).sort_by([("tile_id", "ascending"), ("entity_id", "ascending")])
+    a = read_table(tiled_w / "tile_entities.parquet", TILE_ENTITIES).sort_by(
+        [("tile_id", "ascending"), ("entity_id", "ascending")]
+    )
+    b = read_table(w / "tile_entities.parquet", TILE_ENTITIES).sort_by(
+        [("tile_id", "ascending"), ("entity_id", "ascending")]
+    )
     assert a.equals(b)
 
 

@@ -165,7 +165,9 @@ def test_corrupt_raster(w, tmp_path, cfg):
 
 
 def test_imagery_elsewhere(w, tmp_path, cfg):
-    tif = write_geotiff(tmp_path / "paris.tif", "EPSG:4326", (2.30, 48.80, 2.40, 48.90), np.zeros((3, 20, 20), np.uint8))
+    tif = write_geotiff(
+        tmp_path / "paris.tif", "EPSG:4326", (2.30, 48.80, 2.40, 48.90), np.zeros((3, 20, 20), np.uint8)
+    )
     with pytest.raises(GeoJepaError, match="paris.tif: imagery does not overlap the region"):
         tile(w, _cfg(cfg), imagery=[str(tif)])
     _no_outputs(w)
@@ -186,7 +188,9 @@ def test_entities_with_the_wrong_schema(tmp_path, cfg):
 def test_region_smaller_than_a_tile(tmp_path, cfg):
     from geojepa.extract import extract
 
-    small = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"bbox": (24.9440, 60.1700, 24.9450, 60.1705)})})
+    small = cfg.model_copy(
+        update={"extract": cfg.extract.model_copy(update={"bbox": (24.9440, 60.1700, 24.9450, 60.1705)})}
+    )
     w = tmp_path / "w"
     extract(Path(__file__).parent.parent / "data" / "samples" / "helsinki.osm.pbf", w, small)
     with pytest.raises(GeoJepaError, match=r"entities.parquet: the region is \d+ x \d+ m, smaller than one 300 m tile"):

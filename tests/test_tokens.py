@@ -11,13 +11,11 @@ import pytest
 
 from data_contracts import TAG_VOCAB, TILE_IMAGES, TILES, TOKENS, ContractError, read_table, write_table
 from geojepa.errors import GeoJepaError
-from geojepa.tokens import tokens
 from geojepa.tokens import text as text_backends
+from geojepa.tokens import tokens
+from geojepa.tokens.fitting import build_vocab
 from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
-from geojepa.tokens.stage import build_vocab
 from geojepa.tokens.vocab import Vocab, entry_text, value_token
-
-
 from tests.conftest import small_tokens as _cfg
 
 
@@ -145,13 +143,13 @@ class _Hashing:
 def test_vocabulary_resumes_after_an_interruption(tmp_path, cfg, monkeypatch, caplog):
     tags = [[("amenity", "cafe"), ("building", "yes")], [("shop", "bakery"), ("name", "X")], [("highway", "primary")]]
     path = tmp_path / "vocab.parquet"
-    monkeypatch.setattr("geojepa.tokens.stage.open_embedder", lambda name: _Hashing(fail_after=1))
+    monkeypatch.setattr("geojepa.tokens.fitting.open_embedder", lambda name: _Hashing(fail_after=1))
     with pytest.raises(GeoJepaError, match="network down"):
         build_vocab(path, tags, cfg.tokens)
     saved = read_table(path, TAG_VOCAB).num_rows
     assert saved == 3  # the first request's entries survived
     done = _Hashing()
-    monkeypatch.setattr("geojepa.tokens.stage.open_embedder", lambda name: done)
+    monkeypatch.setattr("geojepa.tokens.fitting.open_embedder", lambda name: done)
     with caplog.at_level("INFO", logger="geojepa"):
         vocab, embedded = build_vocab(path, tags, cfg.tokens)
     assert f"vocabulary {embedded}/{embedded} texts embedded" in caplog.text  # progress, request by request
@@ -198,7 +196,10 @@ def test_retiling_with_another_seed_rewrites_every_split_in_the_shards(tokenised
     reseeded = cfg.model_copy(update={"tile": cfg.tile.model_copy(update={"seed": 7})})
     tile(w, reseeded, imagery="render")
     tokens(w, _cfg(reseeded))
-    split = dict(zip(*read_table(w / "tiles.parquet", TILES, columns=["tile_id", "split"]).to_pydict().values()))
+    split = dict(zip(*read_table(w / "tiles.parquet", TILES, columns=["tile_id", "split"]).to_pydict().values(),
+                     strict=True))
     for shard in sorted((w / "tokens").glob("*.parquet")):
         rows = read_table(shard, TOKENS, columns=["tile_id", "split"]).to_pydict()
-        assert all(s == shard.name.split("-")[0] == split[t] for t, s in zip(rows["tile_id"], rows["split"]))
+        assert all(
+            s == shard.name.split("-")[0] == split[t] for t, s in zip(rows["tile_id"], rows["split"], strict=True)
+        )

@@ -221,7 +221,9 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
     try:
         runs = mlflow.search_runs(experiment_names=["geojepa"], output_format="list")
         assert [r.info.status for r in runs] == ["FINISHED"]
-        assert {"loss", "jepa", "var", "cov", "std", "lr", "wd", "momentum", "tokens_per_s"} <= set(runs[0].data.metrics)
+        assert {"loss", "jepa", "var", "cov", "std", "lr", "wd", "momentum", "tokens_per_s"} <= set(
+            runs[0].data.metrics
+        )
         assert [m.name for m in mlflow.MlflowClient().search_registered_models()] == ["geojepa-encoder"]
         # the registered version is a pyfunc: token shards in, tile embeddings out, as `geojepa embed` makes them
         import pandas as pd
@@ -401,7 +403,9 @@ def test_the_collapse_monitor_reads_validation_tiles_and_sees_a_collapse(w):
     monitor = CollapseMonitor([w / "tokens"], ("tags", "geometry"), "cpu", n=64)
     assert len(monitor.items) == min(64, len(ShardDataset(w / "tokens", "val", ("tags", "geometry"))))
     healthy = monitor(model)
-    assert set(healthy) == {f"val.{k}.{e}" for k in ("erank", "mean_cos", "within_share") for e in ("target", "context")}
+    assert set(healthy) == {
+        f"val.{k}.{e}" for k in ("erank", "mean_cos", "within_share") for e in ("target", "context")
+    }
     assert 0 < healthy["val.within_share.target"] <= 1
     assert healthy["val.erank.target"] > 2
     with torch.no_grad():  # a collapsed target: every token the same output
@@ -487,7 +491,7 @@ def test_a_long_tile_is_cropped_to_a_contiguous_part_of_it_and_short_ones_are_le
     centres = item["epos"].reshape(n, 4, 2).mean(1)
     kept = [int(np.flatnonzero((item["epos"] == e).all(1))[0]) for e in cut["epos"]]
     assert kept == sorted(kept)  # the tile's order
-    for j, e in enumerate(cut["epos"]):  # rows stay together: each kept entity's tags and geometry are its own
+    for j in range(len(cut["epos"])):  # rows stay together: each kept entity's tags and geometry are its own
         np.testing.assert_array_equal(cut["tags"][j], item["tags"][kept[j]])
     # contiguous: every entity left out is at least as far from the kept ones' nearest anchor candidate
     d = ((centres[:, None] - centres[kept][None]) ** 2).sum(-1)

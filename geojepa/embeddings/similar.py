@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_contracts import embedding_dim, entity_embeddings, read_table, tile_embeddings
-from geojepa.errors import GeoJepaError
 from geojepa.encoding.neighbours import topk_cosine
+from geojepa.errors import GeoJepaError
 
 
 def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:

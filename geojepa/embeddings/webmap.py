@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from data_contracts import atomic_path, embedding_dim, entity_embeddings, read_table
 from geojepa.embeddings.similar import load_tiles
+from geojepa.encoding.neighbours import topk_cosine
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.figures import pca
-from geojepa.encoding.neighbours import topk_cosine
 
 BASE_COORDINATES = 400_000
 
@@ -104,7 +104,8 @@ PAGE = """<!doctype html>
 <div id="side"><h1>__TITLE__</h1>
 <p>Colour: the first three principal components of the tile embeddings (red, green, blue): similar colours,
 similar embeddings. Grey: the tiles' entities. Blank squares: tiles with fewer than 5 entities, which are not
-embedded. Click a tile for its nearest tiles (cosine similarity). Wheel: zoom; drag: pan.</p><p id="note"></p><div id="info"></div><pre id="errors"></pre></div>
+embedded. Click a tile for its nearest tiles (cosine similarity). Wheel: zoom; drag: pan.</p><p id="note"></p>
+<div id="info"></div><pre id="errors"></pre></div>
 <script>
 "use strict";
 const D = __DATA__;
@@ -161,7 +162,8 @@ function select(i) {
   const rows = D.nn[i].map((j, n) => { const c = D.rgb[j];
     return `<tr class="nb" data-j="${j}"><td>${n + 1}</td><td><span class="sw" style="background:rgb(${c})"></span>
       ${esc(D.ids[j])}</td><td>${D.sims[i][n].toFixed(3)}</td></tr>`; }).join("");
-  info.innerHTML = `<b>${esc(D.ids[i])}</b><table id="neighbours"><tr><th>#</th><th>tile</th><th>cosine</th></tr>${rows}</table>`;
+  info.innerHTML = `<b>${esc(D.ids[i])}</b><table id="neighbours">` +
+    `<tr><th>#</th><th>tile</th><th>cosine</th></tr>${rows}</table>`;
   info.querySelectorAll("tr.nb").forEach(tr => tr.onclick = () => select(+tr.dataset.j));
   draw();
 }

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+
 @torch.no_grad()
 def topk_cosine(queries: np.ndarray, gallery: np.ndarray, k: int, exclude: np.ndarray | None = None,
                 chunk: int | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:

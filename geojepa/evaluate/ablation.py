@@ -16,11 +16,12 @@ import pandas as pd
 
 from data_contracts import atomic_path
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.corpus import BEST_PEER, GROUPS, RESOLUTION, compare, headline_probes, protocol_of, read_region
+from geojepa.evaluate.corpus import RESOLUTION, compare, headline_probes, protocol_of, read_region
+from geojepa.evaluate.labels import TASKS
+from geojepa.evaluate.names import BEST_PEER, GROUPS
 from geojepa.evaluate.pooled import Scores
 from geojepa.evaluate.probes import ENCODERS
-from geojepa.evaluate.protocol import PRESETS, is_twin
-from geojepa.evaluate.labels import TASKS
+from geojepa.evaluate.protocol import PRESETS, Protocol, is_twin
 from geojepa.workdir import WorkDir
 
 

@@ -17,8 +17,8 @@ from geojepa import manifest
 from geojepa.encoding.shards import TokenIndex
 from geojepa.evaluate import peers
 from geojepa.evaluate.cache import Cache, key
-from geojepa.evaluate.masking import bag_of_tags_counts
 from geojepa.evaluate.features import TaskSet
+from geojepa.evaluate.masking import bag_of_tags_counts
 from geojepa.evaluate.region import RegionScan
 
 log = logging.getLogger(__name__)

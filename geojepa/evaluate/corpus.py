@@ -26,16 +26,15 @@ import pyarrow as pa
 
 from data_contracts import CORPUS_RESULTS, PREDICTIONS, PROBE_FEATURES, atomic_path, read_table, write_table
 from geojepa.errors import GeoJepaError
+from geojepa.evaluate.corpus_markdown import markdown
 from geojepa.evaluate.labels import TASKS
+from geojepa.evaluate.names import BEST_PEER, GROUPS, NAMED
 from geojepa.evaluate.peers import PEERS
 from geojepa.evaluate.pooled import CROSS, HIGHER_IS_BETTER, Scores, cross_region
 from geojepa.evaluate.probes import ENCODERS
 from geojepa.evaluate.protocol import PRESETS, Protocol, is_twin
 from geojepa.workdir import WorkDir
 
-GROUPS = ("all", "trained", "holdout")
-BEST_PEER = "best_peer"  # per task and read-out the peer with the best pooled validation score
-NAMED = ("tagpool", "bag_of_tags")  # the baselines besides the twins, the peers and Dummy
 # A gain whose whole interval is within this of zero is no difference (read-outs clipped to the labels' range keep
 # their order by at most 1e-6: two exact predictions differ by that much, not by a finding).
 RESOLUTION = 1e-4
@@ -66,8 +65,10 @@ def load_regions(regions: list[WorkDir]) -> tuple[dict, dict, dict, Protocol]:
                            "to pool them")
     checkpoints = {s.get("checkpoint") for s in summaries.values()}
     if len(checkpoints) > 1:
-        raise GeoJepaError(f"the regions were evaluated with different models ({', '.join(sorted(map(str, checkpoints)))})"
-                           "; a corpus report pools one model's evaluations (compare models with ablation-report)")
+        raise GeoJepaError(
+            f"the regions were evaluated with different models ({', '.join(sorted(map(str, checkpoints)))})"
+            "; a corpus report pools one model's evaluations (compare models with ablation-report)"
+        )
     proto = protocol_of(next(iter(protos.values()), None), regions[0].path if regions else "")
     seen = {n: bool(s.get("seen_in_training", True)) for n, s in summaries.items()}
     return frames, summaries, seen, proto
@@ -138,8 +139,6 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
     for c in comparisons:
         name = f"corpus.{c['group']}.masked.{c['task']}.{c['probe']}.geojepa_vs_{c['baseline_key']}.gain"
         metrics.update({name: c["gain"], name + "_ci_low": c["ci_low"], name + "_ci_high": c["ci_high"]})
-    from geojepa.evaluate.corpus_markdown import markdown
-
     lines = markdown(title, regions, seen, summaries, proto, tasks, probes, rows, chosen, comparisons, cross_notes)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "corpus_report.md") as tmp:
@@ -194,11 +193,3 @@ def compare(scores: Scores, task: str, probe: str, encoder: str | None, regions:
                     "baseline_key": "every_twin", "better": every and all(r["better"] for r in twin_rows),
                     "worse": any(r["worse"] for r in twin_rows)})
     return out
-
-
-def model_order(model: str) -> tuple:
-    """Encoders, twins, TagPool, bag-of-tags, the peers, Dummy; then the rest by name."""
-    base = model.rsplit("/", 1)[-1]
-    rank = ([*ENCODERS].index(base) if base in ENCODERS else 2 if is_twin(base) else
-            3 + [*NAMED, *PEERS, "dummy"].index(base) if base in (*NAMED, *PEERS, "dummy") else 99)
-    return rank, model

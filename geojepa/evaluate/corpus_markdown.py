@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from geojepa.evaluate.corpus import BEST_PEER, GROUPS, NAMED, model_order
 from geojepa.evaluate.labels import TASKS
+from geojepa.evaluate.names import BEST_PEER, GROUPS, NAMED, model_order
 from geojepa.evaluate.peers import PEERS
 from geojepa.evaluate.pooled import CROSS
 from geojepa.evaluate.report import protocol_lines

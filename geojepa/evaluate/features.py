@@ -24,8 +24,8 @@ import numpy as np
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import TokenIndex, release, token_batches
 from geojepa.encoding.spill import Spill
-from geojepa.evaluate.masking import kept_tag_vectors, mask_item, tag_pool, without_images
 from geojepa.evaluate.labels import Task, subsample
+from geojepa.evaluate.masking import kept_tag_vectors, mask_item, tag_pool, without_images
 from geojepa.evaluate.protocol import Protocol
 from geojepa.evaluate.region import RegionScan
 
@@ -158,7 +158,9 @@ def embed_region(tok: TokenIndex, scan: RegionScan, sets: dict[str, TaskSet], en
                 a, b = bounds[k : k + 2]
                 if a < b or drop_masked_images:  # else unchanged by the masking: the unmasked vectors
                     changed.append(w)
-                    it = mask_item(items[k], local[a:b], ed.keep[a:b], None if new_vectors is None else new_vectors[a:b])
+                    it = mask_item(
+                        items[k], local[a:b], ed.keep[a:b], None if new_vectors is None else new_vectors[a:b]
+                    )
                     masked.append(without_images(it) if drop_masked_images else it)
             if masked:
                 for e, p in zip(names, run(masked), strict=True):

@@ -61,10 +61,20 @@ def write_probe_features(path: Path, ids: np.ndarray, groups: np.ndarray, sets: 
         for task, s in sets.items():
             for model, x in feats.get(task, {}).items():
                 n = len(s.rows)
-                out.write(pa.table({
-                    "task": pa.array([task] * n, pa.string()), "model": pa.array([model] * n, pa.string()),
-                    "tile_id": pa.array(ids[s.rows].tolist(), pa.string()), "split": pa.array(s.sp.tolist(), pa.string()),
-                    "group_id": pa.array(groups[s.rows].tolist(), pa.string()), "label": pa.array(s.y, pa.float64()),
-                    "features": pa.ListArray.from_arrays(
-                        pa.array((np.arange(n + 1) * x.shape[1]).astype(np.int32)),
-                        pa.array(np.ascontiguousarray(x, np.float32).ravel()))}, schema=PROBE_FEATURES.schema))
+                out.write(
+                    pa.table(
+                        {
+                            "task": pa.array([task] * n, pa.string()),
+                            "model": pa.array([model] * n, pa.string()),
+                            "tile_id": pa.array(ids[s.rows].tolist(), pa.string()),
+                            "split": pa.array(s.sp.tolist(), pa.string()),
+                            "group_id": pa.array(groups[s.rows].tolist(), pa.string()),
+                            "label": pa.array(s.y, pa.float64()),
+                            "features": pa.ListArray.from_arrays(
+                                pa.array((np.arange(n + 1) * x.shape[1]).astype(np.int32)),
+                                pa.array(np.ascontiguousarray(x, np.float32).ravel()),
+                            ),
+                        },
+                        schema=PROBE_FEATURES.schema,
+                    )
+                )

@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 def missing() -> str | None:
     """None when the peers can run, else why not (the extra is absent)."""
     try:
-        import srai  # noqa: F401
         import pytorch_lightning  # noqa: F401
+        import srai  # noqa: F401
     except ImportError as e:
         return f"{e.name} is not installed: pip install 'geojepa[peers]' (from a checkout: pip install -e '.[peers]')"
     return None

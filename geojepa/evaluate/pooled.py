@@ -27,29 +27,12 @@ import numpy as np
 import pandas as pd
 
 from geojepa.errors import GeoJepaError
+from geojepa.evaluate import readouts
+from geojepa.evaluate.readouts import auc, weighted_auc
 
 BOOTSTRAP = 2000
 HIGHER_IS_BETTER = {"roc_auc"}
 CROSS = "cross_ridge"  # the cross-region read-out's probe name
-
-
-def weighted_auc(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """ROC-AUC of ``score`` for 0/1 labels ``y`` under each row of tile weights ``w`` (resamples, tiles); ties
-    count one half. nan where a resample holds one class only."""
-    order = np.argsort(score, kind="stable")
-    s, pos = score[order], y[order] > 0.5
-    w = w[:, order].astype(np.float64)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    neg = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
-    posw = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    n1, n0 = posw.sum(1), neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (posw * (below + 0.5 * neg)).sum(1) / (n1 * n0)
-
-
-def auc(score: np.ndarray, y: np.ndarray) -> float:
-    return float(weighted_auc(score, y, np.ones((1, len(y))))[0])
 
 
 class Scores:
@@ -194,8 +177,6 @@ def cross_region(features: dict[str, pd.DataFrame], seen: dict[str, bool], kinds
     region -> PROBE_FEATURES frame): prediction rows like ``predictions.parquet``'s (probe ``CROSS``) for every
     region's test tiles and the trained-on regions' validation tiles, and per task its chosen setting or why
     it was skipped."""
-    from geojepa.evaluate import readouts
-
     notes, out = {}, []
     trained = [r for r in features if seen[r]]
     if not trained:

@@ -174,9 +174,9 @@ def _rows(probes: list[TaskProbes], preds: dict, plans: dict, proto: Protocol) -
             continue
         task, y = pr.task, pr.y
         tr, va, te = pr.split("train"), pr.split("val"), pr.split("test")
-        scored = np.concatenate([va, te])
+        scored, n_tr = np.concatenate([va, te]), len(tr)
 
-        def add(setting, model, probe, v, te_, chosen, task=task, y=y, va=va, te=te, scored=scored, n_tr=len(tr),
+        def add(setting, model, probe, v, te_, chosen, task=task, y=y, va=va, te=te, scored=scored, n_tr=n_tr,
                 ids=pr.ids):
             runs = [metrics(task.kind, y[te], p) for p in te_]
             val = [metrics(task.kind, y[va], p) for p in v]

@@ -79,11 +79,28 @@ def plan(sp: np.ndarray, groups: np.ndarray | None, min_val: int = 100, folds: i
     return Plan(rounds, final, va, te, "cv")
 
 
+def weighted_auc(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ROC-AUC of ``score`` for 0/1 labels ``y`` under each row of tile weights ``w`` (resamples, tiles); ties
+    count one half. nan where a resample holds one class only."""
+    order = np.argsort(score, kind="stable")
+    s, pos = score[order], y[order] > 0.5
+    w = w[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    neg = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    posw = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    n1, n0 = posw.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (posw * (below + 0.5 * neg)).sum(1) / (n1 * n0)
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float:
+    return float(weighted_auc(score, y, np.ones((1, len(y))))[0])
+
+
 def score(kind: str, y: np.ndarray, p: np.ndarray) -> float:
     """The choice metric, lower is better: MAE, or 1 - ROC-AUC for binary tasks (MAE with one class)."""
     if kind == "binary" and len(np.unique(y)) == 2:
-        from geojepa.evaluate.pooled import auc
-
         return 1.0 - auc(p, y)
     return float(np.mean(np.abs(y - p)))
 

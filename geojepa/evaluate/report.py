@@ -155,17 +155,27 @@ def _peers(notes: dict | None) -> list[str]:
     lines = ["## Peers (SRAI)", ""]
     if notes.get("skipped"):
         return lines + [f"Skipped: {notes['skipped']}.", ""]
-    lines += [f"SRAI {notes['srai']}'s embedders on this region's tiles: *count* (tag counts), *contextual_count* "
-              "(with the neighbours' counts), *hex2vec* (a skip-gram over tile adjacency), *geovex* (a hexagonal "
-              f"convolutional autoencoder, run on the square grid), counting the {notes['features']} key=value "
-              f"pairs found on the most training tiles (at most {notes.get('feature_cap', '-')}); hex2vec and "
-              f"geovex trained on this region's {notes['fitted_on_tiles']} training tiles (so, unlike GeoJEPA on a "
-              "holdout region, they have seen the region). In the masked setting they see the same tags removed; "
-              "they are probed in the masked setting only. Time: seconds on this machine, embedding = all passes "
-              "(unmasked and each masked one); peak: the largest resident-memory (RSS) rise in a fit or pass.",
-              *([f"Read from the region's evaluation cache: the fit below ran at {notes.get('fitted_at', 'an earlier')} "
-                 "evaluation of this region."] if notes.get("cached") else []),
-              "", "| peer | width | fit s | embedding s | peak RSS rise MB |", "|---|---|---|---|---|"]
+    lines += [
+        f"SRAI {notes['srai']}'s embedders on this region's tiles: *count* (tag counts), *contextual_count* "
+        "(with the neighbours' counts), *hex2vec* (a skip-gram over tile adjacency), *geovex* (a hexagonal "
+        f"convolutional autoencoder, run on the square grid), counting the {notes['features']} key=value "
+        f"pairs found on the most training tiles (at most {notes.get('feature_cap', '-')}); hex2vec and "
+        f"geovex trained on this region's {notes['fitted_on_tiles']} training tiles (so, unlike GeoJEPA on a "
+        "holdout region, they have seen the region). In the masked setting they see the same tags removed; "
+        "they are probed in the masked setting only. Time: seconds on this machine, embedding = all passes "
+        "(unmasked and each masked one); peak: the largest resident-memory (RSS) rise in a fit or pass.",
+        *(
+            [
+                f"Read from the region's evaluation cache: the fit below ran at {notes.get('fitted_at', 'an earlier')} "
+                "evaluation of this region."
+            ]
+            if notes.get("cached")
+            else []
+        ),
+        "",
+        "| peer | width | fit s | embedding s | peak RSS rise MB |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {p} | {st['dim']} | {st['fit_seconds']:.1f} | {st['embed_seconds']:.1f} | {st['peak_mb']:.0f} |"
               for p, st in notes["fitted"].items()]
     return lines + [""]

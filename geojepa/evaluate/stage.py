@@ -18,7 +18,6 @@ The folder is written whole to a temporary sibling and swapped in at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -31,8 +30,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from data_contracts import ENTITIES, TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, open_artifact, read_table
-from data_contracts import replace_folder
+from data_contracts import (
+    ENTITIES,
+    TAG_VOCAB,
+    TILE_ENTITIES,
+    TILE_IMAGES,
+    TILES,
+    TOKENS,
+    open_artifact,
+    read_table,
+    replace_folder,
+)
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.encoding.models import Trained, check_tokens, check_widths, load_trained
@@ -73,8 +81,10 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     except ValueError as e:
         raise GeoJepaError(str(e)) from None
     if not work_dir.is_dir() or not w.tokens.is_dir():
-        raise GeoJepaError(f"{work_dir}: not a tokenised region (no {w.tokens.name}/ folder); prepare it with "
-                           f"`geojepa extract PBF {work_dir}`, `geojepa tile {work_dir}` and `geojepa tokens {work_dir}`")
+        raise GeoJepaError(
+            f"{work_dir}: not a tokenised region (no {w.tokens.name}/ folder); prepare it with "
+            f"`geojepa extract PBF {work_dir}`, `geojepa tile {work_dir}` and `geojepa tokens {work_dir}`"
+        )
     spec = model or checkpoint or section.checkpoint
     trained = load_trained(spec or last_checkpoint(work_dir), cfg, work_dir.parent / ".models")
     check_tokens(trained, w.tokens, w.tokenizer_digest(), "tokenise the region with the model's tokenizer "
@@ -110,7 +120,9 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         run.metrics({_metric_name(r): r["mean"] for r in results if r["mean"] is not None})
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in summary["agreement"].items()})
-        run.metrics({f"peers.{p}.{k}": v for p, st in summary["peers"].get("fitted", {}).items() for k, v in st.items()})
+        run.metrics(
+            {f"peers.{p}.{k}": v for p, st in summary["peers"].get("fitted", {}).items() for k, v in st.items()}
+        )
         run.metrics({f"seconds.{k}": v for k, v in _flat_timing(summary["timing"]).items()})
         for f in ("report.md", "results.parquet", "predictions.parquet", "task_labels.parquet",
                   *summary["pictures"].values()):
@@ -220,7 +232,9 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     lap("pictures")
 
     # 6. writing
-    outputs.write_embeddings(tmp / "embeddings.parquet", paths, tok, meta, tiles, spill, f"geojepa:{trained.checkpoint.name}")
+    outputs.write_embeddings(
+        tmp / "embeddings.parquet", paths, tok, meta, tiles, spill, f"geojepa:{trained.checkpoint.name}"
+    )
     spill.path.unlink()
     outputs.write_tables(tmp, label_rows, results, predictions)
     outputs.write_probe_features(tmp / "probe_features.parquet", tok.ids, groups, sets, masked_feats)

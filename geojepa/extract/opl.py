@@ -107,8 +107,9 @@ def parse_way_nodes(ids: np.ndarray, field: pa.Array) -> Ways:
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     nonempty = np.flatnonzero(lengths > 0)
     closed = np.zeros(len(ids), dtype=bool)  # same first and last node (tokens hold the node id)
-    closed[nonempty] = pc.equal(flat.take(pa.array(starts[nonempty])),
-                                flat.take(pa.array(starts[nonempty] + lengths[nonempty] - 1))).to_numpy(zero_copy_only=False)
+    closed[nonempty] = pc.equal(
+        flat.take(pa.array(starts[nonempty])), flat.take(pa.array(starts[nonempty] + lengths[nonempty] - 1))
+    ).to_numpy(zero_copy_only=False)
     xy = pc.split_pattern(pc.list_element(pc.split_pattern(flat, "x", max_splits=1), 1), "y", max_splits=1)
     xs, ys = pc.list_element(xy, 0), pc.list_element(xy, 1)
     located = pc.not_equal(xs, "").to_numpy(zero_copy_only=False)  # "n3xy": outside the extract

@@ -291,7 +291,9 @@ def load_checkpoint(path, device="cpu") -> dict:
     return state
 
 
-def encoder_from_checkpoint(path, untrained: bool = False, seed: int = 0, which: str = "target") -> tuple[Encoder, dict]:
+def encoder_from_checkpoint(
+    path, untrained: bool = False, seed: int = 0, which: str = "target"
+) -> tuple[Encoder, dict]:
     """An encoder of a training checkpoint (``which``: the EMA ``target`` or the ``context`` encoder) and its
     resolved train config; ``untrained``: the same architecture freshly initialised with ``seed`` (the
     baseline a trained model must beat)."""

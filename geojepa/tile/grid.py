@@ -47,7 +47,9 @@ class Grid:
     def tile_id(self, col, row) -> np.ndarray:
         """Readable, stable ids: ``EPSG32635-300m-c8310-r22305``."""
         prefix = f"EPSG{self.epsg}-{self.size:g}m"
-        return np.array([f"{prefix}-c{c}-r{r}" for c, r in zip(np.ravel(col), np.ravel(row), strict=True)], dtype=object)
+        return np.array(
+            [f"{prefix}-c{c}-r{r}" for c, r in zip(np.ravel(col), np.ravel(row), strict=True)], dtype=object
+        )
 
     def group_id(self, col, row) -> np.ndarray:
         gc, gr = np.floor_divide(col, self.group), np.floor_divide(row, self.group)

@@ -48,7 +48,9 @@ def _open(path: str, what: str) -> rasterio.DatasetReader:
     if ds.count < 3:
         raise GeoJepaError(f"{what}: {ds.count} band(s); expected RGB or RGB+NIR")
     if ds.dtypes[0] != "uint8":
-        raise GeoJepaError(f"{what}: bands are {ds.dtypes[0]}; expected 8-bit imagery (convert with gdal_translate -ot Byte -scale)")
+        raise GeoJepaError(
+            f"{what}: bands are {ds.dtypes[0]}; expected 8-bit imagery (convert with gdal_translate -ot Byte -scale)"
+        )
     return ds
 
 
@@ -130,7 +132,13 @@ class StacNaip:
     def __init__(self, api: str = "https://planetarycomputer.microsoft.com/api/stac/v1", collection: str = "naip",
                  sign_url: str | None = "https://planetarycomputer.microsoft.com/api/sas/v1/token",
                  asset: str = "image", timeout: float = 60.0):
-        self.api, self.collection, self.sign_url, self.asset, self.timeout = api.rstrip("/"), collection, sign_url, asset, timeout
+        self.api, self.collection, self.sign_url, self.asset, self.timeout = (
+            api.rstrip("/"),
+            collection,
+            sign_url,
+            asset,
+            timeout,
+        )
         self._token: str | None = None
 
     def _get(self, url: str, body: dict | None = None) -> dict:
@@ -159,7 +167,9 @@ class StacNaip:
         for it in items:
             href = it["assets"][self.asset]["href"]
             ds = _open(self._sign(href), f"{it['id']} ({href})")
-            datasets.append((ds, f"{self.collection}:{it['id']}", (it["properties"].get("datetime") or "")[:10] or None))
+            datasets.append(
+                (ds, f"{self.collection}:{it['id']}", (it["properties"].get("datetime") or "")[:10] or None)
+            )
         return Mosaic(datasets)
 
 

@@ -34,14 +34,14 @@ import shapely
 from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, replace_folder, write_table
 from geojepa.config import Config, TileConfig
 from geojepa.errors import GeoJepaError
-from geojepa.tile import render as renderer
+from geojepa.lifecycle import Lifecycle
+from geojepa.parallel import bounded_map
 from geojepa.tile import plan as planner
+from geojepa.tile import render as renderer
 from geojepa.tile.clip import pieces
 from geojepa.tile.grid import assign_splits
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
 from geojepa.tile.plan import Region, extent_partitions, plan_region
-from geojepa.parallel import bounded_map
-from geojepa.lifecycle import Lifecycle
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)

@@ -117,11 +117,18 @@ def descriptors(geoms_m: np.ndarray) -> np.ndarray:
     side_a = np.hypot(*(pos[:, 1] - pos[:, 0]).T)
     side_b = np.hypot(*(pos[:, 3] - pos[:, 0]).T)
     long_side, short_side = np.maximum(side_a, side_b), np.minimum(side_a, side_b)
-    return np.column_stack([
-        np.log1p(area), np.log1p(length), np.where(length > 0, 4 * np.pi * area / np.maximum(length, 1e-9) ** 2, 0),
-        np.log1p(shapely.get_num_coordinates(geoms_m)), np.where(long_side > 0, short_side / np.maximum(long_side, 1e-9), 1),
-        np.log1p(long_side), np.where(hull > 0, area / np.maximum(hull, 1e-9), 0), dims.astype(float),
-    ]).astype(np.float32)
+    return np.column_stack(
+        [
+            np.log1p(area),
+            np.log1p(length),
+            np.where(length > 0, 4 * np.pi * area / np.maximum(length, 1e-9) ** 2, 0),
+            np.log1p(shapely.get_num_coordinates(geoms_m)),
+            np.where(long_side > 0, short_side / np.maximum(long_side, 1e-9), 1),
+            np.log1p(long_side),
+            np.where(hull > 0, area / np.maximum(hull, 1e-9), 0),
+            dims.astype(float),
+        ]
+    ).astype(np.float32)
 
 
 def occupancy(geoms_m: np.ndarray) -> np.ndarray:
@@ -265,4 +272,7 @@ def neighbour_quality(z: np.ndarray, geoms_m: np.ndarray, k: int = 5, seed: int 
     nn_idx = np.argsort(-sim, axis=1)[:, :k]
     near = np.linalg.norm(d[:, None] - d[nn_idx], axis=2).mean()
     rnd = np.random.default_rng(seed).integers(0, len(d), size=(len(d), k))
-    return {"knn_descriptor_distance": float(near), "random_descriptor_distance": float(np.linalg.norm(d[:, None] - d[rnd], axis=2).mean())}
+    return {
+        "knn_descriptor_distance": float(near),
+        "random_descriptor_distance": float(np.linalg.norm(d[:, None] - d[rnd], axis=2).mean()),
+    }

@@ -25,115 +25,27 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import shapely
 
-from data_contracts import (TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, atomic_path, open_artifact,
-                            read_table, replace_folder, write_table)
-from geojepa import manifest
+from data_contracts import (
+    TILE_ENTITIES,
+    TILE_IMAGES,
+    TILES,
+    TOKENS,
+    open_artifact,
+    read_table,
+    replace_folder,
+    write_table,
+)
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
-from geojepa.tokens import geometry as G
-from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
-from geojepa.tokens.text import batches, open_embedder
-from geojepa.tokens.vocab import Vocab, entry_text, wanted_entries
 from geojepa.lifecycle import Lifecycle
+from geojepa.tokens import geometry as G
+from geojepa.tokens.fitting import build_vocab, geometry_encoder, vocab_model
+from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
+from geojepa.tokens.tokenizer import load_tokenizer
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 TOKENS_DIR = "tokens"
-
-
-def build_vocab(path: Path, tag_lists: list, cfg: TokensConfig, run=None) -> tuple[Vocab, int]:
-    """Load the vocabulary at ``path`` and embed the entries these tags need that it lacks.
-
-    Progress is saved after every request, so an interrupted run resumes where it stopped.
-    Returns the vocabulary and how many texts were embedded now.
-    """
-    keys: list[str] = []
-    values: list[str | None] = []
-    vectors = np.zeros((0, 0), np.float32)
-    model = None
-    if path.exists():
-        t = read_table(path, TAG_VOCAB)
-        keys, values = t["key"].to_pylist(), t["value"].to_pylist()
-        vectors = np.asarray(t["embedding"].to_pylist(), dtype=np.float32) if t.num_rows else vectors
-        models = set(t["model"].to_pylist())
-        model = models.pop() if len(models) == 1 else None
-        if len(models) > 1:
-            raise GeoJepaError(f"{path}: vocabulary mixes embedding models {sorted(models | {model})}")
-    have = set(zip(keys, values, strict=True))
-    missing = sorted(wanted_entries(tag_lists, cfg.max_values_per_key) - have, key=lambda e: (e[0], e[1] or ""))
-    if not missing:
-        return Vocab(keys, values, vectors), 0
-    embedder = open_embedder(cfg.text_model)
-    if model is not None and model != embedder.name:
-        raise GeoJepaError(f"{path}: vocabulary was embedded with {model}, not {embedder.name}; "
-                           f"use another --set tokens.vocab=PATH for this model")
-    log.info("tokens: embedding %d new vocabulary entries with %s", len(missing), embedder.name)
-    done = 0
-    for chunk in batches(missing, embedder.batch_size):
-        emb = embedder.embed([entry_text(k, v) for k, v in chunk])
-        vectors = emb if not len(vectors) else np.vstack([vectors, emb])
-        keys += [k for k, _ in chunk]
-        values += [v for _, v in chunk]
-        done += len(chunk)
-        log.info("tokens: vocabulary %d/%d texts embedded", done, len(missing))
-        write_table(pa.table({
-            "key": pa.array(keys, pa.string()), "value": pa.array(values, pa.string()),
-            "text": pa.array([entry_text(k, v) for k, v in zip(keys, values, strict=True)], pa.string()),
-            "embedding": pa.array(list(vectors), pa.list_(pa.float32())),
-            "model": pa.array([embedder.name] * len(keys), pa.string())}), path, TAG_VOCAB)
-        if run:
-            run.metrics({"vocab_embedded": done})
-    return Vocab(keys, values, vectors), done
-
-
-def load_geometry_encoder(path: Path, dim: int):
-    """The frozen shape encoder at ``path`` (weights only: a checkpoint cannot run code when loaded)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        encoder = G.ShapeEncoder(state["dim"])
-        encoder.load_state_dict(state["model"])
-    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
-        raise GeoJepaError(f"{path}: damaged shape encoder checkpoint ({type(e).__name__}: {e}); "
-                           "retrain it with --train-geometry") from None
-    if state["dim"] != dim:
-        raise GeoJepaError(f"{path}: encoder of width {state['dim']}, config asks {dim}; retrain with --train-geometry")
-    return encoder.eval()
-
-
-def train_geometry_encoder(path: Path, cfg: TokensConfig, geoms_m: np.ndarray, run) -> dict:
-    """Train the shape encoder on (a sample of) ``geoms_m``, save it to ``path``; returns its quality report."""
-    import torch
-
-    rng = np.random.default_rng(cfg.seed)
-    sample = geoms_m[rng.permutation(len(geoms_m))[: cfg.geometry_max_shapes]]
-    t0 = time.perf_counter()
-    encoder, stats, result = G.fit(sample, cfg.geometry_dim, cfg.geometry_epochs, cfg.seed)
-    z = G.encode(encoder, sample[:2000])
-    z0 = G.encode(G.ShapeEncoder(cfg.geometry_dim), sample[:2000])
-    quality = {**G.neighbour_quality(z, sample[:2000]),
-               "knn_descriptor_distance_untrained": G.neighbour_quality(z0, sample[:2000])["knn_descriptor_distance"]}
-    report = {"geometry_val_loss": result.val_loss, "geometry_val_loss_untrained": result.val_loss_untrained,
-              "geometry_train_seconds": time.perf_counter() - t0, "geometry_train_shapes": len(sample), **quality}
-    with atomic_path(path) as tmp:
-        torch.save({"dim": cfg.geometry_dim, "model": encoder.state_dict(), "descriptor_stats": stats,
-                    "report": {k: float(v) for k, v in report.items()}}, tmp)
-    if run:
-        for epoch, train_loss, val_loss in result.curve:
-            run.metrics({"geometry_train_loss": train_loss, "geometry_val_loss_curve": val_loss}, step=epoch)
-        run.metrics(report)
-    log.info("tokens: shape encoder trained on %d shapes: val loss %.4f vs %.4f untrained; %s", len(sample),
-             result.val_loss, result.val_loss_untrained, quality)
-    return report
-
-
-def _geometry_encoder(path: Path, cfg: TokensConfig, geoms_m: np.ndarray, train: bool, run) -> tuple:
-    """Load the frozen shape encoder, or train it (when asked, or when there is none yet)."""
-    report = None
-    if train or not path.exists():
-        report = train_geometry_encoder(path, cfg, geoms_m, run)
-    return load_geometry_encoder(path, cfg.geometry_dim), manifest.file_sha256(path), report
 
 
 class _Images:
@@ -201,7 +113,6 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     this region's new tag values), shape encoder and settings are used, and its digest goes into every shard;
     without, the region gets its own vocabulary and shape encoder (``W/tag_vocab.parquet``,
     ``W/geometry_encoder.pt``)."""
-    from geojepa.tokens.tokenizer import load_tokenizer
 
     w = WorkDir(work_dir)
     work_dir = w.path
@@ -218,15 +129,24 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     encoder_path = Path(section.geometry_checkpoint) if section.geometry_checkpoint else w.geometry_encoder
     # The tokenizer enters by its record (digest), not its vocabulary file, which other regions may grow.
     inputs = {**paths, **({"tokenizer": tok.folder / "tokenizer.json"} if tok else {})}
-    life = Lifecycle("tokens", work_dir, cfg, inputs, section.model_dump(mode="json"), ("geojepa.tokens", "data_contracts"),
-                     section="tokens")
+    life = Lifecycle(
+        "tokens",
+        work_dir,
+        cfg,
+        inputs,
+        section.model_dump(mode="json"),
+        ("geojepa.tokens", "data_contracts"),
+        section="tokens",
+    )
     if done := life.skipped(force or train_geometry):
         return done
 
     t0 = time.perf_counter()
     tiles = read_table(paths["tiles"], TILES, columns=["tile_id", "split"])
     split_of = dict(zip(tiles["tile_id"].to_pylist(), tiles["split"].to_pylist(), strict=True))
-    te = read_table(paths["tile_entities"], TILE_ENTITIES).sort_by([("tile_id", "ascending"), ("entity_id", "ascending")])
+    te = read_table(paths["tile_entities"], TILE_ENTITIES).sort_by(
+        [("tile_id", "ascending"), ("entity_id", "ascending")]
+    )
     te = te.filter(pc.is_in(te["tile_id"], pa.array([t for t, s in split_of.items() if s != "gap"], pa.string())))
     if te.num_rows == 0:
         raise GeoJepaError(f"{paths['tile_entities']}: no entities in non-gap tiles; nothing to tokenise")
@@ -239,9 +159,11 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         size_m = float(read_table(paths["tiles"], TILES, columns=["size_m"])["size_m"][0].as_py())
         geoms_m = shapely.transform(shapely.from_wkb(te["geometry"].to_numpy(zero_copy_only=False)),
                                     lambda c: c * size_m)
-        encoder, encoder_sha, report = _geometry_encoder(encoder_path, section, geoms_m, train_geometry, run)
+        encoder, encoder_sha, report = geometry_encoder(encoder_path, section, geoms_m, train_geometry, run)
         vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
-        fingerprint = json.dumps([section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True)
+        fingerprint = json.dumps(
+            [section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True
+        )
         hashes = _tile_hashes(te, images, fingerprint, split_of)
         old_hashes = _existing_hashes(work_dir / TOKENS_DIR)
         reused = {t for t, h in hashes.items() if old_hashes.get(t) == h}
@@ -253,7 +175,9 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         image_dim = [0]
 
         tile_ids, first = np.unique(ids_np, return_index=True)
-        span = dict(zip(tile_ids.tolist(), zip(first.tolist(), [*first[1:].tolist(), len(ids_np)]), strict=True))
+        span = dict(
+            zip(tile_ids.tolist(), zip(first.tolist(), [*first[1:].tolist(), len(ids_np)], strict=True), strict=True)
+        )
 
         def compute(todo: list[str]) -> dict[str, dict]:
             """Token rows of these tiles (te is sorted by tile, so each tile's entities are contiguous)."""
@@ -284,23 +208,29 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         empty = sorted(t for t, s in split_of.items() if s != "gap" and t not in hashes)
         if empty:
             log.warning("tokens: %d tiles have no entities and get no tokens: %s", len(empty), empty[:5])
-        summary = {"tokenizer_digest": tok.digest if tok else None, "tiles": len(hashes), "tiles_tokenised": todo_count, "tiles_reused": len(reused),
-                   "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()), "empty_tiles_skipped": len(empty), "tokens": n_tokens,
-                   "entities": te.num_rows, "vocab_entries": len(vocab.index), "vocab_embedded": embedded,
-                   "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),
-                   **{f"shards_{k}": v for k, v in counts.items()}, "seconds": round(seconds, 3),
-                   "tiles_per_s": round(todo_count / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
-                   **(report or {})}
+        summary = {
+            "tokenizer_digest": tok.digest if tok else None,
+            "tiles": len(hashes),
+            "tiles_tokenised": todo_count,
+            "tiles_reused": len(reused),
+            "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()),
+            "empty_tiles_skipped": len(empty),
+            "tokens": n_tokens,
+            "entities": te.num_rows,
+            "vocab_entries": len(vocab.index),
+            "vocab_embedded": embedded,
+            "entities_per_vocab_text": round(sum(len(t) for t in tag_lists) / max(len(vocab.index), 1), 2),
+            **{f"shards_{k}": v for k, v in counts.items()},
+            "seconds": round(seconds, 3),
+            "tiles_per_s": round(todo_count / seconds, 1),
+            "tokens_per_s": round(n_tokens / seconds, 1),
+            **(report or {}),
+        }
         run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         run.dict(summary, "tokens_summary.json")
     log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(hashes), todo_count, len(reused),
              n_tokens, seconds)
     return life.publish([TOKENS_DIR], summary)
-
-
-def vocab_model(path: Path) -> str:
-    t = read_table(path, TAG_VOCAB, columns=["model"]) if path.exists() else None
-    return t["model"][0].as_py() if t is not None and t.num_rows else ""
 
 
 def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tuple[np.ndarray, np.ndarray]:

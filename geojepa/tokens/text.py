@@ -66,8 +66,14 @@ class Voyage:
         self.retries, self.backoff = retries, backoff
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(with_retries(lambda: self._client.embed(texts, model=self.name, input_type="document").embeddings,
-                                       self.retries, self.backoff), dtype=np.float32)
+        return np.asarray(
+            with_retries(
+                lambda: self._client.embed(texts, model=self.name, input_type="document").embeddings,
+                self.retries,
+                self.backoff,
+            ),
+            dtype=np.float32,
+        )
 
 
 def with_retries(call: Callable, retries: int, backoff: float):
@@ -77,8 +83,10 @@ def with_retries(call: Callable, retries: int, backoff: float):
             return call()
         except Exception as e:  # noqa: BLE001 (the client raises many kinds; all are retried, then reported)
             if attempt == retries:
-                raise TransientError(f"Voyage API failed after {retries + 1} attempts ({type(e).__name__}: {e}); "
-                                   "check the network and VOYAGE_API_KEY, or use --set tokens.text_model=minilm") from None
+                raise TransientError(
+                    f"Voyage API failed after {retries + 1} attempts ({type(e).__name__}: {e}); "
+                    "check the network and VOYAGE_API_KEY, or use --set tokens.text_model=minilm"
+                ) from None
             delay = backoff * 2**attempt
             log.warning("Voyage API: %s; retrying in %.0fs", type(e).__name__, delay)
             time.sleep(delay)

@@ -36,6 +36,7 @@ from data_contracts import TILE_ENTITIES, TILES, atomic_path, read_table
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
 from geojepa.tokens import vocab as V
+from geojepa.tokens.fitting import build_vocab, train_geometry_encoder
 from geojepa.tracking import record_skip, stage_run
 from geojepa.workdir import WorkDir
 
@@ -89,7 +90,9 @@ def load_tokenizer(folder: Path | str) -> Tokenizer:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise GeoJepaError(f"{path}: no tokenizer here; make one with `geojepa tokenizer fit {folder} --data W ...`") from None
+        raise GeoJepaError(
+            f"{path}: no tokenizer here; make one with `geojepa tokenizer fit {folder} --data W ...`"
+        ) from None
     except ValueError as e:
         raise GeoJepaError(f"{path}: damaged tokenizer record ({e})") from None
     if record.get("digest") != _digest(record):
@@ -122,8 +125,6 @@ def region_shapes(w: WorkDir) -> tuple[list[list], np.ndarray]:
 def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: bool = False) -> dict:
     """Fit the tokenizer on the listed regions' tiles. An existing tokenizer is frozen: it is kept unless
     ``force`` (which makes a new digest: models trained with the old one no longer match)."""
-    from geojepa.tokens.stage import build_vocab, train_geometry_encoder
-
     folder = Path(folder)
     regions = [WorkDir(w) for w in work_dirs]
     if not regions:

@@ -238,7 +238,9 @@ def train(cfg: dict) -> dict:
         history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
     loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight", "regulariser", "target_centre")
                     if k in cfg}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     t_last, tokens_since = time.perf_counter(), 0
     while step < total:
         sampler.epoch = collate.epoch = epoch
