@@ -154,6 +154,8 @@ class TrainConfig(Section):
     regulariser: Literal["vicreg", "target"] = "vicreg"
     target_centre: bool = False  # predict each target minus its (tile, modality)'s context mean target
     max_entities_per_tile: int | None = Field(None, ge=1)  # a longer training tile: a random spatial crop of it
+    # share of context entities shown by one of their two tokens only (tags or geometry; the reference: 0.3)
+    entity_dropout: float = Field(0.0, ge=0, lt=1)
     masks: MaskSettings = MaskSettings()
     # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap
     # times the median region's; or explicit weights by region name (the same total, shared by weight).

@@ -457,7 +457,8 @@ def test_the_diagnostics_see_a_tile_wide_gist_and_the_target_terms_spare_a_perfe
 
 
 def test_the_target_regulariser_and_centring_train_and_every_step_records_the_diagnostics(w, cfg):
-    train(_resolved(cfg, w, modalities=("tags", "geometry"), regulariser="target", target_centre=True, max_steps=3))
+    train(_resolved(cfg, w, modalities=("tags", "geometry"), regulariser="target", target_centre=True,
+                    entity_dropout=0.3, max_steps=3))
     history = json.loads((w / "checkpoints" / "history.json").read_text())
     for h in history:
         assert {"trivial", "jepa_gain", "within_share"} <= set(h) and math.isfinite(h["loss"])
@@ -503,3 +504,25 @@ def test_a_long_tile_is_cropped_to_a_contiguous_part_of_it_and_short_ones_are_le
     collate = Collator(("tags", "geometry"), data.dims, seed=0, max_entities=10)
     b = collate([data[i], short])
     assert (b.doc == 0).sum() == 20  # 10 entities x (tags, geometry)
+
+
+def test_entity_dropout_leaves_out_one_token_of_a_share_of_the_context_entities():
+    from geojepa.model.jepa import MODALITIES
+    from geojepa.train.data import entity_dropout
+
+    n = 400  # entities 0..399: tags tokens, then geometry tokens; 10 image patches (entities 400..409)
+    tags, geo, img = MODALITIES["tags"], MODALITIES["geometry"], MODALITIES["image"]
+    modality = np.r_[np.full(n, tags), np.full(n, geo), np.full(10, img)]
+    entity = np.r_[np.arange(n), np.arange(n), n + np.arange(10)]
+    context = np.r_[np.arange(300), n + np.arange(200), 2 * n + np.arange(10)]  # entities 0..199 both; 200..299 tags
+    assert np.array_equal(entity_dropout(context, modality, entity, 0.0, np.random.default_rng(0)), context)
+    out = entity_dropout(context, modality, entity, 0.3, np.random.default_rng(0))
+    assert np.all(np.diff(out) > 0) and set(out) <= set(context)  # a subset, in order
+    gone = np.setdiff1d(context, out)
+    ents = entity[gone]
+    assert len(np.unique(ents)) == len(gone)  # never both tokens of an entity
+    assert ents.max() < 200  # only entities with both tokens in the context; images and single tokens kept
+    assert 40 <= len(gone) <= 80  # about 30% of 200
+    assert 0.3 < np.mean(modality[gone] == tags) < 0.7  # tags or geometry, at random
+    again = entity_dropout(context, modality, entity, 0.3, np.random.default_rng(0))
+    assert np.array_equal(out, again)  # deterministic per generator

@@ -149,9 +149,9 @@ class Collator:
     """Packs tiles and draws their masks; deterministic per (seed, epoch, tiles), whatever the worker."""
 
     def __init__(self, modalities: tuple[str, ...], dims: dict[str, int], seed: int, masks: MaskConfig = MaskConfig(),
-                 pad_to_max: bool = False, max_entities: int | None = None):
+                 pad_to_max: bool = False, max_entities: int | None = None, entity_dropout: float = 0.0):
         self.modalities, self.dims, self.seed, self.masks, self.pad_to_max = modalities, dims, seed, masks, pad_to_max
-        self.max_entities = max_entities
+        self.max_entities, self.entity_dropout = max_entities, entity_dropout
         self.epoch = 0
 
     def __call__(self, items: list[dict]) -> TokenBatch:
@@ -164,11 +164,14 @@ class Collator:
         for start, tok_mod, tok_pos, tok_ent in packed.pop("tiles"):
             n = len(tok_mod)
             mask = make_mask(tok_pos.reshape(n, 4, 2).mean(1), tok_mod, rng, self.masks, tok_ent)
-            context.append(start + mask.context)
+            ctx = mask.context
+            if self.entity_dropout:
+                ctx = entity_dropout(ctx, tok_mod, tok_ent, self.entity_dropout, rng)
+            context.append(start + ctx)
             for block in mask.targets:  # one predictor document per (tile, block): the context, then the block
-                pred_src += [start + mask.context, start + block]
-                pred_target += [np.zeros(len(mask.context), bool), np.ones(len(block), bool)]
-                pred_doc.append(np.full(len(mask.context) + len(block), n_pred))
+                pred_src += [start + ctx, start + block]
+                pred_target += [np.zeros(len(ctx), bool), np.ones(len(block), bool)]
+                pred_doc.append(np.full(len(ctx) + len(block), n_pred))
                 n_pred += 1
         cat = np.concatenate
         pred_src, pred_target = torch.from_numpy(cat(pred_src)).long(), torch.from_numpy(cat(pred_target))
@@ -179,6 +182,25 @@ class Collator:
                           pred_pos=pred_pos, pred_is_target=pred_target,
                           pred_doc=torch.from_numpy(cat(pred_doc)).long(), n_pred_docs=n_pred,
                           pad_to_max=self.pad_to_max)
+
+
+def entity_dropout(context: np.ndarray, modality: np.ndarray, entity: np.ndarray, p: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The context tokens with, on a share ``p`` of the entities whose tags and geometry tokens are both in it,
+    one of the two left out (which one at random): the reference's within-entity dropout, the corruption the
+    masked evaluation applies (an entity known by its shape alone, or by its tags alone). Image patches and
+    entities with a single context token are untouched; the context keeps its order."""
+    ent_mod = {MODALITIES["tags"], MODALITIES["geometry"]}
+    is_ent = np.isin(modality[context], list(ent_mod))
+    ids, counts = np.unique(entity[context][is_ent], return_counts=True)
+    both = ids[counts == 2]
+    chosen = both[rng.random(len(both)) < p]
+    if not len(chosen):
+        return context
+    drop_mod = np.where(rng.random(len(chosen)) < 0.5, MODALITIES["tags"], MODALITIES["geometry"])
+    dropped = np.full(int(entity.max()) + 1, -1)
+    dropped[chosen] = drop_mod
+    return context[~(is_ent & (dropped[entity[context]] == modality[context]))]
 
 
 def spatial_crop(item: dict, k: int, rng: np.random.Generator) -> dict:

@@ -198,7 +198,7 @@ def train(cfg: dict) -> dict:
     masks = {**cfg.get("masks", {})}
     masks = MaskConfig(**{**masks, **({"area_aspect": tuple(masks["area_aspect"])} if "area_aspect" in masks else {})})
     collate = Collator(modalities, data.dims, cfg["seed"], masks, pad_to_max=cfg.get("pad_to_max", False),
-                       max_entities=cfg.get("max_entities_per_tile"))
+                       max_entities=cfg.get("max_entities_per_tile"), entity_dropout=cfg.get("entity_dropout", 0.0))
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
     sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
     model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
