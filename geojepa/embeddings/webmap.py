@@ -23,7 +23,7 @@ from data_contracts import atomic_path, embedding_dim, entity_embeddings, read_t
 from geojepa.embeddings.similar import load_tiles
 from geojepa.encoding.neighbours import topk_cosine
 from geojepa.errors import GeoJepaError
-from geojepa.evaluate.figures import pca
+from geojepa.evaluate.figures import bulk_extent, pc_colours
 
 BASE_COORDINATES = 400_000
 
@@ -36,6 +36,16 @@ def _rings(footprints) -> list[list[float]]:
         ring = shapely.get_coordinates(g.exterior if hasattr(g, "exterior") else g.convex_hull.exterior)
         out.append(np.round(ring.ravel(), 6).tolist())
     return out
+
+
+def _view(footprints) -> list[float]:
+    """The first view: the bulk of the tiles (``bulk_extent``); the "all tiles" button frames every one."""
+    import shapely
+
+    centres = shapely.get_coordinates(shapely.centroid(np.asarray(footprints, dtype=object)))
+    bounds = shapely.bounds(np.asarray(footprints, dtype=object))
+    size = float(np.median(bounds[:, 2] - bounds[:, 0]))
+    return [round(v, 6) for v in bulk_extent(centres[:, 0], centres[:, 1], size)]
 
 
 def _base(path: Path) -> tuple[list[list[float]], int]:
@@ -68,13 +78,12 @@ def write_map(out: Path | str, k: int = 10, title: str | None = None) -> dict:
     ids, x, footprints = load_tiles(out)
     if len(ids) < 2:
         raise GeoJepaError(f"{out / 'tile_embeddings.parquet'}: {len(ids)} tile(s); a map needs two or more")
-    pcs = pca(x, 3)
-    lo, hi = np.percentile(pcs, 2, axis=0), np.percentile(pcs, 98, axis=0)
-    rgb = np.clip((pcs - lo) / np.where(hi > lo, hi - lo, 1), 0, 1) * 255
+    rgb = pc_colours(x) * 255
+    view = _view(footprints)
     sims, nn = topk_cosine(x, x, min(k, len(ids) - 1), exclude=np.arange(len(ids)))
     base, coordinates = _base(out / "entity_embeddings.parquet")
     data = {"ids": ids, "rings": _rings(footprints), "rgb": np.round(rgb).astype(int).tolist(),
-            "nn": nn.tolist(), "sims": np.round(sims, 4).tolist(), "base": base,
+            "nn": nn.tolist(), "sims": np.round(sims, 4).tolist(), "base": base, "view": view,
             "base_note": "" if base or not coordinates else
             f"base left out: {coordinates:,}+ coordinates (more than {BASE_COORDINATES:,})"}
     title = title or f"GeoJEPA tile embeddings: {out.name}"
@@ -105,6 +114,7 @@ PAGE = """<!doctype html>
 <p>Colour: the first three principal components of the tile embeddings (red, green, blue): similar colours,
 similar embeddings. Grey: the tiles' entities. Blank squares: tiles with fewer than 5 entities, which are not
 embedded. Click a tile for its nearest tiles (cosine similarity). Wheel: zoom; drag: pan.</p><p id="note"></p>
+<p><button id="bulk">first view</button> <button id="all"></button></p>
 <div id="info"></div><pre id="errors"></pre></div>
 <script>
 "use strict";
@@ -113,16 +123,19 @@ const body = document.body, errs = [];
 window.addEventListener("error", e => { errs.push(String(e.message)); body.dataset.errors = errs.length;
   document.getElementById("errors").textContent = errs.join("\\n"); });
 const cv = document.getElementById("c"), ctx = cv.getContext("2d");
-let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+let ax0 = Infinity, ay0 = Infinity, ax1 = -Infinity, ay1 = -Infinity;  // every tile
 for (const r of D.rings) for (let i = 0; i < r.length; i += 2) {
-  x0 = Math.min(x0, r[i]); x1 = Math.max(x1, r[i]); y0 = Math.min(y0, r[i + 1]); y1 = Math.max(y1, r[i + 1]); }
+  ax0 = Math.min(ax0, r[i]); ax1 = Math.max(ax1, r[i]); ay0 = Math.min(ay0, r[i + 1]); ay1 = Math.max(ay1, r[i + 1]); }
+const [x0, y0, x1, y1] = D.view;  // the bulk of the tiles: the first view
 const kx = Math.cos((y0 + y1) / 2 * Math.PI / 180);  // equirectangular, true to scale at the region's latitude
-let scale = 1, ox = 0, oy = 0, selected = -1;
-function fit() {
-  const w = cv.clientWidth, h = cv.clientHeight;
+let scale = 1, ox = 0, oy = 0, selected = -1, framed = D.view;
+function fit(box) {
+  framed = box || framed;
+  const [bx0, by0, bx1, by1] = framed, w = cv.clientWidth, h = cv.clientHeight;
   cv.width = w * devicePixelRatio; cv.height = h * devicePixelRatio;
-  scale = 0.95 * Math.min(w / ((x1 - x0) * kx || 1e-9), h / ((y1 - y0) || 1e-9));
-  ox = (w - (x1 - x0) * kx * scale) / 2; oy = (h - (y1 - y0) * scale) / 2;
+  scale = 0.95 * Math.min(w / ((bx1 - bx0) * kx || 1e-9), h / ((by1 - by0) || 1e-9));
+  ox = (w - (bx1 - bx0) * kx * scale) / 2 - (bx0 - x0) * kx * scale;
+  oy = (h - (by1 - by0) * scale) / 2 - (y1 - by1) * scale;
 }
 const px = (lon, lat) => [ox + (lon - x0) * kx * scale, oy + (y1 - lat) * scale];
 function path(flat, close) {
@@ -183,6 +196,13 @@ cv.addEventListener("wheel", e => { e.preventDefault(); const f = Math.exp(-e.de
   {passive: false});
 window.addEventListener("resize", () => { fit(); draw(); });
 document.getElementById("note").textContent = D.base_note;
+const centre = r => [0, 1].map(k => r.filter((_, i) => i % 2 === k).reduce((a, b) => a + b) / (r.length / 2));
+const outlying = D.rings.map(centre).filter(([cx, cy]) => cx < x0 || cx > x1 || cy < y0 || cy > y1).length;
+const allBtn = document.getElementById("all"), bulkBtn = document.getElementById("bulk");
+allBtn.textContent = `all tiles (${outlying} outside the first view)`;
+allBtn.hidden = bulkBtn.hidden = !outlying;
+allBtn.onclick = () => { fit([ax0, ay0, ax1, ay1]); draw(); };
+bulkBtn.onclick = () => { fit(D.view); draw(); };
 fit();
 function fromHash() {
   let want = "";

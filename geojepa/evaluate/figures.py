@@ -112,25 +112,52 @@ def pca(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(out, ((0, 0), (0, n - out.shape[1])))
 
 
-def region_map(footprints, emb: np.ndarray, path: Path, title: str) -> None:
+def pc_colours(emb: np.ndarray) -> np.ndarray:
+    """(n, 3) RGB in [0, 1] from the first three principal components, each stretched between its 2nd and 98th
+    percentile (a few extreme tiles would otherwise squeeze every other one into a pale middle)."""
+    pcs = pca(emb, 3)
+    lo, hi = np.percentile(pcs, 2, axis=0), np.percentile(pcs, 98, axis=0)
+    return np.clip((pcs - lo) / np.where(hi > lo, hi - lo, 1), 0, 1)
+
+
+def bulk_extent(x: np.ndarray, y: np.ndarray, pad: float, share: float = 0.98) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) framing the bulk of the points (tile centres): on each axis the central ``share`` of
+    them, widened by ``pad`` (a tile's size, so edge tiles show whole) and 5% of the span. A few stray tiles
+    tens of kilometres away (an entity far off the town) no longer set the view; all of them when few."""
+    if len(x) < 50:
+        share = 1.0
+    q = (1 - share) / 2
+    (x0, x1), (y0, y1) = np.quantile(x, [q, 1 - q]), np.quantile(y, [q, 1 - q])
+    mx, my = pad + 0.05 * (x1 - x0), pad + 0.05 * (y1 - y0)
+    return float(x0 - mx), float(y0 - my), float(x1 + mx), float(y1 + my)
+
+
+def region_map(footprints, emb: np.ndarray, path: Path, title: str) -> int:
     """The region's tiles (WKB footprints) filled with the RGB of their embedding's first three principal
-    components, drawn as one collection."""
+    components (``pc_colours``), drawn as one collection, framed on the bulk of the tiles (``bulk_extent``);
+    how many tiles lie outside the frame is written under it and returned."""
     from matplotlib.collections import PolyCollection
 
-    pcs = pca(emb, 3)
-    lo, hi = pcs.min(0), pcs.max(0)
-    rgb = (pcs - lo) / np.where(hi > lo, hi - lo, 1)
-    rings = [np.asarray(g.exterior.coords) for g in shapely.from_wkb(np.asarray(footprints, dtype=object))]
+    geoms = shapely.from_wkb(np.asarray(footprints, dtype=object))
+    rings = [np.asarray(g.exterior.coords) for g in geoms]
+    centres = shapely.get_coordinates(shapely.centroid(geoms))
+    bounds = shapely.bounds(geoms)
+    size = float(np.median(bounds[:, 2] - bounds[:, 0])) if len(bounds) else 0.0
+    x0, y0, x1, y1 = bulk_extent(centres[:, 0], centres[:, 1], size)
+    outside = int(((centres[:, 0] < x0) | (centres[:, 0] > x1) | (centres[:, 1] < y0) | (centres[:, 1] > y1)).sum())
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    ax.add_collection(PolyCollection(rings, facecolors=rgb, edgecolors="white", linewidths=0.2))
-    ax.autoscale_view()
-    ax.set_aspect(1 / np.cos(np.radians(np.mean(ax.get_ylim()))))
-    ax.set_xlabel("longitude")
+    ax.add_collection(PolyCollection(rings, facecolors=pc_colours(emb), edgecolors="white", linewidths=0.2))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect(1 / np.cos(np.radians((y0 + y1) / 2)))
+    ax.set_xlabel("longitude" + (f"   ({outside} outlying tile{'s' * (outside != 1)} outside this view)"
+                                 if outside else ""))
     ax.set_ylabel("latitude")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return outside
 
 
 def training_curves(history: list[dict], path: Path) -> bool:
