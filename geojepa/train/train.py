@@ -36,6 +36,7 @@ from geojepa.model.jepa import (
     tile_means,
     within_share,
 )
+from geojepa.progress import duration
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.masks import MaskConfig
 from geojepa.workdir import WorkDir, checkpoints_in
@@ -242,6 +243,7 @@ def train(cfg: dict) -> dict:
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     t_last, tokens_since = time.perf_counter(), 0
+    t_run, first_step = t_last, step  # the estimate of the time left
     while step < total:
         sampler.epoch = collate.epoch = epoch
         loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
@@ -291,10 +293,12 @@ def train(cfg: dict) -> dict:
                 t_last, tokens_since = now, 0
                 if device.type == "cuda":
                     record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                per_step = (now - t_run) / max(step - first_step, 1)
                 log.info("step %d/%d loss %.4f jepa %.4f (trivial %.4f, gain %.4f) var %.4f cov %.4f within-tile "
-                         "share %.3f lr %.2e ema %.5f target drift %.3f", step, total, parts["loss"], parts["jepa"],
-                         parts["trivial"], parts["jepa_gain"], parts["var"], parts["cov"], parts["within_share"], lr,
-                         momentum, record["target_drift"])
+                         "share %.3f lr %.2e ema %.5f target drift %.3f; %.2f s a step, %s left", step, total,
+                         parts["loss"], parts["jepa"], parts["trivial"], parts["jepa_gain"], parts["var"], parts["cov"],
+                         parts["within_share"], lr, momentum, record["target_drift"], per_step,
+                         duration(per_step * (total - step)))
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
