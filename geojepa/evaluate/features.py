@@ -28,6 +28,7 @@ from geojepa.evaluate.labels import Task, subsample
 from geojepa.evaluate.masking import kept_tag_vectors, mask_item, tag_pool, without_images
 from geojepa.evaluate.protocol import Protocol
 from geojepa.evaluate.region import RegionScan
+from geojepa.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def embed_region(tok: TokenIndex, scan: RegionScan, sets: dict[str, TaskSet], en
                 for e in names]
         return [j.result() for j in jobs]
 
+    progress = Progress(f"evaluate: embedding ({len(names)} encoders, masked tiles included)", n, "tiles")
     for r, items in token_batches(tok, have, section.embed_batch_tiles):
         for name, p in zip(names, run(items), strict=True):
             out[name].mean[r], out[name].max[r] = p.mean, p.max
@@ -174,6 +176,8 @@ def embed_region(tok: TokenIndex, scan: RegionScan, sets: dict[str, TaskSet], en
                     out[e].task_mean[t][dest], out[e].task_max[t][dest] = vec[e][0][sel], vec[e][1][sel]
                 tags.task_mean[t][dest] = tag_vec[sel]
         release()
+        progress.update(len(r))
+    progress.close()
     return out, tags
 
 

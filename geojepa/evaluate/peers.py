@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geojepa.progress import Progress
+
 PEERS = ("count", "contextual_count", "hex2vec", "geovex")
 # Their counts reach the probes as log(1 + count), as bag-of-tags' do: raw, a few dense test tiles lie far
 # outside the training range and the probes extrapolate to MAEs in the thousands (the research run's first
@@ -277,6 +279,7 @@ def fit(region: Region, names: tuple[str, ...], epochs: int, seed: int, radius: 
     trainer = {"max_epochs": epochs, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False}
     train = region.subset(region.train)
+    progress = Progress("evaluate: fitting SRAI peers", len(names), "peers", every=0)
     for name in names:
         with _measure(peers.stats[name], "fit_s"), _quiet(), _seeded(seed):
             if name == "count":
@@ -295,6 +298,8 @@ def fit(region: Region, names: tuple[str, ...], epochs: int, seed: int, radius: 
             else:
                 raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
         peers.models[name] = m
+        progress.update()
+    progress.close()
     return peers
 
 

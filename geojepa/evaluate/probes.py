@@ -33,6 +33,7 @@ from geojepa.evaluate.cache import Cache, key
 from geojepa.evaluate.labels import Task
 from geojepa.evaluate.probe import ProbeSettings, fit_predict_seeds, metrics, standardise
 from geojepa.evaluate.protocol import Protocol
+from geojepa.progress import Progress
 
 log = logging.getLogger(__name__)
 ENCODERS = ("geojepa", "geojepa_context")  # the trained model's EMA target and context encoders: never cached
@@ -117,6 +118,7 @@ def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
         parts += [[u[0] * len(c) / len(u[6]), *u[1:6], c.tolist()] for c in np.array_split(np.array(u[6]), n)]
     parts.sort(key=lambda u: -u[0])
     seconds, lock = np.zeros(len(probes)), threading.Lock()
+    progress = Progress("evaluate: probes", len(parts), "fits")
 
     def run(u):
         t0 = time.perf_counter()
@@ -146,9 +148,11 @@ def score(probes: list[TaskProbes], proto: Protocol, section, pool, cache: Cache
                     v, te_, chosen = np.concatenate([v0, v]), np.concatenate([t0_, te_]), f"seeds={len(seeds)}"
                 preds[k_] = (v, te_, chosen)
             seconds[t] += time.perf_counter() - t0
+            progress.update()
         release()
 
     list(pool.map(run, parts))
+    progress.close()
     for k_, cache_key in keys.items():
         if k_ in preds and cache.load_notes("probes", cache_key) is None:
             v, te_, chosen = preds[k_]
