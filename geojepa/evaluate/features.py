@@ -136,7 +136,9 @@ def embed_region(tok: TokenIndex, scan: RegionScan, sets: dict[str, TaskSet], en
                 for e in names]
         return [j.result() for j in jobs]
 
-    progress = Progress(f"evaluate: embedding ({len(names)} encoders, masked tiles included)", n, "tiles")
+    # counted in entities, not tiles: the shards come shortest first, so tiles would promise too early an end
+    progress = Progress(f"evaluate: embedding ({len(names)} encoders, masked tiles included)",
+                        int(tok.n_entities.sum()), "entities")
     for r, items in token_batches(tok, have, section.embed_batch_tiles):
         for name, p in zip(names, run(items), strict=True):
             out[name].mean[r], out[name].max[r] = p.mean, p.max
@@ -176,7 +178,7 @@ def embed_region(tok: TokenIndex, scan: RegionScan, sets: dict[str, TaskSet], en
                     out[e].task_mean[t][dest], out[e].task_max[t][dest] = vec[e][0][sel], vec[e][1][sel]
                 tags.task_mean[t][dest] = tag_vec[sel]
         release()
-        progress.update(len(r))
+        progress.update(int(tok.n_entities[r].sum()))
     progress.close()
     return out, tags
 
