@@ -42,7 +42,7 @@ from geojepa.train.data import TokenRows
 from geojepa.workdir import WorkDir
 w = WorkDir(sys.argv[1])
 t0 = time.perf_counter()
-ckpt = w.checkpoints()[-1]
+ckpt = w.model.checkpoints()[-1]
 encoder, tcfg = encoder_from_checkpoint(ckpt)
 modalities = tuple(tcfg["modalities"])
 tok = token_index(w.tokens)

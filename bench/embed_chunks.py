@@ -18,7 +18,7 @@ import torch
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import token_batches, token_index
 from geojepa.model.jepa import encoder_from_checkpoint
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--tiles", type=int, default=768)
     a = p.parse_args()
     torch.set_num_threads(1)
-    enc, cfg = encoder_from_checkpoint(WorkDir(a.model).checkpoints()[-1])
+    enc, cfg = encoder_from_checkpoint(ModelDir(a.model).checkpoints()[-1])
     mods = tuple(m for m in cfg["modalities"] if m in ("tags", "geometry"))
     items: list[dict] = []
     for _, its in token_batches(token_index(WorkDir(a.region).tokens), mods, 256):

@@ -20,7 +20,7 @@ import torch
 from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import token_batches, token_index
 from geojepa.model.jepa import encoder_from_checkpoint
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 
 
 def matmul_rate(dtype: torch.dtype, threads: int) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("region", type=Path)
     p.add_argument("--model", default="models/geojepa-cpu")
     a = p.parse_args()
-    enc, cfg = encoder_from_checkpoint(WorkDir(a.model).checkpoints()[-1])
+    enc, cfg = encoder_from_checkpoint(ModelDir(a.model).checkpoints()[-1])
     mods = tuple(m for m in cfg["modalities"] if m in ("tags", "geometry"))
     tok = token_index(WorkDir(a.region).tokens)
     batches = [items for _, items in token_batches(tok, mods, 256)]

@@ -17,7 +17,7 @@ def evaluate(work_dir: str, config_path: str | None = None, overrides: list[str]
              checkpoint: str | None = None, model: str | None = None) -> dict:
     """Evaluate one region with ``model`` (a checkpoint, a model folder or models:/name/N)."""
     summary = evaluate_task(work_dir, config_path, overrides, checkpoint, model)
-    report = WorkDir(work_dir).eval / "report.md"
+    report = WorkDir(work_dir).eval.report
     create_markdown_artifact(key=key("evaluation", Path(work_dir).name), markdown=report.read_text(),
                              description=f"evaluation report ({report})")
     return summary

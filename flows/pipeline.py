@@ -26,7 +26,7 @@ from geojepa.corpus import Corpus, load_corpus, mark_region
 from geojepa.evaluate.corpus import corpus_report
 from geojepa.evaluate.report import headline
 from geojepa.tracking import log_to_run, mask_uri, parent_run, run_link, tracking_uri
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 from tasks.stages import config, evaluate, fit_tokenizer, tokens, train
 
 DEMO = ROOT / "configs" / "corpus-demo.yaml"
@@ -84,16 +84,16 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
                              model=unmapped(str(model)))
         for r, f in zip(c.regions, evals, strict=True):
             ev, w = f.result(), regions[r.name]
-            results = read_table(w.eval / "results.parquet", EVAL_RESULTS).to_pylist()
+            results = read_table(w.eval.results, EVAL_RESULTS).to_pylist()
             line = f"{r.role}: " + headline(results, ev["tasks"])
-            rows.append(stage_row(r.name, "evaluate", ev, line, w.eval / "report.md", time.perf_counter() - t0))
-            create_markdown_artifact(key=key("evaluation", c.name, r.name), markdown=(w.eval / "report.md").read_text(),
+            rows.append(stage_row(r.name, "evaluate", ev, line, w.eval.report, time.perf_counter() - t0))
+            create_markdown_artifact(key=key("evaluation", c.name, r.name), markdown=w.eval.report.read_text(),
                                      description=f"evaluation report of {r.name} ({r.role})")
 
         pooled = corpus_report([regions[r.name] for r in c.regions], model, c.name)
-        report = model / "corpus_report.md"
-        log_to_run(model, cfg, parent, pooled, [report, model / "corpus_results.parquet",
-                                                model / "corpus_comparisons.json"])
+        folder = ModelDir(model)
+        report = folder.corpus_report
+        log_to_run(model, cfg, parent, pooled, [report, folder.corpus_results, folder.corpus_comparisons])
         create_markdown_artifact(key=key("corpus-report", c.name), markdown=report.read_text(),
                                  description=f"corpus report of {c.name}")
         rows.append(stage_row(c.name, "report", {}, f"{len(pooled) // 2} pooled figures", report, 0.0))
@@ -149,8 +149,8 @@ def main() -> None:
         table.add_row(*(str(r[k]) for k in ("region", "stage", "result", "seconds", "output")))
     console.print(table)
     for r in c.regions:
-        console.print(f"Report for {r.name} ({r.role}): {WorkDir(Path(a.work_root) / r.name).eval / 'report.md'}")
-    console.print(f"Corpus report: {c.model_dir(a.work_root) / 'corpus_report.md'}")
+        console.print(f"Report for {r.name} ({r.role}): {WorkDir(Path(a.work_root) / r.name).eval.report}")
+    console.print(f"Corpus report: {ModelDir(c.model_dir(a.work_root)).corpus_report}")
     uri = mask_uri(tracking_uri(c.model_dir(a.work_root), config(a.config, a.overrides).tracking))
     console.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri}[/] (then open http://127.0.0.1:5000)")
 

@@ -38,7 +38,7 @@ import yaml
 from data_contracts import EVAL_RESULTS, atomic_path, read_table
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 
 log = logging.getLogger(__name__)
 JUDGE = ["evaluate.probes=[ridge]", "evaluate.peers=[]", "evaluate.unmasked=false", "evaluate.map=pca",
@@ -61,22 +61,24 @@ def load_spec(path: Path) -> dict:
 def view(region: WorkDir, at: Path) -> WorkDir:
     """``at``: a work directory that links to ``region``'s artifacts and evaluation cache, with its own
     manifests (all but evaluate's copied) and its own ``eval/``."""
-    (at / "manifests").mkdir(parents=True, exist_ok=True)
+    mine = WorkDir(at)
+    mine.manifests.mkdir(parents=True, exist_ok=True)
+    own = {region.eval.path, region.manifests, region.model.checkpoints_dir.path}  # not linked
     for f in region.path.iterdir():
-        if f.name in ("eval", "manifests", "checkpoints") or f.name.startswith(".eval.tmp"):
+        if f in own or f.name.startswith(f".{region.eval.path.name}.tmp"):  # an evaluation being written
             continue
         link = at / f.name
         if link.is_symlink() and not link.exists():  # a link left from a region since moved
             link.unlink()
         if not (link.is_symlink() or link.exists()):
             link.symlink_to(f.resolve())
-    (region.path / ".eval-cache").mkdir(exist_ok=True)
-    if not (at / ".eval-cache").exists():
-        (at / ".eval-cache").symlink_to((region.path / ".eval-cache").resolve())
-    for m in (region.path / "manifests").glob("*.json"):
-        if m.name != "evaluate.json":
-            shutil.copy(m, at / "manifests" / m.name)
-    return WorkDir(at)
+    region.eval_cache.mkdir(exist_ok=True)
+    if not mine.eval_cache.exists():
+        mine.eval_cache.symlink_to(region.eval_cache.resolve())
+    for m in region.manifests.glob("*.json"):
+        if m != region.manifest("evaluate"):
+            shutil.copy(m, mine.manifests / m.name)
+    return mine
 
 
 def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str]) -> list[dict]:
@@ -101,7 +103,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                                        f"train.seed={seed}"])
             log.info("arms: training %s (%s)", name, ", ".join(arm_overrides or ["control"]))
             train(model, cfg, data=data)
-            history = json.loads((model / "checkpoints" / "history.json").read_text())
+            history = json.loads(ModelDir(model).checkpoints_dir.history.read_text())
             last = history[-1]
             val = next((h for h in reversed(history) if "val.mean_cos.target" in h), {})
             row = {"arm": arm, "seed": seed, "overrides": arm_overrides or [], "steps": last["step"],
@@ -112,7 +114,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             for region in judges:
                 v = view(region, out / "views" / name / region.name)
                 summary = evaluate(v.path, ecfg, model=model)
-                results = read_table(v.eval / "results.parquet", EVAL_RESULTS).to_pylist()
+                results = read_table(v.eval.results, EVAL_RESULTS).to_pylist()
                 chosen = chosen_encoders(results, "ridge")
                 for task, enc in chosen.items():
                     metric = headline_metric(task)

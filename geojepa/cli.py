@@ -205,7 +205,7 @@ def evaluate(
         summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
                                model=model)
         return {k: v for k, v in summary.items() if k != "tasks"} | {
-            "report": str(WorkDir(work_dir).eval / "report.md")
+            "report": str(WorkDir(work_dir).eval.report)
         }
 
     _run(call)

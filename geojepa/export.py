@@ -4,7 +4,8 @@
 optimizer state), the training config and step; ``OUT/tokenizer/`` the tokenizer record and shape encoder,
 and the part of the tag vocabulary that the listed regions need. The vocabulary is a cache of the text
 model's vectors (the digest does not cover it): a region that needs an entry the shipped one lacks embeds it
-with the same offline text model when it is tokenised, so pruning it changes no token.
+with the same offline text model when it is tokenised, so pruning it changes no token. The folder's files are
+named by ``geojepa.workdir.ModelDir``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 from data_contracts import ENTITIES, TAG_VOCAB, read_table, write_table
 from geojepa.errors import GeoJepaError
 from geojepa.model.jepa import load_checkpoint
-from geojepa.tokens.tokenizer import TOKENIZER_FILE, load_tokenizer
+from geojepa.tokens.tokenizer import load_tokenizer
 from geojepa.tokens.vocab import wanted_entries
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 
 KEEP = ("encoder.", "target_encoder.")
 
@@ -38,16 +39,16 @@ def export_model(checkpoint: Path, tokenizer: Path, out: Path, vocab_for: list[P
         raise GeoJepaError(f"{checkpoint}: trained with tokenizer {digest}, not {tokenizer}'s {tk.digest}")
     if out.exists():
         raise GeoJepaError(f"{out}: exists; export into a new folder")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "checkpoints").mkdir(parents=True)
-    (tmp / "tokenizer").mkdir()
+    tmp = ModelDir(out.with_name(f".{out.name}.tmp"))
+    shutil.rmtree(tmp.path, ignore_errors=True)
+    tmp.checkpoints_dir.path.mkdir(parents=True)
+    tmp.tokenizer.path.mkdir()
     slim = {"step": state["step"], "epoch": state.get("epoch", 0), "config": state["config"],
             "model": {k: v for k, v in state["model"].items() if k.startswith(KEEP)}}
-    torch.save(slim, tmp / "checkpoints" / checkpoint.name)
-    for f in (TOKENIZER_FILE, WorkDir(tokenizer).geometry_encoder.name):
-        shutil.copy(Path(tokenizer) / f, tmp / "tokenizer" / f)
-    vocab = read_table(WorkDir(tokenizer).tag_vocab, TAG_VOCAB)
+    torch.save(slim, tmp.checkpoints_dir / checkpoint.name)
+    shutil.copy(tk.files.record_file, tmp.tokenizer.record_file)
+    shutil.copy(tk.files.geometry_encoder, tmp.tokenizer.geometry_encoder)
+    vocab = read_table(tk.vocab, TAG_VOCAB)
     if vocab_for:
         wanted: set = set()
         for w in vocab_for:
@@ -55,12 +56,12 @@ def export_model(checkpoint: Path, tokenizer: Path, out: Path, vocab_for: list[P
             wanted |= wanted_entries(([(k, v) for k, v in t] for t in tags), max_values_per_key)
         keep = [(k, v) in wanted for k, v in zip(vocab["key"].to_pylist(), vocab["value"].to_pylist(), strict=True)]
         vocab = vocab.filter(pa.array(keep))
-    write_table(vocab, tmp / "tokenizer" / WorkDir(tokenizer).tag_vocab.name, TAG_VOCAB)
-    (tmp / "export.json").write_text(json.dumps({
+    write_table(vocab, tmp.tokenizer.tag_vocab, TAG_VOCAB)
+    tmp.export_record.write_text(json.dumps({
         "checkpoint": str(checkpoint), "step": state["step"], "tokenizer_digest": tk.digest,
         "vocabulary_entries": vocab.num_rows, "vocabulary_for": [Path(w).name for w in vocab_for],
         "modalities": state["config"].get("modalities"), "regions": state["config"].get("regions")}, indent=1))
-    tmp.rename(out)
+    tmp.path.rename(out)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return {"out": str(out), "files": sizes, "megabytes": round(sum(sizes.values()) / 1e6, 2),
             "vocabulary_entries": int(pc.count(vocab["key"]).as_py())}

@@ -25,7 +25,7 @@ from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.lifecycle import Lifecycle
-from geojepa.workdir import WorkDir
+from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,11 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
     """Run torchrun on the train shards of the ``data`` regions (default: ``out_dir`` itself, one region),
     checkpoints in ``out_dir/checkpoints``; each line torchrun prints goes to ``echo`` (default: this module's
     logger), and a non-zero exit raises with the last 40 lines."""
-    out = WorkDir(out_dir)
+    out = ModelDir(out_dir)
     regions = [WorkDir(w) for w in (data or [out.path])]
     digest = check_inputs(regions, cfg, nproc, nnodes)
     ckpt = out.checkpoints_dir
-    if resume and ckpt.is_dir() and out.checkpoints():
+    if resume and out.checkpoints():
         from geojepa.model.jepa import load_checkpoint
 
         try:
@@ -97,7 +97,7 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
                      ("geojepa.model", "geojepa.train"), section="train")
     if not resume and (done := life.skipped()):
         return done
-    ckpt.mkdir(parents=True, exist_ok=True)
+    ckpt.path.mkdir(parents=True, exist_ok=True)
     if not resume:
         _set_aside(ckpt)
     with life.run() as run:
@@ -111,7 +111,7 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
             resolved.update(tracking_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.run_id,
                             experiment=cfg.tracking.experiment)
             _log_datasets(regions, digest)
-        config_path = ckpt / "train_config.json"
+        config_path = ckpt.train_config
         config_path.write_text(json.dumps(resolved, indent=2))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
         if rdzv_endpoint:
@@ -131,7 +131,7 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
         code = proc.wait()
         if code != 0:
             raise GeoJepaError(f"training failed (torchrun exit {code}); last lines:\n" + "\n".join(tail))
-        history = json.loads((ckpt / "history.json").read_text())
+        history = json.loads(ckpt.history.read_text())
         last = history[-1] if history else {}
         checkpoints = out.checkpoints()
         run.dict({"history": history}, "train_history.json")
@@ -140,17 +140,17 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
             version = _register(checkpoints[-1], cfg.tracking.experiment, resolved)
     summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1]),
                "regions": [w.name for w in regions], "tokenizer_digest": digest, "model_version": version}
-    return life.publish([f"checkpoints/{checkpoints[-1].name}"], summary)
+    return life.publish([checkpoints[-1]], summary)
 
 
-def _set_aside(ckpt: Path) -> None:
+def _set_aside(ckpt: CheckpointsDir) -> None:
     """A fresh run starts from an empty folder: the previous run's checkpoints move to ``previous/`` (replacing
     the one before), so they are neither lost nor mistaken for this run's."""
-    old = [*ckpt.glob("step-*.pt"), ckpt / "history.json"]
+    old = [*ckpt.all(), ckpt.history]
     old = [p for p in old if p.exists()]
     if not old:
         return
-    previous = ckpt / "previous"
+    previous = ckpt.previous
     shutil.rmtree(previous, ignore_errors=True)
     previous.mkdir()
     for p in old:
@@ -191,7 +191,7 @@ def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:
     client = MlflowClient()
     tags = {"regions": ",".join(resolved["regions"]), "tokenizer_digest": resolved["tokenizer_digest"] or "",
             "corpus": resolved.get("corpus") or "", "git_revision": git_revision(), "checkpoint": checkpoint.name,
-            "steps": str(json.loads((checkpoint.parent / "history.json").read_text())[-1]["step"])}
+            "steps": str(json.loads(CheckpointsDir(checkpoint.parent).history.read_text())[-1]["step"])}
     for k, v in tags.items():
         client.set_model_version_tag(f"{name}-encoder", str(version), k, v)
     client.update_model_version(f"{name}-encoder", str(version), description=(

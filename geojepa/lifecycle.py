@@ -23,6 +23,7 @@ from typing import Any
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.tracking import StageRun, record_skip, stage_run
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Lifecycle:
         """The recorded summary, marked skipped, when the outputs are fresh; else None (the stage must run)."""
         if force or not manifest.is_fresh(self.work_dir, self.expected):
             return None
-        record = json.loads(manifest.manifest_path(self.work_dir, self.stage).read_text())
+        record = json.loads(WorkDir(self.work_dir).manifest(self.stage).read_text())
         made_by = record.get("mlflow_run_id")
         log.info("%s: %s is up to date with its inputs, config and code: skipped", self.stage, self.work_dir)
         record_skip(self.stage, self.work_dir, self.cfg, made_by)
@@ -52,8 +53,9 @@ class Lifecycle:
             self.tracker = run
             yield run
 
-    def publish(self, outputs: list[str], summary: dict[str, Any]) -> dict:
-        """Record the manifest of ``outputs`` (names relative to the work directory, already in place)."""
+    def publish(self, outputs: list[Path], summary: dict[str, Any]) -> dict:
+        """Record the manifest of ``outputs`` (paths in the work directory, already in place)."""
         run_id = self.tracker.run_id if self.tracker else None
-        manifest.write_manifest(self.work_dir, self.expected, outputs, summary=summary, mlflow_run_id=run_id)
+        names = [Path(p).relative_to(self.work_dir).as_posix() for p in outputs]
+        manifest.write_manifest(self.work_dir, self.expected, names, summary=summary, mlflow_run_id=run_id)
         return {**summary, "stage": self.stage, "skipped": False, "mlflow_run_id": run_id}

@@ -15,6 +15,7 @@ from typing import Any
 
 import geojepa
 from data_contracts import atomic_path, sweep
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ def code_version(*packages: str) -> str:
     return f"{geojepa.__version__}+{h.hexdigest()[:12]}"
 
 
-def manifest_path(work_dir: Path, stage: str) -> Path:
-    return work_dir / "manifests" / f"{stage}.json"
-
-
 def expected_manifest(stage: str, inputs: dict[str, Path], config: dict[str, Any], code: str) -> dict[str, Any]:
     return {
         "stage": stage,
@@ -67,7 +64,7 @@ def expected_manifest(stage: str, inputs: dict[str, Path], config: dict[str, Any
 
 
 def is_fresh(work_dir: Path, expected: dict[str, Any]) -> bool:
-    path = manifest_path(work_dir, expected["stage"])
+    path = WorkDir(work_dir).manifest(expected["stage"])
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -82,7 +79,7 @@ def is_fresh(work_dir: Path, expected: dict[str, Any]) -> bool:
 
 def write_manifest(work_dir: Path, expected: dict[str, Any], outputs: list[str], **extra: Any) -> Path:
     """Record the manifest after the outputs (names relative to ``work_dir``) are in place."""
-    path = manifest_path(work_dir, expected["stage"])
+    path = WorkDir(work_dir).manifest(expected["stage"])
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**expected, "outputs": {name: file_sha256(work_dir / name) for name in outputs}, **extra}
     with atomic_path(path) as tmp:

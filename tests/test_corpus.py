@@ -237,7 +237,7 @@ def _fake_region(root, name, seen, n_test, rng, noise, labels=None, val_better=(
     from data_contracts import PREDICTIONS, write_table
 
     w = WorkDir(root / name)
-    w.eval.mkdir(parents=True)
+    w.eval.path.mkdir(parents=True)
     w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
     w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen, "tasks": {
         "building_count": {"test_tiles": n_test, "skipped": None}}}}))
@@ -394,7 +394,7 @@ def _fake_v2_region(root, name, seen, rng, n=(80, 60, 120)):
     from geojepa.evaluate.protocol import PRESETS
 
     w = WorkDir(root / name)
-    w.eval.mkdir(parents=True)
+    w.eval.path.mkdir(parents=True)
     w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
     w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen,
                                                               "protocol": PRESETS["v2"].__dict__}}))

@@ -13,7 +13,8 @@ time, the same batches and the same ``embed`` as ``geojepa evaluate`` (``token_b
 bounded by a batch, the tile index and the entity vectors spilled to disk, not by the region. Both files are
 written in a temporary folder and go into place at the end (the entity file, then the tile file, which
 names the model); a failure leaves the earlier embeddings in OUT as they were (the artifacts of the
-stages before, in ``OUT/work``, are kept for the next run to reuse).
+stages before, in ``OUT/work``, are kept for the next run to reuse). OUT's layout is
+``geojepa.workdir.EmbeddingsDir``.
 """
 
 from __future__ import annotations
@@ -42,11 +43,10 @@ from geojepa.encoding.pooling import embed
 from geojepa.encoding.shards import release, tiles_meta, token_batches, token_index
 from geojepa.encoding.spill import Spill, entity_pieces
 from geojepa.errors import GeoJepaError
-from geojepa.workdir import WorkDir
+from geojepa.workdir import EmbeddingsDir, ModelDir, TokenizerDir, WorkDir, temporary
 
 log = logging.getLogger(__name__)
 
-TILE_FILE, ENTITY_FILE = "tile_embeddings.parquet", "entity_embeddings.parquet"
 GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
 
 
@@ -70,13 +70,14 @@ def file_metadata(path: Path) -> dict[str, str]:
 def _tokenizer_folder(spec: str, ckpt: Path, tokenizer: Path | None) -> Path | None:
     if tokenizer:
         return Path(tokenizer)
-    candidates = [ckpt.parent.parent / "tokenizer", ckpt.parent / "tokenizer"]
+    candidates = [ModelDir(ckpt.parent.parent).tokenizer, ModelDir(ckpt.parent).tokenizer]
     if Path(spec).is_dir():
-        candidates.insert(0, Path(spec) / "tokenizer")
-    return next((c for c in candidates if (c / "tokenizer.json").is_file()), None)
+        candidates.insert(0, ModelDir(spec).tokenizer)
+    return next((c.path for c in candidates if c.record_file.is_file()), None)
 
 
-def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | None, digest: str | None) -> WorkDir:
+def _work_dir(source: str, out: EmbeddingsDir, cfg: Config, imagery, tokenizer: Path | None,
+              digest: str | None) -> WorkDir:
     """The region's work directory with token shards the model can read (see the module docstring). A source
     work directory is only read: when its tokens are not the model's, ``OUT/work`` links its tile artifacts
     and the tokens are made there."""
@@ -88,7 +89,7 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
     if path.is_dir():
         w = WorkDir(path)
         if not w.tiles.exists():
-            raise GeoJepaError(f"{path}: not a region work directory (no tiles.parquet); pass a PBF or run "
+            raise GeoJepaError(f"{path}: not a region work directory (no {w.tiles.name}); pass a PBF or run "
                                f"`geojepa extract` and `geojepa tile` on it first")
         if w.token_shards() and w.tokenizer_digest() == digest:
             return w  # tokens made with the model's tokenizer (or, digest None, the region's own)
@@ -96,7 +97,7 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
             made = w.tokenizer_digest() or "none (not tokenised)"
             raise GeoJepaError(f"{path}: its tokens come from tokenizer {made}, the model from its region's own: "
                                "such a model embeds only the work directory it was trained on")
-        view = WorkDir(out / "work")
+        view = out.work
         view.path.mkdir(parents=True, exist_ok=True)
         for f in (w.entities, w.tiles, w.tile_entities, w.tile_images):
             link = view.path / f.name
@@ -124,21 +125,21 @@ def _work_dir(source: str, out: Path, cfg: Config, imagery, tokenizer: Path | No
 
             log.info("embed: %s is not a file or folder: fetching it from Geofabrik", source)
             try:
-                pbf = fetch_region(source, out / "download", index_url=GEOFABRIK_INDEX)
+                pbf = fetch_region(source, out.download, index_url=GEOFABRIK_INDEX)
             except (GeoJepaError, OSError, ValueError) as e:
                 raise GeoJepaError(f"{source}: not a work directory or PBF file here, and not fetched as a Geofabrik "
                                    f"region ({e}); pass a local PBF (the bundled ones are in data/samples/)"
                                    ) from None
-        w = WorkDir(out / "work")
+        w = out.work
         extract(pbf, w.path, cfg)
         tile(w.path, cfg, imagery=imagery)
-    copy = out / "tokenizer"
-    if not (copy / "tokenizer.json").is_file():
-        tmp = out / f".tokenizer.tmp-{os.getpid()}"
+    copy = out.tokenizer
+    if not copy.record_file.is_file():
+        tmp = temporary(copy.path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer, tmp, ignore=shutil.ignore_patterns(".*"))
-        os.replace(tmp, copy)
-    tokens(w.path, cfg, tokenizer=copy)
+        os.replace(tmp, copy.path)
+    tokens(w.path, cfg, tokenizer=copy.path)
     return w
 
 
@@ -151,19 +152,19 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
     from geojepa.tokens.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
+    out = EmbeddingsDir(Path(out).expanduser())
     spec = str(model)
     ckpt = resolve_model(spec, cfg, out / ".models")
     if not ckpt.is_file():
         raise GeoJepaError(f"{ckpt}: checkpoint not found")
     version = model_version(ckpt)
-    if (out / TILE_FILE).exists() and not force:
+    if out.tile_embeddings.exists() and not force:
         try:
-            before = file_metadata(out / TILE_FILE).get("geojepa:model_version")
+            before = file_metadata(out.tile_embeddings).get("geojepa:model_version")
         except Exception as e:  # noqa: BLE001 (an unreadable file there is not ours to overwrite either)
             before = f"unreadable ({e})"
         if before != version:
-            raise GeoJepaError(f"{out / TILE_FILE}: holds embeddings of another model ({before}, not {version}); "
+            raise GeoJepaError(f"{out.tile_embeddings}: holds embeddings of another model ({before}, not {version}); "
                                "pass --force to replace them, or another OUT")
     try:
         tcfg = load_checkpoint(ckpt)["config"]
@@ -178,34 +179,33 @@ def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | 
         raise GeoJepaError(f"{ckpt}: trained with tokenizer {digest}, and no tokenizer folder is beside it: pass "
                            "--tokenizer T (the folder `geojepa tokenizer fit` made; a model folder has it in "
                            "tokenizer/)")
-    for f, what in ((folder, "the tokenizer"), (out / "tokenizer" if digest else None, "OUT's copy of a tokenizer")):
+    for f, what in ((folder, "the tokenizer"), (out.tokenizer.path if digest else None, "OUT's copy of a tokenizer")):
         if f is None or not Path(f).exists():
             continue
-        if not (Path(f) / "tokenizer.json").is_file():
-            raise GeoJepaError(f"{f}: not a tokenizer folder (no tokenizer.json)")
+        TokenizerDir(f).check("record_file")
         if (found := load_tokenizer(f).digest) != digest:
             if f != folder and force:
                 shutil.rmtree(f)  # OUT's copy of another model's tokenizer: replaced under --force
                 continue
             raise GeoJepaError(f"{f}: {what} has digest {found}, the model was trained with {digest}"
                                + ("; pass --force to replace it, or another OUT" if f != folder else ""))
-    created = not out.exists()
+    created = not out.path.exists()
     try:
         if not created:
-            sweep(out)  # a killed run's temporaries
-        out.mkdir(parents=True, exist_ok=True)
+            sweep(out.path)  # a killed run's temporaries
+        out.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GeoJepaError(f"{out}: cannot be used as OUT ({e.strerror or e})") from None
     try:
         return _embed(src if src.exists() else str(source), out, cfg, spec, ckpt, version, tcfg, digest, folder,
                       imagery, t0)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing made: no empty OUT left behind
+        if created and out.path.is_dir() and not any(out.path.iterdir()):
+            out.path.rmdir()  # nothing made: no empty OUT left behind
         raise
 
 
-def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, tcfg: dict, digest: str | None,
+def _embed(source, out: EmbeddingsDir, cfg: Config, spec: str, ckpt: Path, version: str, tcfg: dict, digest: str | None,
            folder: Path | None, imagery, t0: float) -> dict:
     from geojepa.model.jepa import encoder_from_checkpoint
 
@@ -221,13 +221,13 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
     width = encoder.width
     named = str(Path(spec).resolve()) if Path(spec).exists() else spec  # a local model by its absolute path
     metadata = dict(zip(EMBEDDING_KEYS, (named, version, digest or "region-own", "target"), strict=True))
-    tmp = out / f".embed.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = EmbeddingsDir(out / f".embed.tmp-{os.getpid()}")
+    shutil.rmtree(tmp.path, ignore_errors=True)
+    tmp.path.mkdir()
     spill = Spill(tmp / "entities.f32", width)
     pieces = 0
     try:
-        with ArtifactWriter(tmp / TILE_FILE, tile_embeddings(2 * width), metadata=metadata) as tiles_out, spill:
+        with ArtifactWriter(tmp.tile_embeddings, tile_embeddings(2 * width), metadata=metadata) as tiles_out, spill:
             for r, vectors, ents in embedded_batches(tok, encoder, modalities, cfg.evaluate.embed_batch_tiles):
                 at = pa.array(r)
                 tiles_out.write(pa.table({
@@ -236,7 +236,7 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
                     "embedding": _fixed(vectors), "geometry": meta["geometry"].take(at),
                     "bbox": meta["bbox"].take(at)}))
                 spill.write(ents)
-        with ArtifactWriter(tmp / ENTITY_FILE, entity_embeddings(width), metadata=metadata) as ents_file:
+        with ArtifactWriter(tmp.entity_embeddings, entity_embeddings(width), metadata=metadata) as ents_file:
             for t, _, vectors, geometry, bbox in entity_pieces(w.tile_entities, tok, meta, spill, ["tags"]):
                 tags = t["tags"].combine_chunks()
                 ents_file.write(pa.table({
@@ -245,15 +245,16 @@ def _embed(source, out: Path, cfg: Config, spec: str, ckpt: Path, version: str, 
                     "embedding": _fixed(vectors), "geometry": geometry, "bbox": bbox}))
                 pieces += len(vectors)
         spill.path.unlink()
-        for name in (ENTITY_FILE, TILE_FILE):  # both at the end; the tile file (which names the model) last
-            os.replace(tmp / name, out / name)
-        for view in (out / "map.html", out / "similar"):  # views of the embeddings replaced: stale now
+        # both at the end; the tile file (which names the model) last
+        os.replace(tmp.entity_embeddings, out.entity_embeddings)
+        os.replace(tmp.tile_embeddings, out.tile_embeddings)
+        for view in (out.map, out.similar):  # views of the embeddings replaced: stale now
             shutil.rmtree(view) if view.is_dir() else view.unlink(missing_ok=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.path, ignore_errors=True)
     summary = {"tiles": tok.n, "entity_pieces": pieces, "width": 2 * width, "model": spec, "model_version": version,
                "tokenizer_digest": digest, "work_dir": str(w.path), "seconds": round(time.perf_counter() - t0, 1),
-               "files": [str(out / TILE_FILE), str(out / ENTITY_FILE)]}
+               "files": [str(out.tile_embeddings), str(out.entity_embeddings)]}
     log.info("embed: %d tiles and %d entity pieces of %s in %.1fs -> %s", tok.n, pieces, w.path,
              summary["seconds"], out)
     return summary

@@ -44,7 +44,7 @@ class TileEmbedder(mlflow.pyfunc.PythonModel):
         batch = int((params or {}).get("batch_tiles", 64))
         rows = {"work_dir": [], "tile_id": [], "split": [], "embedding": []}
         for folder in model_input["work_dir"]:
-            tokens = Path(folder) / "tokens" if (Path(folder) / "tokens").is_dir() else Path(folder)
+            tokens = WorkDir(folder).tokens if WorkDir(folder).tokens.is_dir() else Path(folder)
             tok = token_index(tokens)
             if not tok.n:
                 raise GeoJepaError(f"{tokens}: no token shards")

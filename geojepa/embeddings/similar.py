@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 from data_contracts import embedding_dim, entity_embeddings, read_table, tile_embeddings
 from geojepa.encoding.neighbours import topk_cosine
 from geojepa.errors import GeoJepaError
+from geojepa.workdir import EmbeddingsDir
 
 
 def load_tiles(out: Path) -> tuple[list[str], np.ndarray, object]:
     """(tile ids, (tiles, dim) float32 embeddings, shapely footprints) of ``OUT/tile_embeddings.parquet``."""
     import shapely
 
-    path = Path(out) / "tile_embeddings.parquet"
+    path = EmbeddingsDir(out).tile_embeddings
     if not path.is_file():
         raise GeoJepaError(f"{path}: missing; run `geojepa embed SOURCE {out} --model M` first")
     t = read_table(path, tile_embeddings(embedding_dim(path)), columns=["tile_id", "embedding", "geometry"])
@@ -78,11 +79,11 @@ def similar(out: Path | str, query: str, k: int = 10, gallery: bool = True) -> d
     """The ``k`` nearest tiles of ``query`` (rank, tile id, cosine, centre lon/lat) and the gallery files."""
     import shapely
 
-    out = Path(out)
+    out = EmbeddingsDir(out)
     if k < 1:
         raise GeoJepaError(f"-k {k}: ask for one neighbour or more")
     ids, x, footprints = load_tiles(out)
-    q = find_tile(query, ids, footprints, out / "tile_embeddings.parquet")
+    q = find_tile(query, ids, footprints, out.tile_embeddings)
     sims, nn = topk_cosine(x[q : q + 1], x, k, exclude=np.array([q]))
     centres = shapely.get_coordinates(shapely.centroid(footprints))
     rows = [{"rank": r + 1, "tile_id": ids[i], "cosine": round(float(s), 4), "lon": round(float(centres[i, 0]), 6),
@@ -95,7 +96,7 @@ def similar(out: Path | str, query: str, k: int = 10, gallery: bool = True) -> d
         try:
             result["gallery"] = _gallery(out, q, nn[0][:shown], sims[0][:shown], ids, footprints)
         except OSError as e:
-            result["gallery_error"] = f"{out / 'similar'}: the gallery could not be written ({e.strerror or e})"
+            result["gallery_error"] = f"{out.similar}: the gallery could not be written ({e.strerror or e})"
         if shown < len(rows):
             result["gallery_note"] = f"the gallery draws the {shown} nearest"
     return result
@@ -118,14 +119,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _gallery(out: Path, q: int, nn: np.ndarray, sims: np.ndarray, ids: list[str], footprints) -> dict:
+def _gallery(out: EmbeddingsDir, q: int, nn: np.ndarray, sims: np.ndarray, ids: list[str], footprints) -> dict:
     """The query and its neighbours drawn from their entities (lon/lat pieces scaled into each tile's box)."""
     import shapely
 
     from geojepa.evaluate.figures import gallery
 
     tiles = [q, *nn.tolist()]
-    path = out / "entity_embeddings.parquet"
+    path = out.entity_embeddings
     want = [ids[i] for i in tiles]
     drawings = {i: {"geometries": [], "classes": []} for i in tiles}
     if path.is_file():
@@ -140,7 +141,7 @@ def _gallery(out: Path, q: int, nn: np.ndarray, sims: np.ndarray, ids: list[str]
             drawings[i]["geometries"].append(shapely.to_wkb(unit))
             drawings[i]["classes"].append(cls)
     row = [(ids[q], 1.0, drawings[q])] + [(ids[i], float(s), drawings[i]) for i, s in zip(nn, sims, strict=True)]
-    folder = out / "similar"
+    folder = out.similar
     folder.mkdir(exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ids[q])
     png, page = folder / f"{name}.png", folder / f"{name}.html"

@@ -24,6 +24,7 @@ from geojepa.embeddings.similar import load_tiles
 from geojepa.encoding.neighbours import topk_cosine
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate.figures import bulk_extent, pc_colours
+from geojepa.workdir import EmbeddingsDir
 
 BASE_COORDINATES = 400_000
 
@@ -72,30 +73,30 @@ def _base(path: Path) -> tuple[list[list[float]], int]:
 
 def write_map(out: Path | str, k: int = 10, title: str | None = None) -> dict:
     """Write ``OUT/map.html`` (see the module docstring); returns its path and what it holds."""
-    out = Path(out)
+    out = EmbeddingsDir(out)
     if k < 1:
         raise GeoJepaError(f"-k {k}: ask for one neighbour or more")
     ids, x, footprints = load_tiles(out)
     if len(ids) < 2:
-        raise GeoJepaError(f"{out / 'tile_embeddings.parquet'}: {len(ids)} tile(s); a map needs two or more")
+        raise GeoJepaError(f"{out.tile_embeddings}: {len(ids)} tile(s); a map needs two or more")
     rgb = pc_colours(x) * 255
     view = _view(footprints)
     sims, nn = topk_cosine(x, x, min(k, len(ids) - 1), exclude=np.arange(len(ids)))
-    base, coordinates = _base(out / "entity_embeddings.parquet")
+    base, coordinates = _base(out.entity_embeddings)
     data = {"ids": ids, "rings": _rings(footprints), "rgb": np.round(rgb).astype(int).tolist(),
             "nn": nn.tolist(), "sims": np.round(sims, 4).tolist(), "base": base, "view": view,
             "base_note": "" if base or not coordinates else
             f"base left out: {coordinates:,}+ coordinates (more than {BASE_COORDINATES:,})"}
-    title = title or f"GeoJEPA tile embeddings: {out.name}"
+    title = title or f"GeoJEPA tile embeddings: {out.path.name}"
     page = PAGE.replace("__TITLE__", html.escape(title)).replace(
         "__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
     try:
-        with atomic_path(out / "map.html") as tmp:
+        with atomic_path(out.map) as tmp:
             tmp.write_text(page, encoding="utf-8")
     except OSError as e:
-        raise GeoJepaError(f"{out / 'map.html'}: cannot be written ({e.strerror or e})") from None
-    return {"map": str(out / "map.html"), "tiles": len(ids), "k": int(nn.shape[1]), "base_lines": len(base),
-            "base": data["base_note"] or "drawn", "bytes": (out / "map.html").stat().st_size}
+        raise GeoJepaError(f"{out.map}: cannot be written ({e.strerror or e})") from None
+    return {"map": str(out.map), "tiles": len(ids), "k": int(nn.shape[1]), "base_lines": len(base),
+            "base": data["base_note"] or "drawn", "bytes": out.map.stat().st_size}
 
 
 PAGE = """<!doctype html>

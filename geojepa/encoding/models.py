@@ -9,7 +9,7 @@ from pathlib import Path
 
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
-from geojepa.workdir import WorkDir, checkpoints_in
+from geojepa.workdir import ModelDir, checkpoints_in
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ def resolve_model(spec: str | Path, cfg: Config, cache: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        found = WorkDir(path).checkpoints() or checkpoints_in(path)
+        folder = ModelDir(path)
+        found = folder.checkpoints() or checkpoints_in(path)
         if not found:
-            raise GeoJepaError(f"{path}: a folder without checkpoints (expected {path}/checkpoints/step-*.pt); "
+            raise GeoJepaError(f"{path}: a folder without checkpoints (expected {folder.checkpoints_dir}/step-*.pt); "
                                f"train one with `geojepa train {path} --data W ...`")
         return found[-1]
     raise GeoJepaError(f"{path}: no such checkpoint or model folder")

@@ -68,7 +68,7 @@ def _same_tiles(ref: pd.DataFrame, df: pd.DataFrame, first: str, run: str, w: Wo
         if a != b:
             task, split, _ = k
             differ = len(set(a.items()) ^ set(b.items()))
-            raise GeoJepaError(f"{w.eval / 'predictions.parquet'}: run {run} has other {split} tiles or labels for "
+            raise GeoJepaError(f"{w.eval.predictions}: run {run} has other {split} tiles or labels for "
                                f"{task} than run {first} in {w.name} ({differ} differ); evaluate the runs on the "
                                "same tiles and tokens")
 

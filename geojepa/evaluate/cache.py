@@ -19,7 +19,6 @@ import numpy as np
 
 from data_contracts import atomic_path
 
-CACHE_DIR = ".eval-cache"
 log = logging.getLogger(__name__)
 
 

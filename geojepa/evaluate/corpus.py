@@ -33,7 +33,7 @@ from geojepa.evaluate.peers import PEERS
 from geojepa.evaluate.pooled import CROSS, HIGHER_IS_BETTER, Scores, cross_region
 from geojepa.evaluate.probes import ENCODERS
 from geojepa.evaluate.protocol import PRESETS, Protocol, is_twin
-from geojepa.workdir import WorkDir
+from geojepa.workdir import ModelDir, WorkDir
 
 # A gain whose whole interval is within this of zero is no difference (read-outs clipped to the labels' range keep
 # their order by at most 1e-6: two exact predictions differ by that much, not by a finding).
@@ -42,7 +42,7 @@ RESOLUTION = 1e-4
 
 def read_region(w: WorkDir):
     """A region's evaluation: (its predictions frame, its evaluate summary)."""
-    path = w.eval / "predictions.parquet"
+    path = w.eval.predictions
     if not path.exists():
         raise GeoJepaError(f"{path}: missing; run `geojepa evaluate {w.path} --model ...` first (again, if it was "
                            "evaluated before predictions were written)")
@@ -93,15 +93,15 @@ def headline_probes(proto: Protocol, present: set[str]) -> list[str]:
 
 
 def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
-    """Write ``out/corpus_report.md``, ``out/corpus_results.parquet`` and ``out/corpus_comparisons.json``;
+    """Write the corpus report, its results and its comparisons into the model folder ``out`` (``ModelDir``);
     return the pooled metrics by name (``corpus.<group>.masked.<task>.<model>.<probe>.<metric>``, and
     ``corpus.<group>.masked.<task>.<probe>.geojepa_vs_<baseline>.gain`` with ``_ci_low``/``_ci_high``)."""
     frames, summaries, seen, proto = load_regions(regions)
     names = [w.name for w in regions]
     cross_notes: dict = {"skipped": "the reference protocol has no cross-region read-out"}
     if proto.name == "v2":
-        feats = {w.name: read_table(w.eval / "probe_features.parquet", PROBE_FEATURES).to_pandas()
-                 for w in regions if (w.eval / "probe_features.parquet").exists()}
+        feats = {w.name: read_table(w.eval.probe_features, PROBE_FEATURES).to_pandas()
+                 for w in regions if w.eval.probe_features.exists()}
         if len(feats) < len(regions):
             cross_notes = {"skipped": "some regions have no eval/probe_features.parquet (evaluate them again)"}
         else:
@@ -140,14 +140,15 @@ def corpus_report(regions: list[WorkDir], out: Path, title: str) -> dict:
         name = f"corpus.{c['group']}.masked.{c['task']}.{c['probe']}.geojepa_vs_{c['baseline_key']}.gain"
         metrics.update({name: c["gain"], name + "_ci_low": c["ci_low"], name + "_ci_high": c["ci_high"]})
     lines = markdown(title, regions, seen, summaries, proto, tasks, probes, rows, chosen, comparisons, cross_notes)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "corpus_report.md") as tmp:
+    out = ModelDir(out)
+    out.path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out.corpus_report) as tmp:
         tmp.write_text("\n".join(lines))
-    with atomic_path(out / "corpus_comparisons.json") as tmp:
+    with atomic_path(out.corpus_comparisons) as tmp:
         tmp.write_text(json.dumps({"protocol": proto.name, "chosen_encoder": {f"{t}/{p}": m for (t, p), m in
                                                                              chosen.items()},
                                    "cross_region": cross_notes, "comparisons": comparisons}, indent=1))
-    write_table(pa.Table.from_pylist(rows, CORPUS_RESULTS.schema), out / "corpus_results.parquet", CORPUS_RESULTS)
+    write_table(pa.Table.from_pylist(rows, CORPUS_RESULTS.schema), out.corpus_results, CORPUS_RESULTS)
     return metrics
 
 

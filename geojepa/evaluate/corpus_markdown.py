@@ -135,6 +135,6 @@ def markdown(title, regions, seen, summaries, proto, tasks, probes, rows, chosen
             lines.append(f"| {name} | " + " | ".join(f"{a[m]:.3f}" if m in a else "-" for m in models) + " |")
     lines += _peer_lines({n: s.get("peers") or {"skipped": "evaluated before the peers existed"}
                           for n, s in summaries.items()})
-    lines += ["", "Each region's full report: " + ", ".join(f"[{w.name}]({(w.eval / 'report.md').resolve()})"
+    lines += ["", "Each region's full report: " + ", ".join(f"[{w.name}]({w.eval.report.resolve()})"
                                                             for w in regions), ""]
     return lines

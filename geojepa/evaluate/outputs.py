@@ -12,14 +12,15 @@ import pyarrow as pa
 from data_contracts import EMBEDDINGS, EVAL_RESULTS, PREDICTIONS, TASK_LABELS, ArtifactWriter, write_table
 from geojepa.encoding.spill import Spill, entity_pieces
 from geojepa.evaluate import figures
+from geojepa.workdir import EvalDir
 
 
-def write_tables(out: Path, label_rows: list[tuple], results: list[dict], predictions: pa.Table) -> None:
+def write_tables(out: EvalDir, label_rows: list[tuple], results: list[dict], predictions: pa.Table) -> None:
     write_table(pa.table({"task": [r[0] for r in label_rows], "tile_id": [r[1] for r in label_rows],
                           "split": [r[2] for r in label_rows], "label": [float(r[3]) for r in label_rows]},
-                         schema=TASK_LABELS.schema), out / "task_labels.parquet", TASK_LABELS)
-    write_table(pa.Table.from_pylist(results, EVAL_RESULTS.schema), out / "results.parquet", EVAL_RESULTS)
-    write_table(predictions, out / "predictions.parquet", PREDICTIONS)
+                         schema=TASK_LABELS.schema), out.task_labels, TASK_LABELS)
+    write_table(pa.Table.from_pylist(results, EVAL_RESULTS.schema), out.results, EVAL_RESULTS)
+    write_table(predictions, out.predictions, PREDICTIONS)
 
 
 def _vectors(x: np.ndarray) -> pa.Array:

@@ -16,6 +16,7 @@ from geojepa.encoding.classes import class_of
 from geojepa.encoding.neighbours import topk_cosine, topk_cosine_chunks
 from geojepa.encoding.spill import Spill
 from geojepa.evaluate import figures
+from geojepa.workdir import CheckpointsDir, EvalDir
 
 
 def agreement(feats: dict[str, np.ndarray], hist: np.ndarray, k: int, device: str = "cpu") -> dict[str, float]:
@@ -65,10 +66,10 @@ def _rows_of(path: Path, contract, ids: list[str], columns: list[str]) -> pa.Tab
     return pa.Table.from_batches(list(scan.to_batches()), schema=scan.projected_schema)
 
 
-def pictures(out: Path, paths: dict, tok, scan, meta: pa.Table, tiles: np.ndarray, spill: Spill, section,
+def pictures(out: EvalDir, paths: dict, tok, scan, meta: pa.Table, tiles: np.ndarray, spill: Spill, section,
              ckpt: Path) -> dict[str, str]:
     """Galleries of the target encoder's nearest tiles and entities, the embedding map, the PCA region map and
-    training curves; returns name -> file."""
+    training curves; returns name -> file name."""
     made = {}
     rng = np.random.default_rng(section.seed)
     ids, n = tok.ids, tok.n
@@ -92,8 +93,8 @@ def pictures(out: Path, paths: dict, tok, scan, meta: pa.Table, tiles: np.ndarra
 
         rows = [[(ids[q], 1.0, cell(q))] + [(ids[j], s, cell(j)) for s, j in zip(ss, jj, strict=True)]
                 for q, ss, jj in zip(queries, sims, nn, strict=True)]
-        figures.gallery(out / "gallery_tiles.png", out / "gallery_tiles.html", "nearest tiles (cosine)", rows)
-        made |= {"gallery_tiles": "gallery_tiles.png", "gallery_tiles_html": "gallery_tiles.html"}
+        figures.gallery(out.gallery_tiles, out.gallery_tiles_html, "nearest tiles (cosine)", rows)
+        made |= {"gallery_tiles": out.gallery_tiles.name, "gallery_tiles_html": out.gallery_tiles_html.name}
         if entity_rows is not None:
             flat = np.unique(np.concatenate([qs, e_nn.ravel()]))
             owner, local = tok.owner(flat)
@@ -105,17 +106,18 @@ def pictures(out: Path, paths: dict, tok, scan, meta: pa.Table, tiles: np.ndarra
                 picked = [(s, at[int(j)]) for s, j in zip(ss, jj, strict=True) if at[int(j)][2] != eq]
                 rows.append([(eq, 1.0, cell(oq, lq))] + [(e, s, cell(o, lo)) for s, (o, lo, e) in
                                                           picked[: section.gallery_k]])
-            figures.gallery(out / "gallery_entities.png", out / "gallery_entities.html",
+            figures.gallery(out.gallery_entities, out.gallery_entities_html,
                             "nearest entities (cosine; the entity in colour, its tile grey)", rows)
-            made |= {"gallery_entities": "gallery_entities.png", "gallery_entities_html": "gallery_entities.html"}
+            made |= {"gallery_entities": out.gallery_entities.name,
+                     "gallery_entities_html": out.gallery_entities_html.name}
     if n >= 3:
         method = figures.embedding_map(tiles, np.log1p(scan.buildings), "log(1 + buildings)",
-                                       out / "embedding_map.png", section.map, section.seed)
-        made[f"embedding_map_{method}"] = "embedding_map.png"
-        figures.region_map(meta["geometry"].to_numpy(zero_copy_only=False), tiles, out / "region_pca.png",
+                                       out.embedding_map, section.map, section.seed)
+        made[f"embedding_map_{method}"] = out.embedding_map.name
+        figures.region_map(meta["geometry"].to_numpy(zero_copy_only=False), tiles, out.region_pca,
                            "tiles coloured by the first 3 principal components of their embedding")
-        made["region_pca"] = "region_pca.png"
-    history = ckpt.parent / "history.json"
-    if history.exists() and figures.training_curves(json.loads(history.read_text()), out / "training_curves.png"):
-        made["training_curves"] = "training_curves.png"
+        made["region_pca"] = out.region_pca.name
+    history = CheckpointsDir(ckpt.parent).history
+    if history.exists() and figures.training_curves(json.loads(history.read_text()), out.training_curves):
+        made["training_curves"] = out.training_curves.name
     return made

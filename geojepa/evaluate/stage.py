@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,24 +47,24 @@ from geojepa.encoding.shards import release, tiles_meta, token_index
 from geojepa.encoding.spill import Spill
 from geojepa.errors import GeoJepaError
 from geojepa.evaluate import baselines, features, outputs, probes, retrieval
-from geojepa.evaluate.cache import CACHE_DIR, Cache, key
+from geojepa.evaluate.cache import Cache, key
 from geojepa.evaluate.labels import TASKS
 from geojepa.evaluate.protocol import Protocol, protocol
 from geojepa.evaluate.region import scan_entities
 from geojepa.evaluate.report import write_report
 from geojepa.lifecycle import Lifecycle
 from geojepa.tokens.vocab import Vocab
-from geojepa.workdir import WorkDir
+from geojepa.workdir import EvalDir, WorkDir
 
 log = logging.getLogger(__name__)
-EVAL_DIR = "eval"
 SHARED = ("geojepa", "geojepa_context", "tagpool")  # feature sets that mean the same in every region (+ twins)
 
 
 def last_checkpoint(work_dir: Path) -> Path:
-    found = WorkDir(work_dir).checkpoints()
+    model = WorkDir(work_dir).model
+    found = model.checkpoints()
     if not found:
-        raise GeoJepaError(f"{work_dir / 'checkpoints'}: no step-*.pt checkpoint; run `geojepa train {work_dir}`, "
+        raise GeoJepaError(f"{model.checkpoints_dir}: no step-*.pt checkpoint; run `geojepa train {work_dir}`, "
                            "or pass --model")
     return found[-1]
 
@@ -107,16 +106,15 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
     if done := life.skipped(force):
         return done
     region_inputs = {k: v for k, v in life.expected["inputs"].items() if k != "checkpoint"}
-    tmp = work_dir / f".{EVAL_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out, tmp = w.eval, w.eval.temporary()
+    shutil.rmtree(tmp.path, ignore_errors=True)
+    tmp.path.mkdir(parents=True)
     with life.run() as run, _torch_threads(1), _pool() as pool:
         try:
             summary, results = _phases(w, paths, trained, section, proto, region_inputs, pool, tmp)
-            replace_folder(tmp, work_dir / EVAL_DIR)
+            replace_folder(tmp.path, out.path)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        out = work_dir / EVAL_DIR
+            shutil.rmtree(tmp.path, ignore_errors=True)
         run.metrics({_metric_name(r): r["mean"] for r in results if r["mean"] is not None})
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in summary["agreement"].items()})
@@ -124,17 +122,17 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
             {f"peers.{p}.{k}": v for p, st in summary["peers"].get("fitted", {}).items() for k, v in st.items()}
         )
         run.metrics({f"seconds.{k}": v for k, v in _flat_timing(summary["timing"]).items()})
-        for f in ("report.md", "results.parquet", "predictions.parquet", "task_labels.parquet",
-                  *summary["pictures"].values()):
-            run.artifact(out / f, "eval")
+        for f in (out.report, out.results, out.predictions, out.task_labels,
+                  *(out / name for name in summary["pictures"].values())):
+            run.artifact(f, out.path.name)
         run.dict(summary, "eval_summary.json")
     log.info("evaluate: %s written in %.1fs (%s); report %s", out, summary["seconds"],
-             ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(summary["timing"]).items()), out / "report.md")
-    return life.publish([EVAL_DIR], summary)
+             ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(summary["timing"]).items()), out.report)
+    return life.publish([out.path], summary)
 
 
 def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol, region_inputs: dict, pool,
-            tmp: Path) -> tuple[dict, list[dict]]:
+            tmp: EvalDir) -> tuple[dict, list[dict]]:
     """The evaluation's phases (see the module docstring), writing into ``tmp``; (summary, result rows)."""
     t0, timing, clock = time.perf_counter(), {}, [time.perf_counter()]
 
@@ -143,7 +141,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
         clock[0] = time.perf_counter()
 
     device = "cuda" if section.device == "cuda" or (section.device == "auto" and torch.cuda.is_available()) else "cpu"
-    cache = Cache(w.path / CACHE_DIR if section.cache else None)
+    cache = Cache(w.eval_cache if section.cache else None)
     modalities = trained.modalities
     # Rendered images are drawn from the very tags the masked setting removes: there the image tokens are left
     # out (real imagery, an independent observation, stays).
@@ -233,11 +231,11 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
 
     # 6. writing
     outputs.write_embeddings(
-        tmp / "embeddings.parquet", paths, tok, meta, tiles, spill, f"geojepa:{trained.checkpoint.name}"
+        tmp.embeddings, paths, tok, meta, tiles, spill, f"geojepa:{trained.checkpoint.name}"
     )
     spill.path.unlink()
     outputs.write_tables(tmp, label_rows, results, predictions)
-    outputs.write_probe_features(tmp / "probe_features.parquet", tok.ids, groups, sets, masked_feats)
+    outputs.write_probe_features(tmp.probe_features, tok.ids, groups, sets, masked_feats)
     lap("writing")
     seen, role = _role(w, trained)
     summary = {"checkpoint": str(trained.checkpoint), "region": w.name, "seen_in_training": seen, "role": role,
@@ -248,7 +246,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
                "pictures": pictures, "cache": {"hits": cache.hits, "misses": cache.misses, "twins_cached":
                                                sorted(set(proto.twins()) - set(encoders))},
                "seconds": round(time.perf_counter() - t0, 1), "timing": timing}
-    write_report(tmp / "report.md", results, summary, w.name)
+    write_report(tmp.report, results, summary, w.name)
     return summary, results
 
 

@@ -1,5 +1,5 @@
 """Stage 1: OSM PBF -> entities GeoParquet."""
 
-from geojepa.extract.stage import ENTITIES_FILE, extract
+from geojepa.extract.stage import extract
 
-__all__ = ["ENTITIES_FILE", "extract"]
+__all__ = ["extract"]

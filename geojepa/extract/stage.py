@@ -28,9 +28,6 @@ from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
-ENTITIES_FILE = WorkDir(".").entities.name
-
-
 def _check_work_dir(work_dir: Path) -> None:
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +83,7 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if section.bbox is not None:
         _check_bbox(pbf, header_box, section.bbox)
     _check_work_dir(work_dir)
-    out = work_dir / ENTITIES_FILE
+    out = WorkDir(work_dir).entities
     life = Lifecycle("extract", work_dir, cfg, {"pbf": pbf}, section.model_dump(mode="json"),
                      ("geojepa.extract", "data_contracts"), section="extract")
     if done := life.skipped(force):
@@ -146,4 +143,4 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if repaired:
         log.info("extract: repaired or skipped geometries: %s", repaired)
     log.info("extract: %d entities from %s in %.1fs -> %s", rows, pbf, seconds, out)
-    return {**life.publish([ENTITIES_FILE], summary), "output": str(out)}
+    return {**life.publish([out], summary), "output": str(out)}

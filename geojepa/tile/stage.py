@@ -42,11 +42,9 @@ from geojepa.tile.clip import pieces
 from geojepa.tile.grid import assign_splits
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
 from geojepa.tile.plan import Region, extent_partitions, plan_region
-from geojepa.workdir import WorkDir
+from geojepa.workdir import WorkDir, temporary
 
 log = logging.getLogger(__name__)
-TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR = (WorkDir(".").tiles.name, WorkDir(".").tile_entities.name,
-                                                   WorkDir(".").tile_images.name)
 # Dictionary-encode the small columns of tile_images, not the pixels (unique blobs: hashing them only to
 # fall back to plain encoding cost 40% of writing them).
 IMAGE_DICTIONARY = ["tile_id", "bands", "source", "acquired"]
@@ -246,8 +244,7 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
 
     stats: Counter = Counter()
     t0 = time.perf_counter()
-    tmp_e = work_dir / f".{TILE_ENTITIES_DIR}.tmp-{os.getpid()}"
-    tmp_i = work_dir / f".{TILE_IMAGES_DIR}.tmp-{os.getpid()}"
+    tmp_e, tmp_i = temporary(w.tile_entities), temporary(w.tile_images)
     tmp_p = work_dir / f".tile_plan.tmp-{os.getpid()}"
     try:
         with life.run() as run:
@@ -291,9 +288,9 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
             span = region.grid.partition_span()  # the order of the extent's partitions, then col, row
             tiles.sort(key=lambda t: (t["col"] // span, t["row"] // span, t["col"], t["row"]))
             table = _tiles_table(region, tiles, section)
-            write_table(table, work_dir / TILES_FILE, TILES)
-            replace_folder(tmp_e, work_dir / TILE_ENTITIES_DIR)
-            replace_folder(tmp_i, work_dir / TILE_IMAGES_DIR)
+            write_table(table, w.tiles, TILES)
+            replace_folder(tmp_e, w.tile_entities)
+            replace_folder(tmp_i, w.tile_images)
             seconds = time.perf_counter() - t0
             splits = Counter(table.column("split").to_pylist())
             summary = {"tiles": len(tiles), "partitions": len(parts), "partitions_skipped": plan.extent - len(parts),
@@ -310,4 +307,4 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     log.info("tile: %d tiles (%s) in %.1fs; dropped %d with < %d and %d with > %d entities", len(tiles),
              dict(splits), seconds, stats["dropped_too_few"], section.min_entities, stats["dropped_too_many"],
              section.max_entities)
-    return life.publish([TILES_FILE, TILE_ENTITIES_DIR, TILE_IMAGES_DIR], summary)
+    return life.publish([w.tiles, w.tile_entities, w.tile_images], summary)

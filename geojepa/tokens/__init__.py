@@ -1,5 +1,5 @@
 """Stage 3: tiles -> tag vocabulary, shape encoder and token shards."""
 
-from geojepa.tokens.stage import TOKENS_DIR, tokens
+from geojepa.tokens.stage import tokens
 
-__all__ = ["TOKENS_DIR", "tokens"]
+__all__ = ["tokens"]

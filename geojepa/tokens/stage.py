@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -42,10 +41,9 @@ from geojepa.tokens import geometry as G
 from geojepa.tokens.fitting import build_vocab, geometry_encoder, vocab_model
 from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
 from geojepa.tokens.tokenizer import load_tokenizer
-from geojepa.workdir import WorkDir
+from geojepa.workdir import WorkDir, temporary
 
 log = logging.getLogger(__name__)
-TOKENS_DIR = "tokens"
 
 
 class _Images:
@@ -128,7 +126,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     vocab_path = Path(section.vocab) if section.vocab else w.tag_vocab
     encoder_path = Path(section.geometry_checkpoint) if section.geometry_checkpoint else w.geometry_encoder
     # The tokenizer enters by its record (digest), not its vocabulary file, which other regions may grow.
-    inputs = {**paths, **({"tokenizer": tok.folder / "tokenizer.json"} if tok else {})}
+    inputs = {**paths, **({"tokenizer": tok.files.record_file} if tok else {})}
     life = Lifecycle(
         "tokens",
         work_dir,
@@ -165,7 +163,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
             [section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True
         )
         hashes = _tile_hashes(te, images, fingerprint, split_of)
-        old_hashes = _existing_hashes(work_dir / TOKENS_DIR)
+        old_hashes = _existing_hashes(w.tokens)
         reused = {t for t, h in hashes.items() if old_hashes.get(t) == h}
         ids_np = te["tile_id"].to_numpy(zero_copy_only=False)
         n_patches = {t: _n_patches(images.get(t), section) for t in hashes}
@@ -200,7 +198,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         meta = {"tag_dim": str(vocab.vectors.shape[1]), "geometry_dim": str(section.geometry_dim),
                 "text_model": vocab_model(vocab_path), "image_tokenizer": section.image_tokenizer,
                 **({"tokenizer_digest": tok.digest, "tokenizer_dir": str(tok.folder.resolve())} if tok else {})}
-        counts = _write_shards(work_dir, hashes, split_of, length, reused, compute, section.shard_tiles, meta,
+        counts = _write_shards(w.tokens, hashes, split_of, length, reused, compute, section.shard_tiles, meta,
                                image_dim)
         todo_count = len(hashes) - len(reused)
         n_tokens = sum(length.values())
@@ -230,7 +228,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         run.dict(summary, "tokens_summary.json")
     log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(hashes), todo_count, len(reused),
              n_tokens, seconds)
-    return life.publish([TOKENS_DIR], summary)
+    return life.publish([w.tokens], summary)
 
 
 def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -247,12 +245,11 @@ def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tup
     return pixel_patches(pixels, cfg.patch_px), patch_positions(h // cfg.patch_px)
 
 
-def _write_shards(work_dir: Path, hashes: dict[str, str], split_of: dict[str, str], length: dict[str, int],
+def _write_shards(final: Path, hashes: dict[str, str], split_of: dict[str, str], length: dict[str, int],
                   reused: set[str], compute, shard_tiles: int, meta: dict[str, str], image_dim: list[int]) -> dict:
     """Shards per split, rows sorted by length; one shard in memory at a time. Unchanged rows are copied
     from the previous shards; the new folder replaces the old one only when complete."""
-    final = work_dir / TOKENS_DIR
-    tmp = work_dir / f".{TOKENS_DIR}.tmp-{os.getpid()}"
+    tmp = temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     old = ds.dataset(final, format="parquet") if reused else None

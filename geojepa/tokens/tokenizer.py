@@ -14,6 +14,8 @@ tokenised the same way and one model can read them all:
   every token shard made with ``T`` and into every checkpoint trained on them;
   training refuses regions of different digests, evaluation a model of
   another digest.
+
+The files' names are ``geojepa.workdir.TokenizerDir``'s.
 """
 
 from __future__ import annotations
@@ -38,10 +40,9 @@ from geojepa.errors import GeoJepaError
 from geojepa.tokens import vocab as V
 from geojepa.tokens.fitting import build_vocab, train_geometry_encoder
 from geojepa.tracking import record_skip, stage_run
-from geojepa.workdir import WorkDir
+from geojepa.workdir import TokenizerDir, WorkDir
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILE = "tokenizer.json"
 # The tokens settings a tokenizer fixes; a region tokenised with T uses these, whatever its config says.
 FROZEN = ("text_model", "max_values_per_key", "geometry_dim", "image_tokenizer", "patch_px", "vit_weights")
 
@@ -61,12 +62,16 @@ class Tokenizer:
         return self.record["digest"]
 
     @property
+    def files(self) -> TokenizerDir:
+        return TokenizerDir(self.folder)
+
+    @property
     def vocab(self) -> Path:
-        return WorkDir(self.folder).tag_vocab
+        return self.files.tag_vocab
 
     @property
     def geometry_encoder(self) -> Path:
-        return WorkDir(self.folder).geometry_encoder
+        return self.files.geometry_encoder
 
     def tokens_config(self, section: TokensConfig) -> TokensConfig:
         """``section`` with the tokenizer's frozen settings and files in place of the region's own."""
@@ -76,7 +81,7 @@ class Tokenizer:
     @contextlib.contextmanager
     def growing(self) -> Iterator[None]:
         """Hold the lock under which the vocabulary grows (regions are tokenised concurrently)."""
-        with open(self.folder / ".vocab.lock", "a") as f:
+        with open(self.files.vocab_lock, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -85,8 +90,8 @@ class Tokenizer:
 
 
 def load_tokenizer(folder: Path | str) -> Tokenizer:
-    folder = Path(folder)
-    path = folder / TOKENIZER_FILE
+    files = TokenizerDir(folder)
+    folder, path = files.path, files.record_file
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -97,9 +102,7 @@ def load_tokenizer(folder: Path | str) -> Tokenizer:
         raise GeoJepaError(f"{path}: damaged tokenizer record ({e})") from None
     if record.get("digest") != _digest(record):
         raise GeoJepaError(f"{path}: its digest does not match its content (edited or damaged)")
-    for f in (WorkDir(folder).tag_vocab, WorkDir(folder).geometry_encoder):
-        if not f.is_file():
-            raise GeoJepaError(f"{f}: missing from the tokenizer folder")
+    files.check()
     if record["rules"] != rules_sha():
         raise GeoJepaError(f"{path}: made with other vocabulary bucketing rules ({record['rules']}, this code "
                            f"{rules_sha()}); fit a new tokenizer")
@@ -125,7 +128,8 @@ def region_shapes(w: WorkDir) -> tuple[list[list], np.ndarray]:
 def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: bool = False) -> dict:
     """Fit the tokenizer on the listed regions' tiles. An existing tokenizer is frozen: it is kept unless
     ``force`` (which makes a new digest: models trained with the old one no longer match)."""
-    folder = Path(folder)
+    files = TokenizerDir(folder)
+    folder = files.path
     regions = [WorkDir(w) for w in work_dirs]
     if not regions:
         raise GeoJepaError("tokenizer fit: no regions given (--data W1 W2 ...)")
@@ -136,7 +140,7 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
         if w.role() == "holdout":
             raise GeoJepaError(f"{w.region_file}: region {w.name!r} is a holdout region; a tokenizer is fitted on "
                                "training regions only")
-    if (folder / TOKENIZER_FILE).exists() and not force:
+    if files.record_file.exists() and not force:
         tok = load_tokenizer(folder)
         log.info("tokenizer: %s is frozen (digest %s, fitted on %s); kept", folder, tok.digest,
                  [r["name"] for r in tok.record["fitted_on"]])
@@ -155,7 +159,6 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
             tag_lists += tags
             shapes.append(geoms)
             fitted_on.append({"name": w.name, "entities": len(geoms)})
-        files = WorkDir(folder)  # a tokenizer folder holds its files under the work directories' names
         if force:  # a refit starts its vocabulary afresh; an interrupted first fit resumes its own
             files.tag_vocab.unlink(missing_ok=True)
         vocab, embedded = build_vocab(files.tag_vocab, tag_lists, section, run)
@@ -174,10 +177,10 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
                    "vocab_entries": len(vocab.index), "vocab_embedded": embedded, "shapes": len(sample), **report,
                    "seconds": round(time.perf_counter() - t0, 1)}
         record.update(summary=summary, mlflow_run_id=run.run_id)  # outside the digest
-        with atomic_path(folder / TOKENIZER_FILE) as tmp:
+        with atomic_path(files.record_file) as tmp:
             tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
         run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)})
-        run.dict(record, "tokenizer.json")
+        run.dict(record, files.record_file.name)
     log.info("tokenizer: %s fitted on %s (digest %s, %d vocabulary entries, %d shapes)", folder,
              summary["regions"], record["digest"], len(vocab.index), len(sample))
     return {**summary, "stage": "tokenizer", "skipped": False, "mlflow_run_id": record["mlflow_run_id"]}

@@ -39,7 +39,7 @@ from geojepa.model.jepa import (
 from geojepa.progress import duration
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.masks import MaskConfig
-from geojepa.workdir import WorkDir, checkpoints_in
+from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir, checkpoints_in
 
 log = logging.getLogger("geojepa.train")
 COLLAPSE_COS = 0.95  # validation tiles' mean pairwise cosine above which training warns of collapse
@@ -143,7 +143,7 @@ class CollapseMonitor:
 
 def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, cfg: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
+    path = CheckpointsDir(folder).step(step)
     tmp = folder / f".{path.name}.tmp"
     torch.save({"step": step, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "config": cfg, "torch_rng": torch.get_rng_state()}, tmp)
@@ -180,7 +180,8 @@ def train(cfg: dict) -> dict:
     cfg.setdefault("out_dir", cfg.get("work_dir"))
     cfg.setdefault("data", [cfg["out_dir"]])
     work = Path(cfg["out_dir"])
-    ckpt_dir = WorkDir(work).checkpoints_dir
+    checkpoints = ModelDir(work).checkpoints_dir
+    ckpt_dir = checkpoints.path
     modalities = tuple(cfg["modalities"])
     data = ShardDataset([WorkDir(w).tokens for w in cfg["data"]], "train", modalities)
     names = cfg.get("regions") or [Path(w).name for w in cfg["data"]]
@@ -235,8 +236,8 @@ def train(cfg: dict) -> dict:
         if tracker and at_start:
             tracker.log_metrics(at_start, step=0)
     history: list[dict] = []
-    if step and (ckpt_dir / "history.json").exists():
-        history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= step]
+    if step and checkpoints.history.exists():
+        history = [h for h in json.loads(checkpoints.history.read_text()) if h["step"] <= step]
     loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight", "regulariser", "target_centre")
                     if k in cfg}
     amp = (
@@ -320,7 +321,7 @@ def train(cfg: dict) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        (ckpt_dir / "history.json").write_text(json.dumps(history))
+        checkpoints.history.write_text(json.dumps(history))
         if tracker:
             tracker.end_run()
     return history[-1] if history else {}
