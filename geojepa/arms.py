@@ -95,8 +95,9 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             raise GeoJepaError(f"{w.path}: not a tokenised region (no tokens/); the arms need every region of the "
                                "spec tokenised with one tokenizer")
     rows = []
-    for arm, arm_overrides in spec["arms"].items():
-        for seed in spec["seeds"]:
+    # every arm at the first seed, then every arm at the next: a loop cut short still compares every arm
+    for seed in spec["seeds"]:
+        for arm, arm_overrides in spec["arms"].items():
             name = f"{arm}-s{seed}"
             model = out / name
             cfg = load_config(config, [*overrides, *(arm_overrides or []), f"train.max_steps={spec['steps']}",
@@ -125,7 +126,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                         "metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
                         "tagpool": get.get("tagpool"), "seen": summary.get("seen_in_training")}
             rows.append(row)
-    _write(out, spec, rows)
+            _write(out, spec, rows)  # the table so far, after every (arm, seed)
     return rows
 
 
