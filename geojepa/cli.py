@@ -368,5 +368,34 @@ def fetch_osm(
     _run(lambda: str(fetch_region(region, work_dir, index_url=index_url)))
 
 
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="a region W, a tokenizer folder T, a model folder OUT or embed's OUT")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts) instead of a table")] = False,
+) -> None:
+    """What a folder holds: a region's extent, tiles per split, stages and last evaluation; a tokenizer's
+    digest and regions; a model's checkpoints, size and card."""
+    from geojepa.info import info as read
+    from geojepa.info import lines
+
+    _run(lambda: read(path) if as_json else "\n".join(lines(read(path))))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"geojepa {version('geojepa')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """GeoJEPA: self-supervised embeddings of urban tiles from OpenStreetMap and imagery."""
+
+
 if __name__ == "__main__":
     app()
