@@ -45,7 +45,7 @@ def _load(runs: dict[str, list[WorkDir]]) -> tuple[dict, dict, Protocol]:
                 raise GeoJepaError(f"{w.path}: run {run} was {'not ' if not seen[w.name] else ''}trained on "
                                    f"{w.name} unlike run {names[0]}; compare runs trained on the same regions")
             if run != names[0]:
-                df = df[df.model.map(_own)]
+                df = df[df.model.map(_own).astype(bool)]  # an empty object mask would select columns
             df = df.assign(model=[f"{run}/{m}" if _own(m) else m for m in df.model])
             if w.name in frames:
                 _same_tiles(frames[w.name], df, names[0], run, w)
