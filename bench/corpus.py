@@ -25,16 +25,16 @@ cfg = load_config(overrides=["tracking.enabled=false"])
 stage, args = sys.argv[1], sys.argv[2:]
 if stage == "extract":
     from geojepa.extract import extract
-    s = extract(args[0], args[1], cfg)
+    s = extract(args[0], args[1], cfg).as_dict()
 elif stage == "tile":
     from geojepa.tile import tile
-    s = tile(args[0], cfg, imagery=None if args[1] == "none" else args[1])
+    s = tile(args[0], cfg, imagery=None if args[1] == "none" else args[1]).as_dict()
 elif stage == "tokenizer":
     from geojepa.tokens.tokenizer import fit
-    s = fit(args[0], args[1:], cfg)
+    s = fit(args[0], args[1:], cfg).as_dict()
 else:
     from geojepa.tokens import tokens
-    s = tokens(args[0], cfg, tokenizer=args[1])
+    s = tokens(args[0], cfg, tokenizer=args[1]).as_dict()
 print(json.dumps({k: s.get(k) for k in ("entities", "tiles", "tokens", "vocab_embedded") if k in s}))
 """
 

@@ -33,7 +33,7 @@ from geojepa.config import load_config
 from geojepa.evaluate import evaluate
 w, model, config = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None
 cfg = load_config(config, ["tracking.enabled=false", *[o for o in sys.argv[4].split(";") if o]])
-s = evaluate(w, cfg, model=model, force=True)
+s = evaluate(w, cfg, model=model, force=True).as_dict()
 print(json.dumps({"total_s": s["seconds"], "timing": s["timing"], "tiles": s["tiles"], "cache": s["cache"],
                   "protocol": s["protocol"]["name"]}))
 """

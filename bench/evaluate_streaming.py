@@ -84,6 +84,7 @@ from geojepa.config import load_config
 from geojepa.evaluate import evaluate
 cfg = load_config(None, ["tracking.enabled=false", *[o for o in sys.argv[5].split(";") if o]])
 s = evaluate(w, cfg, force=True)
+s = s.as_dict() if hasattr(s, "as_dict") else s  # the old package's stage returned a dict
 if which == "new":
     timing = {k: v for k, v in s["timing"].items() if k != "probes"} | {f"probes.{t}": v for t, v in
                                                                           s["timing"]["probes"].items()}

@@ -27,7 +27,7 @@ OURS = """
 import json, sys
 from geojepa.config import load_config
 from geojepa.extract import extract
-s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]), force=True)
+s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]), force=True).as_dict()
 print(json.dumps({"entities": s["entities"]}))
 """
 

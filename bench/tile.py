@@ -65,7 +65,7 @@ import json, resource, sys
 from geojepa.config import load_config
 from geojepa.tile import tile
 imagery = None if sys.argv[2] == "none" else sys.argv[2]
-s = tile(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), imagery=imagery, force=True)
+s = tile(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), imagery=imagery, force=True).as_dict()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"tiles": s["tiles"], "stage_seconds": s["seconds"], "partitions": s["partitions"],
                   "partitions_skipped": s["partitions_skipped"], "wide_entities": s["wide_entities"],
@@ -76,7 +76,7 @@ EXTRACT_REAL = """
 import json, sys
 from geojepa.config import load_config
 from geojepa.extract import extract
-s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]), force=True)
+s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]), force=True).as_dict()
 print(json.dumps({"entities": s.get("entities")}))
 """
 
@@ -84,7 +84,7 @@ TOKENS_REAL = """
 import json, sys
 from geojepa.config import load_config
 from geojepa.tokens import tokens
-s = tokens(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), force=True)
+s = tokens(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), force=True).as_dict()
 print(json.dumps({"tiles": s.get("tiles"), "tokens": s.get("tokens"), "stage_seconds": s.get("seconds")}))
 """
 
@@ -92,7 +92,7 @@ EXTRACT = """
 import json, sys
 from geojepa.config import load_config
 from geojepa.extract import extract
-s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"]))
+s = extract(sys.argv[1], sys.argv[2], load_config(overrides=["tracking.enabled=false"])).as_dict()
 print(json.dumps({"entities": s.get("entities")}))
 """
 
@@ -101,7 +101,7 @@ import json, sys
 from geojepa.config import load_config
 from geojepa.tile import tile
 imagery = sys.argv[2] if len(sys.argv) > 2 else None
-s = tile(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), imagery=imagery, force=True)
+s = tile(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), imagery=imagery, force=True).as_dict()
 print(json.dumps({k: s[k] for k in ("tiles", "tiles_with_entities", "pieces", "seconds", "partitions")}))
 """
 

@@ -35,7 +35,7 @@ TOKENS = """
 import json, sys
 from geojepa.config import load_config
 from geojepa.tokens import tokens
-s = tokens(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), force=True)
+s = tokens(sys.argv[1], load_config(overrides=["tracking.enabled=false"]), force=True).as_dict()
 print(json.dumps({k: s.get(k) for k in ("tiles", "tiles_tokenised", "tokens", "entities", "vocab_entries",
                                          "vocab_embedded", "entities_per_vocab_text", "seconds",
                                          "geometry_train_seconds", "geometry_val_loss",

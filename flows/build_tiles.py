@@ -13,23 +13,23 @@ from pathlib import Path
 from prefect import flow, unmapped
 
 from flows.common import SAMPLES, outputs_artifact, stage_row, task_runner, work_dir_for
-from geojepa.tile import tile
+from geojepa.extract.fetch import GEOFABRIK_INDEX
+from geojepa.lifecycle import StageResult
+from geojepa.tile import PartitionJob, tile
 from geojepa.workdir import WorkDir
 from tasks.stages import config, cut_partition, extract, fetch_osm, log_outcome
-
-GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
 
 
 @flow(name="tile")
 def tile_partitions(work_dir: str, imagery: str | list[str] | None, config_path: str | None = None,
-                    overrides: list[str] | None = None) -> dict:
+                    overrides: list[str] | None = None) -> StageResult:
     """The tile stage with each partition (a block of tile groups) as a mapped task, a window at a time."""
     cfg = config(config_path, overrides)
 
-    def mapped(work, parts):
+    def mapped(job: PartitionJob, parts):
         window = cfg.orchestration.partitions_in_flight
         for i in range(0, len(parts), window):
-            for future in cut_partition.map(unmapped(work), parts[i : i + window]):
+            for future in cut_partition.map(unmapped(job), parts[i : i + window]):
                 yield future.result()
 
     return log_outcome("tile", tile(Path(work_dir), cfg, imagery=imagery, map_partitions=mapped))
@@ -47,12 +47,12 @@ def build_tiles(region: str = "kotka", pbf: str | None = None, imagery: str | li
         pbf = str(sample) if sample.exists() else fetch_osm(region, w, index_url)
     t0 = time.perf_counter()
     ex = extract(pbf, w, config_path, overrides)
-    rows = [stage_row(region, "extract", ex, f"{ex.get('entities', '-')} entities", WorkDir(w).entities,
+    rows = [stage_row(region, "extract", ex, f"{ex.summary.entities} entities", WorkDir(w).entities,
                       time.perf_counter() - t0)]
     t0 = time.perf_counter()
     ti = tile_partitions.with_options(task_runner=task_runner(cfg))(w, imagery, config_path, overrides)
-    splits = ", ".join(f"{k.removeprefix('split_')} {v}" for k, v in ti.items() if k.startswith("split_"))
-    rows.append(stage_row(region, "tile", ti, f"{ti.get('tiles')} tiles ({splits})", WorkDir(w).tiles,
+    splits = ", ".join(f"{k} {v}" for k, v in ti.summary.splits.items())
+    rows.append(stage_row(region, "tile", ti, f"{ti.summary.tiles} tiles ({splits})", WorkDir(w).tiles,
                           time.perf_counter() - t0))
     outputs_artifact(f"build-tiles-{region}", rows, f"build-tiles outputs for {region} in {w}")
     return rows

@@ -1,7 +1,8 @@
 """pipeline: one model over a corpus of regions. build-tiles and cache-tokens mapped over the regions
 (concurrently), one frozen tokenizer fitted on the training regions, one training run on all their train
 splits, evaluate mapped over every region (holdouts included), then the corpus report; all grouped under one
-MLflow parent run. retrain: the same on a schedule, refreshing Geofabrik extracts first.
+MLflow parent run. retrain: the same flow under its own name, which its deployment runs on a schedule (a
+Geofabrik extract is downloaded again only when it changed; unchanged stages are skipped).
 
 ``python -m flows.pipeline`` is the README's demo: ``configs/corpus-demo.yaml``, offline, with Prefect's
 temporary local API and MLflow on SQLite; it prints the outputs, the results and the ``mlflow ui`` command.
@@ -20,11 +21,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from data_contracts import EVAL_RESULTS, read_table
-from flows.build_tiles import GEOFABRIK_INDEX, build_tiles
-from flows.common import ROOT, key, link_artifact, outputs_artifact, stage_row
+from flows.build_tiles import build_tiles
+from flows.common import ROOT, RegionBuild, key, link_artifact, outputs_artifact, stage_row
 from geojepa.corpus import Corpus, load_corpus, mark_region
 from geojepa.evaluate.corpus import corpus_report
 from geojepa.evaluate.report import headline
+from geojepa.extract.fetch import GEOFABRIK_INDEX
 from geojepa.tracking import log_to_run, mask_uri, parent_run, run_link, tracking_uri
 from geojepa.workdir import ModelDir, WorkDir
 from tasks.stages import config, evaluate, fit_tokenizer, tokens, train
@@ -33,10 +35,9 @@ DEMO = ROOT / "configs" / "corpus-demo.yaml"
 
 
 @task(name="build-region", cache_policy=NO_CACHE)
-def build_region(region: str, pbf: str | None, imagery, work_dir: str, config_path: str | None,
-                 overrides: list[str], index_url: str) -> list[dict]:
+def build_region(b: RegionBuild, config_path: str | None, overrides: list[str], index_url: str) -> list[dict]:
     """One region's build-tiles flow (its tile partitions stay mapped inside it)."""
-    return build_tiles(region=region, pbf=pbf, imagery=imagery, work_dir=work_dir, config_path=config_path,
+    return build_tiles(region=b.region, pbf=b.pbf, imagery=b.imagery, work_dir=b.work_dir, config_path=config_path,
                        overrides=overrides, index_url=index_url)
 
 
@@ -53,30 +54,27 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
     # The parent run creates the tracking store before any region's stages start (no race on a fresh store).
     with parent_run(model, cfg, f"pipeline {c.name}", tags) as parent:
         ov = [*overrides, *([f"tracking.parent_run_id={parent}"] if parent else [])]
-        # A Geofabrik region is named by its id (downloaded into its work directory); the others by their PBF.
-        built = build_region.map([c.geofabrik_id(r) or r.name for r in c.regions],
-                                 [str(c.pbf(r)) if c.pbf(r) else None for r in c.regions],
-                                 [r.imagery for r in c.regions], [str(regions[r.name].path) for r in c.regions],
-                                 unmapped(config_path), unmapped(ov), unmapped(index_url))
+        builds = [RegionBuild.of(c, r, root) for r in c.regions]
+        built = build_region.map(builds, unmapped(config_path), unmapped(ov), unmapped(index_url))
         rows = [row for f in built for row in f.result()]
 
         t0 = time.perf_counter()
         tk = fit_tokenizer(str(tokenizer), train_dirs, config_path, ov)
-        rows.append(stage_row(c.name, "tokenizer", tk, f"digest {tk.get('digest')}, {tk.get('vocab_entries')} "
-                              f"vocabulary entries, fitted on {', '.join(tk.get('regions', []))}", tokenizer,
+        rows.append(stage_row(c.name, "tokenizer", tk, f"digest {tk.summary.digest}, {tk.summary.vocab_entries} "
+                              f"vocabulary entries, fitted on {', '.join(tk.summary.regions)}", tokenizer,
                               time.perf_counter() - t0))
         t0 = time.perf_counter()
         toks = tokens.map([str(regions[r.name].path) for r in c.regions], unmapped(config_path), unmapped(ov),
                           tokenizer=unmapped(str(tokenizer)))
         for r, f in zip(c.regions, toks, strict=True):
             tk = f.result()
-            rows.append(stage_row(r.name, "tokens", tk, f"{tk.get('tokens', 0):,} tokens in {tk.get('tiles')} tiles",
+            rows.append(stage_row(r.name, "tokens", tk, f"{tk.summary.tokens:,} tokens in {tk.summary.tiles} tiles",
                                   regions[r.name].tokens, time.perf_counter() - t0))
 
         t0 = time.perf_counter()
         tr = train(str(model), config_path, ov, nproc=nproc, data=train_dirs)
-        rows.append(stage_row(c.name, "train", tr, f"{tr.get('steps')} steps on {', '.join(tr.get('regions', []))}, "
-                              f"loss {tr.get('final_loss') or 0:.3f}", tr.get("checkpoint", model),
+        rows.append(stage_row(c.name, "train", tr, f"{tr.summary.steps} steps on {', '.join(tr.summary.regions)}, "
+                              f"loss {tr.summary.final_loss or 0:.3f}", tr.summary.checkpoint or model,
                               time.perf_counter() - t0))
 
         t0 = time.perf_counter()
@@ -85,7 +83,7 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
         for r, f in zip(c.regions, evals, strict=True):
             ev, w = f.result(), regions[r.name]
             results = read_table(w.eval.results, EVAL_RESULTS).to_pylist()
-            line = f"{r.role}: " + headline(results, ev["tasks"])
+            line = f"{r.role}: " + headline(results, ev.summary.tasks)
             rows.append(stage_row(r.name, "evaluate", ev, line, w.eval.report, time.perf_counter() - t0))
             create_markdown_artifact(key=key("evaluation", c.name, r.name), markdown=w.eval.report.read_text(),
                                      description=f"evaluation report of {r.name} ({r.role})")
@@ -96,7 +94,7 @@ def run_corpus(c: Corpus, root: Path, config_path: str | None, overrides: list[s
         log_to_run(model, cfg, parent, pooled, [report, folder.corpus_results, folder.corpus_comparisons])
         create_markdown_artifact(key=key("corpus-report", c.name), markdown=report.read_text(),
                                  description=f"corpus report of {c.name}")
-        rows.append(stage_row(c.name, "report", {}, f"{len(pooled) // 2} pooled figures", report, 0.0))
+        rows.append(stage_row(c.name, "report", None, f"{len(pooled) // 2} pooled figures", report, 0.0))
     outputs_artifact(f"pipeline-{c.name}", rows, f"pipeline outputs for corpus {c.name} in {root}")
     if parent:
         uri = mask_uri(tracking_uri(model, cfg.tracking))
@@ -115,12 +113,11 @@ def pipeline(corpus: str = str(DEMO), work_root: str = "work", config_path: str 
     return run_corpus(load_corpus(corpus), Path(work_root), config_path, list(overrides or []), nproc, index_url)
 
 
-@flow(name="retrain")
-def retrain(corpus: str = str(DEMO), work_root: str = "work", config_path: str | None = None,
-            overrides: list[str] | None = None, nproc: int = 1, index_url: str = GEOFABRIK_INDEX) -> list[dict]:
-    """The scheduled run: Geofabrik regions are re-downloaded when they changed, then every stage; stages whose
-    inputs did not change are skipped (the tokenizer stays frozen), so an unchanged week costs seconds."""
-    return run_corpus(load_corpus(corpus), Path(work_root), config_path, list(overrides or []), nproc, index_url)
+# The scheduled run (prefect.yaml): the same flow under its own name, so its runs and deployment stand apart.
+retrain = pipeline.with_options(
+    name="retrain",
+    description="The scheduled run: Geofabrik regions are downloaded again when they changed, then every stage; "
+    "stages whose inputs did not change are skipped (the tokenizer stays frozen), so an unchanged week costs seconds.")
 
 
 def main() -> None:

@@ -114,7 +114,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             ecfg = load_config(config, [*overrides, *JUDGE, "tracking.enabled=false"])
             for region in judges:
                 v = view(region, out / "views" / name / region.name)
-                summary = evaluate(v.path, ecfg, model=model)
+                evaluated = evaluate(v.path, ecfg, model=model)
                 results = read_table(v.eval.results, EVAL_RESULTS).to_pylist()
                 chosen = chosen_encoders(results, "ridge")
                 for task, enc in chosen.items():
@@ -124,7 +124,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                     twins = [x for m, x in get.items() if is_twin(m) and x is not None]
                     row["judge"][f"{region.name}/{task}"] = {
                         "metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
-                        "tagpool": get.get("tagpool"), "seen": summary.get("seen_in_training")}
+                        "tagpool": get.get("tagpool"), "seen": evaluated.summary.seen_in_training}
             rows.append(row)
             _write(out, spec, rows)  # the table so far, after every (arm, seed)
     return rows

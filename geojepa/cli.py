@@ -20,6 +20,8 @@ import typer
 from data_contracts import ContractError
 from geojepa.config import Config, load_config
 from geojepa.errors import GeoJepaError
+from geojepa.extract.fetch import GEOFABRIK_INDEX
+from geojepa.lifecycle import StageResult
 from geojepa.workdir import WorkDir
 
 # torch_geometric still scripts a few functions when imported; torch 2.14 warns about it on every command
@@ -32,8 +34,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable)")]
 ForceOpt = Annotated[bool, typer.Option(help="re-run even if inputs are unchanged")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
-# `--data W1 W2 ...`: the work directories that follow are positional (click options take one value each).
-DataFlag = Annotated[bool, typer.Option("--data", help="the region work directories follow: --data W1 W2 ...")]
+# `--data W1 W2 ...`, as documented: the work directories are positional (a click option takes one value), the flag
+# marks where they begin; optional, but with it at least one must follow (`_regions` reads it).
+DataFlag = Annotated[bool, typer.Option("--data", help="the region work directories follow: --data W1 W2 ... "
+                                                       "(optional)")]
 
 
 def _setup(config: Path | None, overrides: list[str] | None, verbose: bool = False) -> Config:
@@ -49,13 +53,24 @@ def _setup(config: Path | None, overrides: list[str] | None, verbose: bool = Fal
     return load_config(config, overrides or [])
 
 
+def _regions(data: bool, regions: list[Path] | None) -> list[Path]:
+    """The region work directories listed; ``--data`` with none after it is an error (for ``train``, rather than
+    training OUT on itself)."""
+    if data and not regions:
+        raise GeoJepaError("--data: no region work directory follows (--data W1 W2 ...)")
+    return list(regions or [])
+
+
 def _run(call: Callable[[], object]) -> None:
-    """Run a stage; print its summary (JSON) or, for bad input, ``error: ...`` and exit 1."""
+    """Run a stage; print its result (JSON: ``StageResult.as_dict()``) or, for bad input, ``error: ...`` and
+    exit 1."""
     try:
         result = call()
     except (GeoJepaError, ContractError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
+    if isinstance(result, StageResult):
+        result = result.as_dict()
     if result is not None:
         typer.echo(result if isinstance(result, str) else json.dumps(result, indent=2, default=float))
 
@@ -88,7 +103,8 @@ def extract(
         overrides.append(f"extract.bbox=[{bbox}]")
     if tags:
         overrides.append("extract.tag_filter=" + json.dumps([t.strip() for t in tags.split(",") if t.strip()]))
-    _run(lambda: run_extract(pbf, work_dir, _setup(config, overrides, verbose), force=force))
+    _run(lambda: run_extract(pbf, work_dir, _setup(config, overrides, verbose), force=force).as_dict()
+         | {"output": str(WorkDir(work_dir).entities)})
 
 
 @app.command()
@@ -152,7 +168,7 @@ def tokenizer_fit(
     """Fit one frozen tokenizer on the listed regions: tag vocabulary, shape encoder, rules and their digest."""
     from geojepa.tokens.tokenizer import fit
 
-    _run(lambda: fit(folder, regions, _setup(config, set_, verbose), force=force))
+    _run(lambda: fit(folder, _regions(data, regions), _setup(config, set_, verbose), force=force))
 
 
 @app.command()
@@ -178,8 +194,8 @@ def train(
     """Train one GeoJEPA on the train splits of the regions (--data W1 W2 ..., mixed in every batch) with torchrun."""
     from geojepa.launch import train as run_train
 
-    _run(lambda: run_train(out_dir, _setup(config, set_, verbose), data=regions or None, nproc=nproc, nnodes=nnodes,
-                           rdzv_endpoint=rdzv_endpoint, resume=resume))
+    _run(lambda: run_train(out_dir, _setup(config, set_, verbose), data=_regions(data, regions) or None, nproc=nproc,
+                           nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, resume=resume))
 
 
 @app.command()
@@ -202,9 +218,9 @@ def evaluate(
     from geojepa.evaluate import evaluate as run_evaluate
 
     def call():
-        summary = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
-                               model=model)
-        return {k: v for k, v in summary.items() if k != "tasks"} | {
+        result = run_evaluate(work_dir, _setup(config, set_, verbose), checkpoint=checkpoint, force=force,
+                              model=model)
+        return {k: v for k, v in result.as_dict().items() if k != "tasks"} | {
             "report": str(WorkDir(work_dir).eval.report)
         }
 
@@ -223,7 +239,7 @@ def corpus_report(
     from geojepa.evaluate.corpus import corpus_report as run_report
 
     _setup(None, None, verbose)
-    _run(lambda: run_report([WorkDir(w) for w in regions], out, title))
+    _run(lambda: run_report([WorkDir(w) for w in _regions(data, regions)], out, title))
 
 
 @app.command("ablation-report")
@@ -359,7 +375,7 @@ def synth(
 def fetch_osm(
     region: Annotated[str, typer.Argument(help="Geofabrik region id, e.g. 'us/california' or 'monaco'")],
     work_dir: Annotated[Path, typer.Argument(help="work directory W; writes W/<region>-latest.osm.pbf")],
-    index_url: Annotated[str, typer.Option(help="Geofabrik index (JSON)")] = "https://download.geofabrik.de/index-v1-nogeom.json",
+    index_url: Annotated[str, typer.Option(help="Geofabrik index (JSON)")] = GEOFABRIK_INDEX,
 ) -> None:
     """Download a region's PBF from Geofabrik: resumable, checksum verified."""
     from geojepa.extract.fetch import fetch_region

@@ -3,18 +3,27 @@
 Loaded from YAML (``configs/default.yaml`` unless another file is given) with
 ``section.key=value`` overrides from the command line. Unknown keys are errors
 that name the key; every stage function receives only its own section.
+
+The ``train`` section is not restated here: ``dataclass_section`` builds it from the training code's own
+dataclasses (``geojepa.model.sizes.ModelSizes``, ``geojepa.train.settings.TrainSettings`` and ``MaskConfig``:
+their types, defaults and bounds), which a GPU host without pydantic reads from the launcher's JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from geojepa import settings
 from geojepa.errors import GeoJepaError
+from geojepa.model.sizes import ModelSizes
+from geojepa.train.settings import MaskConfig, TrainSettings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -94,73 +103,48 @@ class TokensConfig(Section):
     seed: int = 0
 
 
-class MaskSettings(Section):
-    """JEPA masking (the fields of geojepa.train.masks.MaskConfig; the reference's settings)."""
+def dataclass_section(*classes: type, nested: dict[str, type[Section]] | None = None) -> type[Section]:
+    """A section whose fields are those of the plain dataclasses ``classes``, in order (their types, defaults
+    and bounds: ``geojepa.settings``), so they are defined once, where the code that reads them lives;
+    ``nested``: a dataclass-typed field validated as that section. Each validated section must also build
+    the dataclasses (their own ``__post_init__`` checks), a failure being this section's error."""
+    name = "".join(c.__name__ for c in classes) + "Fields"
+    nested = nested or {}
+    spec: dict[str, Any] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in spec:
+                raise TypeError(f"{name}: {f.name!r} is a field of two of {[c.__name__ for c in classes]}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name in nested:
+                spec[f.name] = (nested[f.name], nested[f.name].model_validate(settings.to_dict(default)))
+            else:
+                spec[f.name] = (hints[f.name], Field(default, **settings.bounds(f)))
 
-    blocks: int = Field(4, gt=0)  # target blocks per tile
-    p_modality: float = Field(0.2, ge=0, le=1)
-    p_random: float = Field(0.25, ge=0, le=1)
-    random_ratio: float = Field(0.45, gt=0, lt=1)
-    random_min_context: float = Field(0.10, gt=0, lt=1)
-    block_area: float = Field(0.25, gt=0, lt=1)  # share of the tile each area block covers
-    area_aspect: tuple[float, float] = (0.5, 2.0)
-    area_min_context: float = Field(0.15, gt=0, lt=1)
-    target_box: bool = False  # the predictor is told each target's rotated box, or (False) only its centre
+    def build_them(self):
+        dumped = self.model_dump()
+        for cls in classes:
+            settings.from_dict(cls, settings.pick(cls, dumped))
+        return self
+
+    return create_model(name, __base__=Section, __module__=__name__,
+                        __validators__={"build_them": model_validator(mode="after")(build_them)}, **spec)
 
 
-class TrainConfig(Section):
-    """token shards -> GeoJEPA checkpoints (the reference's settings; the demo overrides the sizes)."""
+class MaskSettings(dataclass_section(MaskConfig)):
+    """JEPA masking: the fields of ``geojepa.train.settings.MaskConfig``."""
 
-    modalities: tuple[Literal["tags", "geometry", "image"], ...] = ("tags", "geometry")  # T, GT, TI, GTI
-    # Model sizes: the fields of geojepa.model.jepa.ModelConfig, repeated here because training hosts
-    # have no pydantic (geojepa.train reads them from the resolved JSON by ModelConfig's field names).
-    width: int = 384
-    depth: int = 12
-    heads: int = 8
-    mlp: int = 1536
-    pred_width: int = 192
-    pred_depth: int = 4
-    pred_heads: int = 6
-    epochs: int = Field(300, gt=0)
-    max_steps: int | None = None
-    batch_tiles: int = Field(960, gt=0)  # global batch
-    accumulate: int = Field(1, gt=0)
-    lr: float = 1e-3
-    warmup: float = 0.1
-    warmup_start: float = 0.1
-    final_lr: float = 1e-6
-    wd: float = 0.04
-    final_wd: float = 0.4
-    ema: float = 0.997
-    final_ema: float = 0.99999
-    # Over the run, sum(1 - momentum) >= ema_turnover (e^-5: < 1% of the target's initial weights left): long
-    # runs keep the ramp above, short ones move it away from 1. 0: the plain ramp.
-    ema_turnover: float = Field(5.0, ge=0)
-    clip: float = 10.0
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 2
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    pad_to_max: bool = False  # the padded-attention baseline (benchmarks)
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the transformer blocks; auto: on CUDA
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
-    vicreg_scale: float = Field(0.02, ge=0)  # loss = jepa + vicreg_scale x (var_weight x var + cov_weight x cov)
-    var_weight: float = Field(25.0, ge=0)
-    cov_weight: float = Field(1.0, ge=0)
-    # vicreg: VICReg on the predictions and the tiles' mean context embeddings (rewards a shared tile component);
-    # target: on the predictions only, against the targets' own per-dimension std and covariance
-    regulariser: Literal["vicreg", "target"] = "vicreg"
-    target_centre: bool = False  # predict each target minus its (tile, modality)'s context mean target
-    max_entities_per_tile: int | None = Field(None, ge=1)  # a longer training tile: a random spatial crop of it
-    # share of context entities shown by one of their two tokens only (tags or geometry; the reference: 0.3)
-    entity_dropout: float = Field(0.0, ge=0, lt=1)
-    masks: MaskSettings = MaskSettings()
-    # Several regions: tiles drawn per epoch proportional to each region's training tiles, none above region_cap
-    # times the median region's; or explicit weights by region name (the same total, shared by weight).
-    region_cap: float = Field(2.0, gt=0)
-    region_weights: dict[str, float] | None = None
+
+class TrainConfig(dataclass_section(ModelSizes, TrainSettings, nested={"masks": MaskSettings})):
+    """token shards -> GeoJEPA checkpoints: the fields of ``geojepa.model.sizes.ModelSizes`` (the model's sizes)
+    and ``geojepa.train.settings.TrainSettings`` (everything else training reads, the masking nested), flat."""
+
+    def as_model_sizes(self) -> ModelSizes:
+        return settings.from_dict(ModelSizes, settings.pick(ModelSizes, self.model_dump()))
+
+    def as_train_settings(self) -> TrainSettings:
+        return settings.from_dict(TrainSettings, settings.pick(TrainSettings, self.model_dump()))
 
 
 class EvaluateConfig(Section):

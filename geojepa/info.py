@@ -117,7 +117,7 @@ def _tokenizer(path: Path) -> dict:
 def _model(path: Path) -> dict:
     m = ModelDir(path)
     ck = m.checkpoints_dir
-    out: dict = {"checkpoints": [{"step": checkpoint_step(p), "file": p.name, "mb": round(p.stat().st_size / 2**20, 1)}
+    out: dict = {"saved_steps": [{"step": checkpoint_step(p), "file": p.name, "mb": round(p.stat().st_size / 2**20, 1)}
                                  for p in m.checkpoints()]}
     cfg = json.loads(ck.train_config.read_text()) if ck.train_config.is_file() else _checkpoint_config(m)
     if cfg:

@@ -1,5 +1,8 @@
 """``geojepa train OUT --data W1 W2 ...``: checks the inputs, writes the resolved config and runs torchrun.
 
+The resolved config is a ``geojepa.train.settings.TrainRun`` (the ``train`` section as the training code's
+own dataclasses, and the run's folders and tracking), written as ``checkpoints/train_config.json``.
+
 Everything that can be wrong is checked here, before any process starts:
 missing or empty token shards, shards of another schema version, modalities
 the shards lack, more processes than GPUs. Training itself
@@ -8,6 +11,7 @@ the shards lack, more processes than GPUs. Training itself
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +28,8 @@ from data_contracts import TOKENS, open_artifact
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
-from geojepa.lifecycle import Lifecycle
+from geojepa.lifecycle import Lifecycle, StageResult, Summary
+from geojepa.train.settings import TrainRun
 from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir
 
 log = logging.getLogger(__name__)
@@ -75,9 +80,20 @@ def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 
     return next(iter(digests.values()))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSummary(Summary):
+    """The train stage's figures the flows read (every other figure: ``figures``): the steps run, the last logged
+    loss, the last checkpoint and the regions trained on."""
+
+    steps: int
+    final_loss: float | None
+    checkpoint: str
+    regions: list[str]
+
+
 def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None, nproc: int = 1, nnodes: int = 1,
           rdzv_endpoint: str | None = None, resume: bool = False,
-          echo: Callable[[str], object] | None = None) -> dict:
+          echo: Callable[[str], object] | None = None) -> StageResult[TrainSummary]:
     """Run torchrun on the train shards of the ``data`` regions (default: ``out_dir`` itself, one region),
     checkpoints in ``out_dir/checkpoints``; each line torchrun prints goes to ``echo`` (default: this module's
     logger), and a non-zero exit raises with the last 40 lines."""
@@ -95,24 +111,24 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
     inputs = {f"tokens.{w.name}": w.tokens for w in regions}
     life = Lifecycle("train", out.path, cfg, inputs, cfg.train.model_dump(mode="json"),
                      ("geojepa.model", "geojepa.train"), section="train")
-    if not resume and (done := life.skipped()):
+    if not resume and (done := life.skipped(kind=TrainSummary)):
         return done
     ckpt.path.mkdir(parents=True, exist_ok=True)
     if not resume:
         _set_aside(ckpt)
     with life.run() as run:
-        resolved = {**cfg.train.model_dump(mode="json"), "out_dir": str(out.path.resolve()),
-                    "data": [str(w.path.resolve()) for w in regions], "regions": [w.name for w in regions],
-                    "tokenizer_digest": digest, "resume": resume,
-                    "corpus": ",".join(sorted({w.region().get("corpus", "") for w in regions} - {""})) or None}
+        job = TrainRun(model=cfg.train.as_model_sizes(), settings=cfg.train.as_train_settings(),
+                       out_dir=str(out.path.resolve()), data=tuple(str(w.path.resolve()) for w in regions),
+                       regions=tuple(w.name for w in regions), tokenizer_digest=digest, resume=resume,
+                       corpus=",".join(sorted({w.region().get("corpus", "") for w in regions} - {""})) or None)
         if cfg.tracking.enabled:
             import mlflow
 
-            resolved.update(tracking_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.run_id,
-                            experiment=cfg.tracking.experiment)
+            job = dataclasses.replace(job, tracking_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.run_id,
+                                      experiment=cfg.tracking.experiment)
             _log_datasets(regions, digest)
         config_path = ckpt.train_config
-        config_path.write_text(json.dumps(resolved, indent=2))
+        config_path.write_text(json.dumps(job.to_json(), indent=2))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
         if rdzv_endpoint:
             cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
@@ -137,10 +153,10 @@ def train(out_dir: Path | str, cfg: Config, data: list[Path | str] | None = None
         run.dict({"history": history}, "train_history.json")
         version = None
         if cfg.tracking.enabled and checkpoints:
-            version = _register(checkpoints[-1], cfg.tracking.experiment, resolved)
+            version = _register(checkpoints[-1], cfg.tracking.experiment, job)
     summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"), "checkpoint": str(checkpoints[-1]),
                "regions": [w.name for w in regions], "tokenizer_digest": digest, "model_version": version}
-    return life.publish([checkpoints[-1]], summary)
+    return life.publish([checkpoints[-1]], TrainSummary.of(summary))
 
 
 def _set_aside(ckpt: CheckpointsDir) -> None:
@@ -174,7 +190,7 @@ def _log_datasets(regions: list[WorkDir], digest: str | None) -> None:
                                                             "train_tiles": str(rows), "shards": str(len(shards))})
 
 
-def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:
+def _register(checkpoint: Path, name: str, job: TrainRun) -> str | None:
     """Register the final target encoder as an MLflow model version, tagged with its corpus, regions, tokenizer
     digest and git revision; the checkpoint itself is logged beside it (``evaluate --model models:/...``)."""
     import mlflow
@@ -189,13 +205,13 @@ def _register(checkpoint: Path, name: str, resolved: dict) -> str | None:
     if version is None:
         return None
     client = MlflowClient()
-    tags = {"regions": ",".join(resolved["regions"]), "tokenizer_digest": resolved["tokenizer_digest"] or "",
-            "corpus": resolved.get("corpus") or "", "git_revision": git_revision(), "checkpoint": checkpoint.name,
+    tags = {"regions": ",".join(job.regions), "tokenizer_digest": job.tokenizer_digest or "",
+            "corpus": job.corpus or "", "git_revision": git_revision(), "checkpoint": checkpoint.name,
             "steps": str(json.loads(CheckpointsDir(checkpoint.parent).history.read_text())[-1]["step"])}
     for k, v in tags.items():
         client.set_model_version_tag(f"{name}-encoder", str(version), k, v)
     client.update_model_version(f"{name}-encoder", str(version), description=(
-        f"GeoJEPA target encoder ({resolved['width']} x {resolved['depth']}, modalities "
-        f"{'+'.join(resolved['modalities'])}) trained on the train splits of {', '.join(resolved['regions'])}; "
-        f"tokenizer {resolved['tokenizer_digest'] or '(region-own)'}; checkpoint {checkpoint.name}."))
+        f"GeoJEPA target encoder ({job.model.width} x {job.model.depth}, modalities "
+        f"{'+'.join(job.settings.modalities)}) trained on the train splits of {', '.join(job.regions)}; "
+        f"tokenizer {job.tokenizer_digest or '(region-own)'}; checkpoint {checkpoint.name}."))
     return str(version)

@@ -122,11 +122,13 @@ class ModelDir(Folder):
 
 
 class EvalDir(Folder):
-    """A region's evaluation ``W/eval`` (``geojepa evaluate``): its tables, report and pictures (each picture
-    by the name the report links to)."""
+    """A region's evaluation ``W/eval`` (``geojepa evaluate``): its tables, report, the summary the report was
+    written from (protocol, checkpoint, tasks, peers, retrieval agreement) and pictures (each picture by the name
+    the report links to)."""
 
     what = "evaluation folder"
     report = property(lambda self: self.path / "report.md")
+    summary = property(lambda self: self.path / "summary.json")  # what the report was written from
     results = property(lambda self: self.path / "results.parquet")
     predictions = property(lambda self: self.path / "predictions.parquet")
     task_labels = property(lambda self: self.path / "task_labels.parquet")

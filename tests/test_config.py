@@ -94,7 +94,9 @@ def test_default_yaml_and_the_typed_defaults_never_drift_apart():
     import yaml
 
     from geojepa.config import DEFAULT_CONFIG, Config
-    from geojepa.train.masks import MaskConfig
+    from geojepa.model.sizes import ModelSizes
+    from geojepa.settings import to_dict
+    from geojepa.train.settings import MaskConfig, TrainSettings
 
     written = yaml.safe_load(DEFAULT_CONFIG.read_text())
     typed = Config().model_dump(mode="json")
@@ -110,3 +112,82 @@ def test_default_yaml_and_the_typed_defaults_never_drift_apart():
     same(written, typed)
     # The mask settings are the training code's own defaults (training hosts read them without pydantic).
     assert Config().train.masks.model_dump() == MaskConfig().__dict__
+    # The train section documents the training code's dataclasses: their defaults, key for key.
+    same(written["train"], {**to_dict(ModelSizes()), **to_dict(TrainSettings())}, "train")
+
+
+def test_the_train_section_is_the_training_dataclasses():
+    """Its fields, types, defaults and bounds are those of ModelSizes, TrainSettings and MaskConfig (defined
+    once, beside the code); a field added there is a config key, with no other edit."""
+    import dataclasses
+
+    from geojepa.config import Config, MaskSettings, TrainConfig
+    from geojepa.model.sizes import ModelSizes
+    from geojepa.train.settings import MaskConfig, TrainSettings
+
+    fields = [f.name for c in (ModelSizes, TrainSettings) for f in dataclasses.fields(c)]
+    assert list(TrainConfig.model_fields) == fields
+    assert list(MaskSettings.model_fields) == [f.name for f in dataclasses.fields(MaskConfig)]
+    cfg = load_config(overrides=["train.width=64", "train.masks.blocks=2", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.as_model_sizes() == ModelSizes(width=64)
+    assert cfg.train.as_train_settings() == TrainSettings(masks=MaskConfig(blocks=2), betas=(0.8, 0.9))
+    assert Config().train.as_train_settings() == TrainSettings()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.widht=3", "unknown config key 'train.widht'"),
+    ("train.masks.blokcs=3", "unknown config key 'train.masks.blokcs'"),
+    ("train.epochs=0", "train.epochs: Input should be greater than 0"),
+    ("train.masks.random_ratio=1", "train.masks.random_ratio: Input should be less than 1"),
+    ("train.regulariser=vicrge", "train.regulariser"),
+    ("train.masks.area_aspect=[2, 1]", "train.masks: area_aspect=[2.0, 1.0]: expected 0 < low <= high"),
+])
+def test_a_bad_training_setting_fails_when_the_config_is_loaded_naming_it(override, needle):
+    with pytest.raises(GeoJepaError) as e:
+        load_config(overrides=[override])
+    assert str(e.value).startswith(f"--set {override}: ") and needle in str(e.value), str(e.value)
+
+
+def test_the_training_dataclasses_check_their_own_bounds_without_pydantic():
+    """What a bare GPU host builds from the launcher's JSON is checked there too, naming the field."""
+    from geojepa.model.sizes import ModelConfig, ModelSizes
+    from geojepa.settings import from_dict
+    from geojepa.train.settings import MaskConfig, TrainRun, TrainSettings
+
+    with pytest.raises(ValueError, match=r"^epochs=0: should be greater than 0"):
+        TrainSettings(epochs=0)
+    with pytest.raises(ValueError, match=r"^width=-1"):
+        ModelConfig(dims=(8, 0, 0), width=-1)
+    with pytest.raises(ValueError, match=r"^p_random=1.5: should be less than or equal to 1"):
+        MaskConfig(p_random=1.5)
+    with pytest.raises(ValueError, match=r"unknown TrainSettings setting\(s\) 'lrr'"):
+        from_dict(TrainSettings, {"lrr": 1.0})
+    # The run's JSON form (train_config.json, each checkpoint's config) is flat, and reads back the same.
+    run = TrainRun(model=ModelSizes(width=64), settings=TrainSettings(masks=MaskConfig(blocks=2)), out_dir="/m")
+    flat = run.to_json()
+    assert flat["width"] == 64 and flat["masks"]["blocks"] == 2 and flat["betas"] == [0.9, 0.95]
+    assert flat["data"] == ["/m"] and flat["regions"] == ["m"]
+    assert TrainRun.from_json(flat) == run
+    assert TrainRun.from_json({"work_dir": "/m", "width": 64, "masks": {"blocks": 2}}) == run
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'widht'"):
+        TrainRun.from_json({**flat, "widht": 3})
+
+
+def test_the_training_settings_import_with_the_standard_library_alone():
+    """geojepa.config reads them without torch; a GPU host without pydantic, mlflow or prefect builds them."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'pydantic', 'mlflow', 'prefect', 'torch', 'numpy', 'yaml', 'pyarrow'}:
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from geojepa.train.settings import TrainRun
+from geojepa.model.sizes import ModelConfig
+TrainRun.from_json({"out_dir": "/m", "width": 64, "masks": {"area_aspect": [0.5, 3]}})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -71,7 +71,7 @@ def _corpus_file(root: Path, *train: str, holdout: str) -> Path:
 
 
 def test_one_tokenizer_gives_every_region_the_same_digest_and_its_vocabulary_only_grows(corpus):
-    w, digest = corpus["w"], corpus["fitted"]["digest"]
+    w, digest = corpus["w"], corpus["fitted"].summary.digest
     assert {x.tokenizer_digest() for x in w.values()} == {digest}
     for x in w.values():
         for shard in x.token_shards():
@@ -83,13 +83,13 @@ def test_one_tokenizer_gives_every_region_the_same_digest_and_its_vocabulary_onl
     from geojepa.tokens.tokenizer import fit
 
     again = fit(corpus["root"] / "T", [w["kotka"].path], corpus["cfg"])
-    assert again["skipped"] and again["digest"] == digest
+    assert again.skipped and again.summary.digest == digest
 
 
 def test_batches_mix_regions_and_the_holdout_never_reaches_training(corpus):
     w = corpus["w"]
     config = json.loads((corpus["root"] / "model" / "checkpoints" / "train_config.json").read_text())
-    assert config["regions"] == ["kotka", "helsinki"] and config["tokenizer_digest"] == corpus["fitted"]["digest"]
+    assert config["regions"] == ["kotka", "helsinki"] and config["tokenizer_digest"] == corpus["fitted"].summary.digest
     data = ShardDataset([Path(d) / "tokens" for d in config["data"]], "train", ("tags", "geometry"))
     moscow = set(read_table(w["moscow-centre-2020"].tokens, TOKENS, columns=["tile_id"])["tile_id"].to_pylist())
     trained = set(data.table["tile_id"].to_pylist())
@@ -107,12 +107,12 @@ def test_evaluation_says_whether_the_region_was_trained_on(corpus):
     from geojepa.evaluate import evaluate
 
     w, cfg = corpus["w"], corpus["cfg"]
-    held = evaluate(w["moscow-centre-2020"].path, cfg, model=corpus["root"] / "model")
+    held = evaluate(w["moscow-centre-2020"].path, cfg, model=corpus["root"] / "model").as_dict()
     assert held["seen_in_training"] is False and held["role"].startswith("holdout")
     assert "holdout: the model never saw this region" in (w["moscow-centre-2020"].eval / "report.md").read_text()
     seen = evaluate(w["kotka"].path, cfg, model=corpus["root"] / "model")
-    assert seen["seen_in_training"] is True
-    assert seen["checkpoint"] == corpus["trained"]["checkpoint"]
+    assert seen.summary.seen_in_training is True
+    assert seen.summary.checkpoint == corpus["trained"].summary.checkpoint
 
 
 def test_regions_of_another_tokenizer_are_refused_before_any_work(corpus, tmp_path):
@@ -204,13 +204,13 @@ def test_every_stage_shares_one_lifecycle_skip_force_and_recovery(corpus, tmp_pa
     for stage, (folder, run) in stages.items():
         dead = folder / f".{stage}-leftover.tmp-999999999"  # a temporary of a process that no longer exists
         dead.write_text("half-written")
-        again = run()
+        again = run().as_dict()
         assert again["stage"] == stage and again["skipped"] is True, stage
         assert not dead.exists(), f"{stage}: the dead run's temporary was not swept"
         recorded = json.loads((folder / "manifests" / f"{stage}.json").read_text())
         assert {k: again[k] for k in recorded["summary"]} == recorded["summary"], stage
     forced = stages["evaluate"][1](force=True)
-    assert forced["stage"] == "evaluate" and forced["skipped"] is False
+    assert forced.stage == "evaluate" and forced.skipped is False
 
 
 def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
@@ -231,16 +231,15 @@ def test_the_command_line_takes_data_w1_w2_and_names_what_is_missing(tmp_path):
 
 
 def _fake_region(root, name, seen, n_test, rng, noise, labels=None, val_better=("geojepa_context",)):
-    """A region's eval/predictions.parquet and evaluate manifest: geojepa's errors scaled by noise['geojepa'],
+    """A region's eval/predictions.parquet and eval/summary.json: geojepa's errors scaled by noise['geojepa'],
     etc. (a model per key of ``noise``); the models ``val_better`` (the context encoder) are worse on test than
     on validation."""
     from data_contracts import PREDICTIONS, write_table
 
     w = WorkDir(root / name)
     w.eval.path.mkdir(parents=True)
-    w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
-    w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen, "tasks": {
-        "building_count": {"test_tiles": n_test, "skipped": None}}}}))
+    w.eval.summary.write_text(json.dumps({"seen_in_training": seen, "tasks": {
+        "building_count": {"test_tiles": n_test, "skipped": None}}}))
     cols = {f.name: [] for f in PREDICTIONS.schema}
     draw = rng if labels is None else np.random.default_rng(labels)  # ``labels``: a seed for the labels alone
     y = {s: draw.integers(0, 50, n).astype(float) for s, n in (("val", 10), ("test", n_test))}
@@ -395,9 +394,7 @@ def _fake_v2_region(root, name, seen, rng, n=(80, 60, 120)):
 
     w = WorkDir(root / name)
     w.eval.path.mkdir(parents=True)
-    w.manifest("evaluate").parent.mkdir(parents=True, exist_ok=True)
-    w.manifest("evaluate").write_text(json.dumps({"summary": {"seen_in_training": seen,
-                                                              "protocol": PRESETS["v2"].__dict__}}))
+    w.eval.summary.write_text(json.dumps({"seen_in_training": seen, "protocol": PRESETS["v2"].__dict__}))
     noise = {"geojepa": 1.0, "geojepa_context": 3.0, "untrained": 6.0, "untrained_1": 1.0, "untrained_2": 6.0,
              "tagpool": 4.0, "dummy": 0.0}
     cols = {f.name: [] for f in PREDICTIONS.schema}

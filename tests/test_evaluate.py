@@ -70,7 +70,7 @@ def evaluated(tmp_path_factory, tokenised, cfg):
     _copy_region(src, w)
     train({**cfg.train.model_copy(update=TINY).model_dump(mode="json"), "work_dir": str(w)})
     c = load_config(overrides=["tracking.enabled=false", *FAST])
-    return w, c, evaluate(w, c)
+    return w, c, evaluate(w, c).as_dict()
 
 
 def test_evaluation_writes_results_labels_report_and_geoparquet_embeddings(evaluated):
@@ -168,7 +168,7 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
            .model_dump(mode="json"), "work_dir": str(tmp_path)})
     c = load_config(overrides=["tracking.enabled=false", *FAST, "evaluate.tasks=[building_count]",
                                "evaluate.probes=[linear]", "evaluate.seeds=1", "evaluate.max_epochs=5"])
-    summary = evaluate(tmp_path, c)
+    summary = evaluate(tmp_path, c).as_dict()
     assert summary["masked_images"] == "left out (rendered from the tags)"
     assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
     from data_contracts import PREDICTIONS, TILE_IMAGES, write_table
@@ -185,7 +185,7 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
     write_table(images.set_column(images.schema.get_field_index("source"), "source",
                                   pa.array(["naip.tif"] * images.num_rows)), tmp_path / "tile_images.parquet",
                 TILE_IMAGES)
-    kept = evaluate(tmp_path, c, force=True)
+    kept = evaluate(tmp_path, c, force=True).as_dict()
     assert kept["masked_images"] == "kept (real imagery)"
     np.testing.assert_allclose(preds()["unmasked"], dropped["unmasked"], rtol=1e-5, atol=1e-5)
     assert not np.allclose(preds()["masked"], dropped["masked"])
@@ -251,7 +251,7 @@ def test_dummy_baseline_is_the_training_median(evaluated):
 
 def test_unchanged_inputs_skip_and_failures_keep_the_earlier_results(evaluated):
     w, c, _ = evaluated
-    assert evaluate(w, c)["skipped"]
+    assert evaluate(w, c).skipped
     before = (w / "eval" / "report.md").read_bytes()
     with pytest.raises(GeoJepaError, match="no such checkpoint"):
         evaluate(w, c, checkpoint=w / "checkpoints" / "missing.pt")
@@ -643,7 +643,7 @@ def test_the_reference_protocol_still_runs_and_says_so(evaluated, tmp_path):
     c = load_config(overrides=["tracking.enabled=false", "evaluate.protocol=reference", "evaluate.probes=[linear]",
                                "evaluate.seeds=1", "evaluate.max_epochs=5", "evaluate.peers=[]",
                                "evaluate.unmasked=false", "evaluate.gallery_queries=2"])
-    summary = evaluate(tmp_path, c)
+    summary = evaluate(tmp_path, c).as_dict()
     assert summary["protocol"]["name"] == "reference" and summary["protocol"]["pooling"] == "mean_max"
     results = read_table(tmp_path / "eval" / "results.parquet", EVAL_RESULTS).to_pylist()
     models = {r["model"] for r in results}
@@ -666,7 +666,7 @@ def test_another_model_reuses_the_regions_twins_peers_and_baseline_probes(evalua
     other = tmp_path / "other" / "checkpoints" / ckpt.name
     other.parent.mkdir(parents=True)
     torch.save(state, other)
-    second = evaluate(tmp_path, c, checkpoint=other)
+    second = evaluate(tmp_path, c, checkpoint=other).as_dict()
     assert second["cache"]["twins_cached"] == ["untrained", "untrained_1"]
     assert second["cache"]["misses"] < second["cache"]["hits"]
     key = ("setting", "task", "model", "probe", "metric")

@@ -191,7 +191,7 @@ def test_bbox_clip_and_tag_filter(tmp_path, cfg):
 def test_disk_node_index_gives_the_same_entities(tmp_path, cfg, extracted):
     disk = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"node_index": "disk"})})
     summary = extract(KOTKA, tmp_path, disk)
-    assert summary["node_index_on_disk"] == 1
+    assert summary.as_dict()["node_index_on_disk"] == 1
     a = read_table(tmp_path / "entities.parquet", ENTITIES)
     b = read_table(extracted["kotka"] / "entities.parquet", ENTITIES)
     assert a.equals(b)
@@ -199,14 +199,14 @@ def test_disk_node_index_gives_the_same_entities(tmp_path, cfg, extracted):
 
 def test_unchanged_input_is_skipped_and_changes_rerun(tmp_path, cfg):
     first = extract(KOTKA, tmp_path, cfg)
-    assert not first["skipped"]
+    assert not first.skipped
     mtime = (tmp_path / "entities.parquet").stat().st_mtime_ns
-    assert extract(KOTKA, tmp_path, cfg)["skipped"]
+    assert extract(KOTKA, tmp_path, cfg).skipped
     assert (tmp_path / "entities.parquet").stat().st_mtime_ns == mtime
     changed = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"row_group_rows": 1000})})
-    assert not extract(KOTKA, tmp_path, changed)["skipped"]
-    assert not extract(KOTKA, tmp_path, changed, force=True)["skipped"]
+    assert not extract(KOTKA, tmp_path, changed).skipped
+    assert not extract(KOTKA, tmp_path, changed, force=True).skipped
     # A hand-edited output is not trusted.
     (tmp_path / "entities.parquet").write_bytes(b"garbage")
-    assert not extract(KOTKA, tmp_path, changed)["skipped"]
-    assert read_table(tmp_path / "entities.parquet", ENTITIES).num_rows == first["entities"]
+    assert not extract(KOTKA, tmp_path, changed).skipped
+    assert read_table(tmp_path / "entities.parquet", ENTITIES).num_rows == first.summary.entities

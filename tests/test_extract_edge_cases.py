@@ -56,7 +56,7 @@ def _types(w) -> dict[str, int]:
 
 def test_tagged_nodes_only(tmp_path, cfg):
     summary = extract(_write(tmp_path / "nodes.osm.pbf", "n"), tmp_path / "w", cfg)
-    assert summary["entities"] == 7 and _types(tmp_path / "w") == {"node": 7, "way": 0, "relation": 0}
+    assert summary.summary.entities == 7 and _types(tmp_path / "w") == {"node": 7, "way": 0, "relation": 0}
 
 
 def test_empty_pbf_is_a_clear_error(tmp_path):
@@ -81,7 +81,7 @@ def test_kotka_without_its_relations(tmp_path, cfg):
 def test_text_that_is_not_utf8_is_skipped_counted_and_named(tmp_path, cfg, caplog, bad_in):
     pbf = _write(tmp_path / f"bad-{bad_in}.osm.pbf", bad_in=bad_in)
     with caplog.at_level(logging.WARNING, logger="geojepa.extract.stage"):
-        summary = extract(pbf, tmp_path / "w", cfg)
+        summary = extract(pbf, tmp_path / "w", cfg).as_dict()
     assert summary["skipped_invalid_utf8"] == 1
     expected = {"node": 7, "way": 1, "relation": 1}
     expected[bad_in] -= 1

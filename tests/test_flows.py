@@ -227,8 +227,8 @@ def test_a_stage_killed_midway_leaves_earlier_artifacts_and_the_next_run_resumes
     rows = build_tiles(region="kotka", work_dir=str(w), overrides=overrides)
     assert all(r["result"].startswith("unchanged") for r in rows)
     summary = cache_tokens(str(w), overrides=overrides)
-    assert not summary["skipped"] and summary["tiles"] > 0
-    assert read_table(w / "tokens", TOKENS, columns=["tile_id"]).num_rows == summary["tiles"]
+    assert not summary.skipped and summary.summary.tiles > 0
+    assert read_table(w / "tokens", TOKENS, columns=["tile_id"]).num_rows == summary.summary.tiles
     assert not list(w.glob(".*.tmp-*"))
 
 

@@ -38,7 +38,7 @@ def test_the_shipped_model_and_its_tokenizer(tmp_path):
     code, out = _info(MODEL, "--json")
     assert code == 0, out
     d = json.loads(out)
-    assert d["kind"] == "model" and [c["step"] for c in d["checkpoints"]] == [800]
+    assert d["kind"] == "model" and [c["step"] for c in d["saved_steps"]] == [800]
     assert d["size"]["width"] == 128 and d["tokenizer_digest"] == "21cb7252f0438fff" and "malta" in d["regions"]
     code, out = _info(MODEL / "tokenizer", "--json")
     d = json.loads(out)

@@ -53,7 +53,7 @@ def test_deterministic_and_stable_ids(tiled, tmp_path, extracted, cfg):
         a, b = (read_table(d / name, contract).sort_by("tile_id") for d in (w, tmp_path))
         assert a.equals(b), name
     tiles = read_table(w / "tiles.parquet", TILES).to_pylist()
-    assert summary["crs"] == "EPSG:32635" == tiles[0]["crs"]  # Helsinki is in UTM 35N
+    assert summary.as_dict()["crs"] == "EPSG:32635" == tiles[0]["crs"]  # Helsinki is in UTM 35N
     for t in tiles:
         assert t["tile_id"] == f"EPSG32635-300m-c{t['col']}-r{t['row']}"
         assert t["origin_x"] == t["col"] * 300 and t["origin_y"] == t["row"] * 300
@@ -101,7 +101,7 @@ def test_clipped_polygon_areas_sum_to_the_original(tiled, extracted):
 def test_partitions_do_not_change_the_result(tiled, w, cfg):
     tiled_w, _ = tiled
     summary = tile(w, _cfg(cfg, min_entities=1, max_entities=100_000, partition_groups=1), imagery="render")
-    assert summary["partitions"] > 2
+    assert summary.as_dict()["partitions"] > 2
     a = read_table(tiled_w / "tile_entities.parquet", TILE_ENTITIES).sort_by(
         [("tile_id", "ascending"), ("entity_id", "ascending")]
     )
@@ -116,7 +116,7 @@ def test_entity_count_limits_drop_tiles(w, cfg):
     tiles = read_table(w / "tiles.parquet", TILES)
     n = tiles["n_entities"].to_numpy()
     assert n.min() >= 5 and n.max() <= 1250
-    assert summary["dropped_too_many"] >= 1  # the dense centre of Helsinki
+    assert summary.as_dict()["dropped_too_many"] >= 1  # the dense centre of Helsinki
     te = read_table(w / "tile_entities.parquet", TILE_ENTITIES, columns=["tile_id"])
     counts = {d["values"]: d["counts"] for d in pc.value_counts(te["tile_id"]).to_pylist()}
     assert counts == dict(zip(tiles["tile_id"].to_pylist(), n.tolist(), strict=True))
@@ -227,7 +227,7 @@ def test_same_tiles_and_entities_as_before_planning(tmp_path, extracted, cfg, re
         assert _digest(f"{t} {hashlib.sha256(p).hexdigest()}" for t, p in zip(
             images["tile_id"].to_pylist(), images["pixels"].to_pylist(), strict=True)) == ref["render"]
     if config == "50m":  # the plan skipped partitions that could not hold a tile of 5 entities
-        assert summary["partitions_skipped"] > 0 and summary["wide_entities"] > 0
+        assert summary.as_dict()["partitions_skipped"] > 0 and summary.as_dict()["wide_entities"] > 0
 
 
 def _cut_every_partition(w, section) -> pa.Table:
@@ -268,7 +268,7 @@ def test_planned_partitions_match_cutting_every_partition(tmp_path, extracted, c
         m.setattr(clip, "PRECLIP_COORDS", 1 << 60)
         ref = _cut_every_partition(tmp_path, section)
     summary = tile(tmp_path, _cfg(cfg, **updates))
-    assert summary["partitions_skipped"] > 0
+    assert summary.as_dict()["partitions_skipped"] > 0
     new = read_table(tmp_path / "tile_entities.parquet", TILE_ENTITIES,
                      columns=["tile_id", "entity_id", "geometry", "position"]).sort_by(
         [("tile_id", "ascending"), ("entity_id", "ascending")])
@@ -329,7 +329,7 @@ def test_region_across_the_antimeridian(tmp_path, cfg):
     assert time.perf_counter() - t0 < 60
     te = read_table(w / "tile_entities.parquet", TILE_ENTITIES)
     assert set(te["entity_id"].to_pylist()) == {f"way/{i}" for i in range(1, 20)}  # every building, the road
-    assert summary["tiles"] <= 4
+    assert summary.summary.tiles <= 4
     cols = {int(t.split("-c")[1].split("-")[0]) for t in te["tile_id"].to_pylist()}
     assert max(cols) - min(cols) <= 1  # side by side in one UTM zone, not 40,000 km apart
     road = te.filter(pc.equal(te["kind"], "line"))
@@ -367,5 +367,5 @@ def test_a_failed_run_keeps_the_earlier_artifacts_and_leaves_no_plan(w, cfg, mon
     assert {p.name: p.stat().st_mtime_ns for p in w.iterdir()} == before  # nothing replaced, nothing left
     monkeypatch.undo()
     summary = tile(w, _cfg(cfg, min_entities=1, partition_groups=1), force=True)
-    assert summary["tiles"] == read_table(w / "tiles.parquet", TILES).num_rows
+    assert summary.summary.tiles == read_table(w / "tiles.parquet", TILES).num_rows
     assert not list(w.glob(".*tmp*"))

@@ -86,18 +86,18 @@ def test_shards_round_trip_sorted_by_length_and_follow_the_split(tokenised):
             assert len(r["entity_position"]) == n * 8 and len(r["image"]) == p * img_dim
             assert split[r["tile_id"]] == f.name.split("-")[0]
         rows += t.num_rows
-    assert rows == sum(s != "gap" for s in split.values()) == summary["tiles"]
+    assert rows == sum(s != "gap" for s in split.values()) == summary.summary.tiles
 
 
 def test_rerun_on_unchanged_input_embeds_and_retokenises_nothing(tokenised, cfg):
     w, first = tokenised
+    first, again = first.as_dict(), tokens(w, _cfg(cfg), force=True).as_dict()
     assert first["vocab_embedded"] > 0 and first["tiles_tokenised"] == first["tiles"]
-    again = tokens(w, _cfg(cfg), force=True)
     assert again["vocab_embedded"] == 0 and again["tiles_tokenised"] == 0 and again["tiles_reused"] == first["tiles"]
 
 
 def test_shape_encoder_learned(tokenised):
-    _, s = tokenised
+    s = tokenised[1].as_dict()
     # Against an untrained copy of the encoder whose heads were trained the same way (2 short epochs here).
     assert s["geometry_val_loss"] < 0.8 * s["geometry_val_loss_untrained"]
     assert s["knn_descriptor_distance"] < 0.5 * s["random_descriptor_distance"]

@@ -40,7 +40,7 @@ def test_extract_logs_params_metrics_and_artifacts(tmp_path, clean_mlflow):
     assert run.data.tags["stage"] == "extract"
     assert run.data.tags["input_sha256.pbf"] and run.data.tags["git_revision"]
     assert run.data.params["extract.read_block_mb"] == "4"
-    assert run.data.metrics["entities"] == summary["entities"]
+    assert run.data.metrics["entities"] == summary.summary.entities
     assert run.data.metrics["seconds"] > 0
     local = Path(run.info.artifact_uri.removeprefix("file://"))
     assert local.is_relative_to(tmp_path / "mlartifacts")

@@ -216,7 +216,7 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
     shutil.copytree(w / "tokens", region / "tokens")
     on = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True})})
     summary = launch_train(region, _cfg(on, max_steps=2, modalities=("tags", "geometry")))
-    assert summary["steps"] == 2
+    assert summary.summary.steps == 2
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
     try:
         runs = mlflow.search_runs(experiment_names=["geojepa"], output_format="list")
@@ -236,7 +236,7 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
         assert [c.name for c in model.metadata.get_input_schema().inputs] == ["work_dir"]
         got = model.predict(pd.DataFrame({"work_dir": [str(region)]}))
         tok = token_index(region / "tokens")
-        encoder, _ = encoder_from_checkpoint(summary["checkpoint"])
+        encoder, _ = encoder_from_checkpoint(summary.summary.checkpoint)
         want = np.concatenate([v for _, v, _ in embedded_batches(tok, encoder, ("tags", "geometry"), 64)])
         assert got["tile_id"].tolist() == list(tok.ids) and len(got) == tok.n
         np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), want, rtol=0, atol=1e-6)
@@ -247,7 +247,8 @@ def test_launcher_logs_to_mlflow_and_registers_the_encoder(tmp_path, w, cfg, mon
 def test_a_fresh_run_sets_the_previous_checkpoints_aside(w, cfg):
     first = launch_train(w, _cfg(cfg, max_steps=3, modalities=("tags", "geometry")))
     second = launch_train(w, _cfg(cfg, max_steps=2, modalities=("tags", "geometry")))
-    assert first["checkpoint"].endswith("step-00000003.pt") and second["checkpoint"].endswith("step-00000002.pt")
+    assert first.summary.checkpoint.endswith("step-00000003.pt")
+    assert second.summary.checkpoint.endswith("step-00000002.pt")
     assert [p.name for p in (w / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
     assert (w / "checkpoints" / "previous" / "step-00000003.pt").exists()
     assert len(json.loads((w / "checkpoints" / "history.json").read_text())) == 2

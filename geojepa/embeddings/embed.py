@@ -47,8 +47,6 @@ from geojepa.workdir import EmbeddingsDir, ModelDir, TokenizerDir, WorkDir, temp
 
 log = logging.getLogger(__name__)
 
-GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"
-
 
 def model_version(ckpt: Path) -> str:
     """The checkpoint's file name and the first 16 hex digits of its SHA-256: what the files say made them."""
@@ -125,7 +123,7 @@ def _work_dir(source: str, out: EmbeddingsDir, cfg: Config, imagery, tokenizer: 
 
             log.info("embed: %s is not a file or folder: fetching it from Geofabrik", source)
             try:
-                pbf = fetch_region(source, out.download, index_url=GEOFABRIK_INDEX)
+                pbf = fetch_region(source, out.download)
             except (GeoJepaError, OSError, ValueError) as e:
                 raise GeoJepaError(f"{source}: not a work directory or PBF file here, and not fetched as a Geofabrik "
                                    f"region ({e}); pass a local PBF (the bundled ones are in data/samples/)"

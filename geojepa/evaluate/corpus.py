@@ -1,8 +1,9 @@
 """The corpus report: tasks x regions x models, each region's row and the regions pooled, with uncertainty.
 
-Reads each region's ``eval/predictions.parquet`` (every read-out's val and test predictions, per seed), its
-``eval/probe_features.parquet`` and its ``eval`` summary (the protocol it was evaluated with: every region
-must share one). Figures (``geojepa.evaluate.pooled``): per (setting, task, model, read-out) the task's
+Reads each region's evaluation artifacts: ``eval/predictions.parquet`` (every read-out's val and test
+predictions, per seed), ``eval/probe_features.parquet`` and ``eval/summary.json`` (the protocol it was
+evaluated with, which every region must share; the checkpoint; the tasks' test tiles, the peers and the
+retrieval agreement). Figures (``geojepa.evaluate.pooled``): per (setting, task, model, read-out) the task's
 headline metric (protocol v2: MAE for counts and max_speed, ROC-AUC for bridge and car_bridge; the reference
 protocol: MAE everywhere) and MAE, on each region's test tiles and pooled over the union of the regions' test
 tiles (all, trained on, holdout), with a 95% region-stratified bootstrap interval over test tiles; the MAE
@@ -41,13 +42,17 @@ RESOLUTION = 1e-4
 
 
 def read_region(w: WorkDir):
-    """A region's evaluation: (its predictions frame, its evaluate summary)."""
-    path = w.eval.predictions
-    if not path.exists():
-        raise GeoJepaError(f"{path}: missing; run `geojepa evaluate {w.path} --model ...` first (again, if it was "
-                           "evaluated before predictions were written)")
-    summary = json.loads(w.manifest("evaluate").read_text()).get("summary", {})
-    return read_table(path, PREDICTIONS).to_pandas(), summary
+    """A region's evaluation: (its predictions frame, its evaluation summary)."""
+    if not w.eval.predictions.exists():
+        raise GeoJepaError(f"{w.eval.predictions}: missing; run `geojepa evaluate {w.path} --model ...` first "
+                           "(again, if it was evaluated before predictions were written)")
+    if w.eval.summary.exists():
+        summary = json.loads(w.eval.summary.read_text())
+    elif w.manifest("evaluate").exists():  # an evaluation made before eval/summary.json: the same summary
+        summary = json.loads(w.manifest("evaluate").read_text()).get("summary", {})
+    else:
+        raise GeoJepaError(f"{w.eval.summary}: missing; run `geojepa evaluate {w.path} --model ...` again")
+    return read_table(w.eval.predictions, PREDICTIONS).to_pandas(), summary
 
 
 def load_regions(regions: list[WorkDir]) -> tuple[dict, dict, dict, Protocol]:

@@ -10,18 +10,20 @@ integer tables, never the tokens, the entities' tags or their geometries. Its ph
    TagPool alongside; the target's entity embeddings spilled to disk.
 3. peers (``baselines``): bag-of-tags, and SRAI's embedders fitted on the training tiles (cached likewise).
 4. probes (``probes``, ``readouts``): every read-out of the protocol (``protocol``) on every feature set.
-5. retrieval and pictures (``retrieval``), then writing (``outputs``, ``report``).
+5. retrieval and pictures (``retrieval``), then writing (``outputs``, ``report``, and the summary the report
+   was written from, ``W/eval/summary.json``, which the corpus and ablation reports read).
 
-The folder is written whole to a temporary sibling and swapped in at the end.
+The folder is written whole into the staging folder the lifecycle hands the stage and swapped in at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,6 @@ from data_contracts import (
     TOKENS,
     open_artifact,
     read_table,
-    replace_folder,
 )
 from geojepa import manifest
 from geojepa.config import Config
@@ -52,12 +53,23 @@ from geojepa.evaluate.labels import TASKS
 from geojepa.evaluate.protocol import Protocol, protocol
 from geojepa.evaluate.region import scan_entities
 from geojepa.evaluate.report import write_report
-from geojepa.lifecycle import Lifecycle
+from geojepa.lifecycle import Lifecycle, StageResult, Summary
 from geojepa.tokens.vocab import Vocab
 from geojepa.workdir import EvalDir, WorkDir
 
 log = logging.getLogger(__name__)
 SHARED = ("geojepa", "geojepa_context", "tagpool")  # feature sets that mean the same in every region (+ twins)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSummary(Summary):
+    """The evaluate stage's figures the flows and the command line read (every other figure: ``figures``, also
+    written as ``W/eval/summary.json``): the checkpoint evaluated, whether the model saw the region in training,
+    and per task its tiles, splits and read-out choice, or why it was skipped."""
+
+    checkpoint: str
+    seen_in_training: bool
+    tasks: dict[str, dict]
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -70,7 +82,7 @@ def last_checkpoint(work_dir: Path) -> Path:
 
 
 def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = None, force: bool = False,
-             model: str | Path | None = None) -> dict:
+             model: str | Path | None = None) -> StageResult[EvalSummary]:
     """Evaluate region ``work_dir`` with ``model`` (a checkpoint, a model folder or ``models:/name/N``; default
     the region's own last checkpoint). The model must have been trained on tokens of the region's tokenizer;
     the report says whether the region was among its training regions."""
@@ -103,18 +115,13 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
               "peers_srai": peers.version() if section.peers else None}
     life = Lifecycle("evaluate", work_dir, cfg, inputs, params, ("geojepa.evaluate", "geojepa.encoding",
                                                                    "geojepa.model"), section="evaluate")
-    if done := life.skipped(force):
+    if done := life.skipped(force, EvalSummary):
         return done
     region_inputs = {k: v for k, v in life.expected["inputs"].items() if k != "checkpoint"}
-    out, tmp = w.eval, w.eval.temporary()
-    shutil.rmtree(tmp.path, ignore_errors=True)
-    tmp.path.mkdir(parents=True)
+    out = w.eval
     with life.run() as run, _torch_threads(1), _pool() as pool:
-        try:
+        with life.staging(out) as tmp:
             summary, results = _phases(w, paths, trained, section, proto, region_inputs, pool, tmp)
-            replace_folder(tmp.path, out.path)
-        finally:
-            shutil.rmtree(tmp.path, ignore_errors=True)
         run.metrics({_metric_name(r): r["mean"] for r in results if r["mean"] is not None})
         run.metrics({_metric_name(r) + "_std": r["std"] for r in results if r["std"] is not None})
         run.metrics({f"retrieval.agreement.{m}": v for m, v in summary["agreement"].items()})
@@ -128,7 +135,7 @@ def evaluate(work_dir: Path | str, cfg: Config, checkpoint: Path | str | None = 
         run.dict(summary, "eval_summary.json")
     log.info("evaluate: %s written in %.1fs (%s); report %s", out, summary["seconds"],
              ", ".join(f"{k} {v:g}s" for k, v in _flat_timing(summary["timing"]).items()), out.report)
-    return life.publish([out.path], summary)
+    return life.publish([out.path], EvalSummary.of(summary))
 
 
 def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol, region_inputs: dict, pool,
@@ -247,6 +254,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
                                                sorted(set(proto.twins()) - set(encoders))},
                "seconds": round(time.perf_counter() - t0, 1), "timing": timing}
     write_report(tmp.report, results, summary, w.name)
+    tmp.summary.write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary, results
 
 

@@ -1,6 +1,6 @@
 """Download a region's PBF from Geofabrik: resumable, retried, MD5-verified.
 
-The region is looked up in Geofabrik's extract index (``index-v1-nogeom.json``):
+The region is looked up in Geofabrik's extract index (``GEOFABRIK_INDEX``, without geometries):
 by id (``monaco``) or with its parents (``north-america/us/california``). The
 file is streamed into ``<name>.part`` with HTTP range requests, so an
 interrupted download resumes where it stopped, and renamed into place only
@@ -22,6 +22,7 @@ from pathlib import Path
 from geojepa.errors import GeoJepaError, TransientError
 
 log = logging.getLogger(__name__)
+GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1-nogeom.json"  # every download's default index
 USER_AGENT = "geojepa-fetch/0.1 (+https://github.com/geojepa)"
 
 
@@ -73,7 +74,7 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_region(region: str, work_dir: Path | str, index_url: str, backoff: float = 1.0) -> Path:
+def fetch_region(region: str, work_dir: Path | str, index_url: str = GEOFABRIK_INDEX, backoff: float = 1.0) -> Path:
     """Download ``region``'s latest PBF into ``work_dir``; return its path (skips a verified file)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

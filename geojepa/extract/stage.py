@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_contracts import ENTITIES, ArtifactWriter
@@ -23,10 +24,18 @@ from geojepa.errors import GeoJepaError
 from geojepa.extract.reader import BATCH_SCHEMA, InvalidText, check_pbf, node_index_spec, read_entities
 from geojepa.extract.sort import SpatialSorter
 from geojepa.extract.tags import TagFilter
-from geojepa.lifecycle import Lifecycle
+from geojepa.lifecycle import Lifecycle, StageResult, Summary
 from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractSummary(Summary):
+    """The extract stage's figures: the entities written (every other figure: ``figures``)."""
+
+    entities: int
+
 
 def _check_work_dir(work_dir: Path) -> None:
     try:
@@ -70,8 +79,8 @@ def _progress(pbf: Path):
     return _Ctx()
 
 
-def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = False) -> dict:
-    """Extract tagged entities of ``pbf`` into ``work_dir/entities.parquet``; returns a summary.
+def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = False) -> StageResult[ExtractSummary]:
+    """Extract tagged entities of ``pbf`` into ``work_dir/entities.parquet``.
 
     Skips the work when the PBF, the config section and the code are unchanged
     since the last successful run (``force`` re-runs). On any failure the
@@ -86,8 +95,8 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     out = WorkDir(work_dir).entities
     life = Lifecycle("extract", work_dir, cfg, {"pbf": pbf}, section.model_dump(mode="json"),
                      ("geojepa.extract", "data_contracts"), section="extract")
-    if done := life.skipped(force):
-        return {**done, "output": str(out)}
+    if done := life.skipped(force, ExtractSummary):
+        return done
 
     stats: Counter = Counter()
     t0 = time.perf_counter()
@@ -143,4 +152,4 @@ def extract(pbf: Path | str, work_dir: Path | str, cfg: Config, force: bool = Fa
     if repaired:
         log.info("extract: repaired or skipped geometries: %s", repaired)
     log.info("extract: %d entities from %s in %.1fs -> %s", rows, pbf, seconds, out)
-    return {**life.publish([out], summary), "output": str(out)}
+    return life.publish([out], ExtractSummary.of(summary))

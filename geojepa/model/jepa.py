@@ -19,20 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from geojepa.model.layers import Block, Packing, PositionMLP
+from geojepa.model.sizes import ModelConfig  # defined there (torch-free, read by geojepa.config); used from here
 
 MODALITIES = {"tags": 0, "geometry": 1, "image": 2}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    dims: tuple[int, int, int]  # input widths of tags, geometry, image tokens
-    width: int = 384
-    depth: int = 12
-    heads: int = 8
-    mlp: int = 1536
-    pred_width: int = 192
-    pred_depth: int = 4
-    pred_heads: int = 6
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Stage 2: entities -> 300 m tiles with their entities (tile coordinates) and imagery."""
 
-from geojepa.tile.stage import tile
+from geojepa.tile.stage import PartitionJob, tile
 
-__all__ = ["tile"]
+__all__ = ["PartitionJob", "tile"]

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import rasterio
 import shapely
 
-from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, replace_folder, write_table
+from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, write_table
 from geojepa.config import Config, TileConfig
 from geojepa.errors import GeoJepaError
-from geojepa.lifecycle import Lifecycle
+from geojepa.lifecycle import Lifecycle, StageResult, Summary
 from geojepa.parallel import bounded_map
 from geojepa.tile import plan as planner
 from geojepa.tile import render as renderer
@@ -42,12 +42,25 @@ from geojepa.tile.clip import pieces
 from geojepa.tile.grid import assign_splits
 from geojepa.tile.imagery import Mosaic, StacNaip, TileImage, open_source
 from geojepa.tile.plan import Region, extent_partitions, plan_region
-from geojepa.workdir import WorkDir, temporary
+from geojepa.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 # Dictionary-encode the small columns of tile_images, not the pixels (unique blobs: hashing them only to
 # fall back to plain encoding cost 40% of writing them).
 IMAGE_DICTIONARY = ["tile_id", "bands", "source", "acquired"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileSummary(Summary):
+    """The tile stage's figures: the tiles kept, and how many in each split (every other figure: ``figures``)."""
+
+    tiles: int
+    splits: dict[str, int]
+
+    @classmethod
+    def of(cls, figures: dict) -> TileSummary:
+        return cls(figures=dict(figures), tiles=figures.get("tiles"),
+                   splits={k.removeprefix("split_"): v for k, v in figures.items() if k.startswith("split_")})
 
 
 def partitions(region: Region) -> list[tuple[int, int]]:
@@ -124,6 +137,32 @@ def cut_partition(entities: Path, region: Region, part: tuple[int, int], cfg: Ti
 
 def _shard(part: tuple[int, int]) -> str:
     return f"part-{part[0]}-{part[1]}.parquet"
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """Cutting one partition and writing its shards (images too, unless they come from rasters, which stay on
+    the stage's thread: GDAL handles are not thread-safe): what ``tile`` hands ``map_partitions``, a plain
+    picklable value (the region with its plan, the settings, the staging folders), so a Dask worker can run
+    it; W must then be shared storage."""
+
+    entities: Path
+    region: Region
+    cfg: TileConfig
+    imagery: str | None  # "render" or None: imagery drawn here; rasters are read by the stage itself
+    rasters: bool
+    tile_entities: Path  # the staging folders of the two datasets
+    tile_images: Path
+
+    def __call__(self, part: tuple[int, int]) -> Cut:
+        c = cut_partition(self.entities, self.region, part, self.cfg)
+        if c.entities is not None:
+            write_table(c.entities, self.tile_entities / _shard(part), TILE_ENTITIES, row_group_rows=50_000)
+            if not self.rasters:
+                images = _images(c.tiles, self.region, self.cfg, self.imagery, c.entities, None)
+                write_table(_images_table(c.tiles, images, self.cfg.image_px, c.stats), self.tile_images / _shard(part),
+                            TILE_IMAGES, use_dictionary=IMAGE_DICTIONARY)
+        return c
 
 
 def _images(tiles: list[dict], region: Region, cfg: TileConfig, imagery, te: pa.Table, lonlat) -> list[TileImage]:
@@ -223,11 +262,11 @@ def _imagery_spec(imagery) -> dict:
 
 
 def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, force: bool = False,
-         map_partitions: Callable[[Callable[[tuple[int, int]], Cut], list], Iterable[Cut]] | None = None) -> dict:
+         map_partitions: Callable[[PartitionJob, list], Iterable[Cut]] | None = None) -> StageResult[TileSummary]:
     """Tile ``work_dir/entities.parquet``; ``imagery``: None, "render", "naip", "stac+URL#collection",
-    or GeoTIFF path(s) / a folder. ``map_partitions(work, parts)`` runs ``work`` over the partitions and
-    yields the results in order (default: ``tile.threads`` threads; the Prefect flow passes mapped tasks,
-    locally or on a Dask cluster: ``work`` writes its shards itself, so W must be shared storage)."""
+    or GeoTIFF path(s) / a folder. ``map_partitions(job, parts)`` runs the ``PartitionJob`` over the partitions
+    and yields the results in order (default: ``tile.threads`` threads; the Prefect flow passes mapped tasks,
+    locally or on a Dask cluster: the job writes its shards itself, so W must be shared storage)."""
     w = WorkDir(work_dir)
     work_dir = w.path
     section = cfg.tile
@@ -239,40 +278,25 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
     life = Lifecycle("tile", work_dir, cfg, {"entities": entities},
                      {**section.model_dump(mode="json"), **_imagery_spec(imagery)}, ("geojepa.tile", "data_contracts"),
                      section="tile")
-    if done := life.skipped(force):
+    if done := life.skipped(force, TileSummary):
         return done
 
     stats: Counter = Counter()
     t0 = time.perf_counter()
-    tmp_e, tmp_i = temporary(w.tile_entities), temporary(w.tile_images)
     tmp_p = work_dir / f".tile_plan.tmp-{os.getpid()}"
     try:
-        with life.run() as run:
-            for d in (tmp_e, tmp_i, tmp_p):
-                shutil.rmtree(d, ignore_errors=True)
-            for d in (tmp_e, tmp_i):
-                d.mkdir()
+        with life.run() as run, life.staging(w.tile_entities) as tmp_e, life.staging(w.tile_images) as tmp_i:
+            shutil.rmtree(tmp_p, ignore_errors=True)
             tiles: list[dict] = []
             plan = planner.plan_partitions(entities, region, section, tmp_p)
             parts = plan.parts
             log.info("tile: %d of the extent's %d partitions can hold a tile of %d+ entities (%d hold any; "
                      "%d wide entities)", len(parts), plan.extent, max(section.min_entities, 1), plan.occupied,
                      plan.wide)
-            rasters = source is not None  # GDAL handles are not thread-safe: raster reads stay on this thread
-
-            def work(part: tuple[int, int]) -> Cut:
-                """Cut a partition and write its shards (images too, unless they come from rasters)."""
-                c = cut_partition(entities, region, part, section)
-                if c.entities is not None:
-                    write_table(c.entities, tmp_e / _shard(part), TILE_ENTITIES, row_group_rows=50_000)
-                    if not rasters:
-                        images = _images(c.tiles, region, section, imagery, c.entities, None)
-                        write_table(_images_table(c.tiles, images, section.image_px, c.stats), tmp_i / _shard(part),
-                                    TILE_IMAGES, use_dictionary=IMAGE_DICTIONARY)
-                return c
-
+            rasters = source is not None
+            job = PartitionJob(entities, region, section, None if rasters else imagery, rasters, tmp_e, tmp_i)
             run_all = map_partitions or (lambda fn, items: bounded_map(fn, items, section.threads))
-            for c in run_all(work, parts):
+            for c in run_all(job, parts):
                 pa.default_memory_pool().release_unused()
                 stats.update(c.stats)
                 if c.entities is None:
@@ -289,8 +313,6 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
             tiles.sort(key=lambda t: (t["col"] // span, t["row"] // span, t["col"], t["row"]))
             table = _tiles_table(region, tiles, section)
             write_table(table, w.tiles, TILES)
-            replace_folder(tmp_e, w.tile_entities)
-            replace_folder(tmp_i, w.tile_images)
             seconds = time.perf_counter() - t0
             splits = Counter(table.column("split").to_pylist())
             summary = {"tiles": len(tiles), "partitions": len(parts), "partitions_skipped": plan.extent - len(parts),
@@ -302,9 +324,8 @@ def tile(work_dir: Path | str, cfg: Config, imagery: str | list | None = None, f
             run.dict(summary, "tile_summary.json")
     finally:
         planner.clear_caches()
-        for d in (tmp_e, tmp_i, tmp_p):
-            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp_p, ignore_errors=True)
     log.info("tile: %d tiles (%s) in %.1fs; dropped %d with < %d and %d with > %d entities", len(tiles),
              dict(splits), seconds, stats["dropped_too_few"], section.min_entities, stats["dropped_too_many"],
              section.max_entities)
-    return life.publish([w.tiles, w.tile_entities, w.tile_images], summary)
+    return life.publish([w.tiles, w.tile_entities, w.tile_images], TileSummary.of(summary))

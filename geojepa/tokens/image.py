@@ -38,6 +38,14 @@ def pixel_patches(pixels: np.ndarray, patch: int = 16) -> np.ndarray:
     return x.reshape(-1, patch * patch * c)
 
 
+def token_width(image_tokenizer: str, patch_px: int, bands: int) -> int:
+    """The width of an image's tokens: ViT-B/16's, or a pixel patch's (``pixel_patches``); 0 without bands
+    (no image)."""
+    if not bands:
+        return 0
+    return ViTB16.dim if image_tokenizer == "vit_b16" else patch_px * patch_px * bands
+
+
 class ViTB16:
     """timm ViT-B/16 (ImageNet weights from ``weights``), frozen; RGB only."""
 

@@ -14,8 +14,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +31,34 @@ from data_contracts import (
     TOKENS,
     open_artifact,
     read_table,
-    replace_folder,
     write_table,
 )
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
-from geojepa.lifecycle import Lifecycle
+from geojepa.lifecycle import Lifecycle, StageResult, Summary
 from geojepa.tokens import geometry as G
 from geojepa.tokens.fitting import build_vocab, geometry_encoder, vocab_model
-from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches
+from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches, token_width
 from geojepa.tokens.tokenizer import load_tokenizer
-from geojepa.workdir import WorkDir, temporary
+from geojepa.workdir import SPLITS, WorkDir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokensSummary(Summary):
+    """The tokens stage's figures the flows show (every other figure: ``figures``); the shape encoder's losses
+    only when this run trained it."""
+
+    tokenizer_digest: str | None
+    tiles: int
+    tiles_tokenised: int
+    tiles_reused: int
+    tokens: int
+    vocab_entries: int
+    seconds: float
+    geometry_val_loss: float | None = None
+    geometry_val_loss_untrained: float | None = None
 
 
 class _Images:
@@ -60,6 +75,12 @@ class _Images:
     def pixels(self, tile_id: str) -> bytes:
         i = self.index.get(tile_id)
         return (self.table["pixels"][i].as_py() or b"") if i is not None else b""
+
+    def bands(self, tile_ids) -> int:
+        """The band count of the first of ``tile_ids`` with an image (0: none has one)."""
+        have = pc.is_valid(self.table["pixels"]).to_numpy(zero_copy_only=False)
+        at = next((i for t in tile_ids if (i := self.index.get(t)) is not None and have[i]), None)
+        return 0 if at is None else len(self.table["bands"][at].as_py())
 
 
 def _tile_hashes(te: pa.Table, images: _Images, fingerprint: str, split_of: dict[str, str]) -> dict[str, str]:
@@ -104,7 +125,7 @@ def _n_patches(img: dict | None, cfg: TokensConfig) -> int:
 
 
 def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False,
-           tokenizer: Path | str | None = None) -> dict:
+           tokenizer: Path | str | None = None) -> StageResult[TokensSummary]:
     """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``.
 
     With ``tokenizer`` (a folder made by ``geojepa tokenizer fit``), its frozen vocabulary (which may grow with
@@ -136,7 +157,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         ("geojepa.tokens", "data_contracts"),
         section="tokens",
     )
-    if done := life.skipped(force or train_geometry):
+    if done := life.skipped(force or train_geometry, TokensSummary):
         return done
 
     t0 = time.perf_counter()
@@ -170,7 +191,6 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         length = {t: int(n) + n_patches[t] for t, n in zip(*np.unique(ids_np, return_counts=True), strict=True)}
         positions = np.asarray(te["position"].combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, 8)
         entity_ids = te["entity_id"].to_pylist()
-        image_dim = [0]
 
         tile_ids, first = np.unique(ids_np, return_index=True)
         span = dict(
@@ -188,7 +208,6 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
             for t, a, b in zip(todo, starts, ends, strict=True):
                 sel = rows_idx[a:b]
                 patches, ppos = _image_tokens(images.get(t), section, vit, paths["tile_images"])
-                image_dim[0] = patches.shape[1] if len(patches) else image_dim[0]
                 out[t] = {"tile_id": t, "split": split_of[t], "length": length[t], "content_hash": hashes[t],
                           "entity_id": [entity_ids[i] for i in sel], "entity_position": positions[sel].ravel(),
                           "tag": tag_vec[a:b].ravel(), "geometry": geo_vec[a:b].ravel(),
@@ -197,9 +216,11 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
 
         meta = {"tag_dim": str(vocab.vectors.shape[1]), "geometry_dim": str(section.geometry_dim),
                 "text_model": vocab_model(vocab_path), "image_tokenizer": section.image_tokenizer,
-                **({"tokenizer_digest": tok.digest, "tokenizer_dir": str(tok.folder.resolve())} if tok else {})}
-        counts = _write_shards(w.tokens, hashes, split_of, length, reused, compute, section.shard_tiles, meta,
-                               image_dim)
+                **({"tokenizer_digest": tok.digest, "tokenizer_dir": str(tok.folder.resolve())} if tok else {}),
+                "image_dim": str(token_width(section.image_tokenizer, section.patch_px, images.bands(hashes)))}
+        with life.staging(w.tokens) as staged:
+            counts = _write_shards(staged, w.tokens, hashes, split_of, length, reused, compute, section.shard_tiles,
+                                   meta)
         todo_count = len(hashes) - len(reused)
         n_tokens = sum(length.values())
         seconds = time.perf_counter() - t0
@@ -228,7 +249,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         run.dict(summary, "tokens_summary.json")
     log.info("tokens: %d tiles (%d re-tokenised, %d reused), %d tokens in %.1fs", len(hashes), todo_count, len(reused),
              n_tokens, seconds)
-    return life.publish([w.tokens], summary)
+    return life.publish([w.tokens], TokensSummary.of(summary))
 
 
 def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -245,37 +266,28 @@ def _image_tokens(img: dict | None, cfg: TokensConfig, vit, source: Path) -> tup
     return pixel_patches(pixels, cfg.patch_px), patch_positions(h // cfg.patch_px)
 
 
-def _write_shards(final: Path, hashes: dict[str, str], split_of: dict[str, str], length: dict[str, int],
-                  reused: set[str], compute, shard_tiles: int, meta: dict[str, str], image_dim: list[int]) -> dict:
-    """Shards per split, rows sorted by length; one shard in memory at a time. Unchanged rows are copied
-    from the previous shards; the new folder replaces the old one only when complete."""
-    tmp = temporary(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _write_shards(tmp: Path, final: Path, hashes: dict[str, str], split_of: dict[str, str], length: dict[str, int],
+                  reused: set[str], compute, shard_tiles: int, meta: dict[str, str]) -> dict:
+    """Shards per split into the staging folder ``tmp``, rows sorted by length; one shard in memory at a time.
+    Unchanged rows are copied from the previous shards in ``final``."""
     old = ds.dataset(final, format="parquet") if reused else None
     counts = {}
-    try:
-        for split in ("train", "val", "test"):
-            order = sorted((t for t in hashes if split_of[t] == split), key=lambda t: (length[t], t))
-            counts[split] = 0
-            for i, start in enumerate(range(0, len(order), shard_tiles)):
-                chunk = order[start : start + shard_tiles]
-                rows = compute([t for t in chunk if t not in reused])
-                keep = [t for t in chunk if t in reused]
-                if keep:
-                    table = old.to_table(filter=ds.field("tile_id").isin(keep))
-                    rows.update((r["tile_id"], r) for r in table.to_pylist())
-                    image_dim[0] = image_dim[0] or _image_dim(table)
-                table = pa.table({name: _column([rows[t][name] for t in chunk], TOKENS.schema.field(name).type)
-                                  for name in TOKENS.schema.names})
-                # Float tokens barely compress and never repeat: lz4, dictionaries for the strings only.
-                write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256,
-                            metadata={**meta, "image_dim": str(image_dim[0])}, compression="lz4",
-                            use_dictionary=["tile_id", "split", "content_hash"])
-                counts[split] += 1
-        replace_folder(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for split in SPLITS:
+        order = sorted((t for t in hashes if split_of[t] == split), key=lambda t: (length[t], t))
+        counts[split] = 0
+        for i, start in enumerate(range(0, len(order), shard_tiles)):
+            chunk = order[start : start + shard_tiles]
+            rows = compute([t for t in chunk if t not in reused])
+            keep = [t for t in chunk if t in reused]
+            if keep:
+                table = old.to_table(filter=ds.field("tile_id").isin(keep))
+                rows.update((r["tile_id"], r) for r in table.to_pylist())
+            table = pa.table({name: _column([rows[t][name] for t in chunk], TOKENS.schema.field(name).type)
+                              for name in TOKENS.schema.names})
+            # Float tokens barely compress and never repeat: lz4, dictionaries for the strings only.
+            write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256, metadata=meta,
+                        compression="lz4", use_dictionary=["tile_id", "split", "content_hash"])
+            counts[split] += 1
     return counts
 
 
@@ -286,10 +298,3 @@ def _column(values: list, type_: pa.DataType) -> pa.Array:
         offsets = np.concatenate([[0], np.cumsum([len(v) for v in flat])]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat) if flat else [], pa.float32()))
     return pa.array(values, type_)
-
-
-def _image_dim(table: pa.Table) -> int:
-    for pos, img in zip(table["patch_position"].to_pylist(), table["image"].to_pylist(), strict=True):
-        if pos:
-            return len(img) // (len(pos) // 8)
-    return 0

@@ -37,6 +37,7 @@ import shapely
 from data_contracts import TILE_ENTITIES, TILES, atomic_path, read_table
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
+from geojepa.lifecycle import StageResult, Summary
 from geojepa.tokens import vocab as V
 from geojepa.tokens.fitting import build_vocab, train_geometry_encoder
 from geojepa.tracking import record_skip, stage_run
@@ -50,6 +51,16 @@ FROZEN = ("text_model", "max_values_per_key", "geometry_dim", "image_tokenizer",
 def rules_sha() -> str:
     """Hash of the vocabulary's bucketing rules (free-text keys, numeric buckets): a change makes a new tokenizer."""
     return hashlib.sha256(json.dumps([V.FREE_TEXT.pattern, V.NUMERIC_EDGES], sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSummary(Summary):
+    """A fit's figures the flows read (every other figure: ``figures``, recorded in ``tokenizer.json``): the
+    digest, the vocabulary's entries when fitted and the regions it was fitted on."""
+
+    digest: str
+    vocab_entries: int
+    regions: list[str]
 
 
 @dataclass(frozen=True)
@@ -125,7 +136,8 @@ def region_shapes(w: WorkDir) -> tuple[list[list], np.ndarray]:
     return [list(t) for t in te["tags"].to_pylist()], geoms
 
 
-def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: bool = False) -> dict:
+def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config,
+        force: bool = False) -> StageResult[TokenizerSummary]:
     """Fit the tokenizer on the listed regions' tiles. An existing tokenizer is frozen: it is kept unless
     ``force`` (which makes a new digest: models trained with the old one no longer match)."""
     files = TokenizerDir(folder)
@@ -145,8 +157,8 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
         log.info("tokenizer: %s is frozen (digest %s, fitted on %s); kept", folder, tok.digest,
                  [r["name"] for r in tok.record["fitted_on"]])
         record_skip("tokenizer", folder, cfg, tok.record.get("mlflow_run_id"))
-        return {**tok.record.get("summary", {}), "stage": "tokenizer", "skipped": True,
-                "mlflow_run_id": tok.record.get("mlflow_run_id")}
+        return StageResult("tokenizer", True, tok.record.get("mlflow_run_id"),
+                           TokenizerSummary.of(tok.record.get("summary", {})))
     t0 = time.perf_counter()
     section = cfg.tokens
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,4 +195,4 @@ def fit(folder: Path | str, work_dirs: list[Path | str], cfg: Config, force: boo
         run.dict(record, files.record_file.name)
     log.info("tokenizer: %s fitted on %s (digest %s, %d vocabulary entries, %d shapes)", folder,
              summary["regions"], record["digest"], len(vocab.index), len(sample))
-    return {**summary, "stage": "tokenizer", "skipped": False, "mlflow_run_id": record["mlflow_run_id"]}
+    return StageResult("tokenizer", False, record["mlflow_run_id"], TokenizerSummary.of(summary))

@@ -17,7 +17,8 @@ import torch
 
 from data_contracts import TOKENS, ContractError, open_artifact
 from geojepa.model.jepa import MODALITIES, TokenBatch
-from geojepa.train.masks import MaskConfig, make_mask
+from geojepa.train.masks import make_mask
+from geojepa.train.settings import MaskConfig
 
 
 class ShardDataset(torch.utils.data.Dataset):

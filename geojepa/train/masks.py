@@ -1,6 +1,7 @@
 """JEPA masks: which tokens of a tile are context and which are targets (built in DataLoader workers).
 
-Three strategies, mixed by chance (the reference's settings are the defaults):
+Three strategies, mixed by chance (``MaskConfig``, ``geojepa.train.settings``; the reference's settings are the
+defaults):
 - modality (chance 0.2 when a tile has several modalities): one modality is
   context, the others are targets (cross-modal prediction, by design);
 - random (otherwise, chance 0.25): 45% of the entities are targets, dealt into
@@ -22,22 +23,11 @@ is split between context and targets (when a tile has 2 or more entities).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class MaskConfig:
-    blocks: int = 4
-    p_modality: float = 0.2
-    p_random: float = 0.25
-    random_ratio: float = 0.45
-    random_min_context: float = 0.10
-    block_area: float = 0.25
-    area_aspect: tuple[float, float] = (0.5, 2.0)
-    area_min_context: float = 0.15
-    target_box: bool = False  # the predictor is told a target's rotated box (True) or only its centre
+from geojepa.train.settings import MaskConfig  # the settings' one definition (``train.masks`` in the config)
 
 
 @dataclass
@@ -64,7 +54,7 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
             if len(modalities) > 1 and u < cfg.p_modality:
                 return _by_modality(modality, rng, cfg)
             # Mask the entities (one point each, at its tokens' centre), then give each token its entity's role.
-            m = make_mask(centres[first], modality[first], rng, MaskConfig(**{**vars(cfg), "p_modality": 0.0}))
+            m = make_mask(centres[first], modality[first], rng, replace(cfg, p_modality=0.0))
             order = np.argsort(inverse, kind="stable")
             bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
 

@@ -1,11 +1,12 @@
 """GeoJEPA training, run as-is under torchrun: ``torchrun --nproc_per_node N -m geojepa.train CONFIG.json``.
 
-The launcher (``geojepa train W``) resolves the config and writes it as JSON,
-so this module needs only torch, numpy and pyarrow (bare GPU hosts have no
-pydantic, mlflow or prefect); mlflow is imported lazily, on rank 0 only, and
-skipped when absent. DDP over gloo (CPU) or NCCL (GPU); rank 0 alone logs and
-writes checkpoints (atomically, every ``checkpoint_every`` steps and at the
-end, the last ``keep_last`` kept). ``resume`` continues exactly: the data order
+The launcher (``geojepa train W``) resolves the config and writes it as JSON
+(a ``TrainRun``: ``geojepa.train.settings``, plain dataclasses), so this module
+needs only torch, numpy and pyarrow (bare GPU hosts have no pydantic, mlflow or
+prefect); mlflow is imported lazily, on rank 0 only, and skipped when absent.
+DDP over gloo (CPU) or NCCL (GPU); rank 0 alone logs and writes checkpoints
+(atomically, every ``checkpoint_every`` steps and at the end, the last
+``keep_last`` kept). ``resume`` continues exactly: the data order
 is a function of (seed, epoch) and the step, and RNG states are restored.
 """
 
@@ -19,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +39,9 @@ from geojepa.model.jepa import (
     within_share,
 )
 from geojepa.progress import duration
+from geojepa.settings import from_dict
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
-from geojepa.train.masks import MaskConfig
+from geojepa.train.settings import TrainRun, TrainSettings
 from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir, checkpoints_in
 
 log = logging.getLogger("geojepa.train")
@@ -49,33 +52,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def schedules(step: int, total: int, c: dict) -> tuple[float, float, float]:
+def schedules(step: int, total: int, s: TrainSettings | Mapping) -> tuple[float, float, float]:
     """(learning rate, weight decay, EMA momentum) at ``step``: linear warm-up from 0.1x then cosine to
     ``final_lr``; weight decay cosine from ``wd`` to ``final_wd``; momentum linear ``ema`` -> ``final_ema``,
-    moved away from 1 in short runs so the target turns over (``ema_turnover``)."""
-    warm = max(1, int(c["warmup"] * total))
+    moved away from 1 in short runs so the target turns over (``ema_turnover``). ``s``: the settings, or
+    some of them in their JSON form (the rest at their defaults)."""
+    if isinstance(s, Mapping):
+        s = from_dict(TrainSettings, s)
+    warm = max(1, int(s.warmup * total))
     if step < warm:
-        lr = c["lr"] * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warm)
+        lr = s.lr * (s.warmup_start + (1 - s.warmup_start) * step / warm)
     else:
         t = (step - warm) / max(1, total - warm)
-        lr = c["final_lr"] + 0.5 * (c["lr"] - c["final_lr"]) * (1 + math.cos(math.pi * t))
+        lr = s.final_lr + 0.5 * (s.lr - s.final_lr) * (1 + math.cos(math.pi * t))
     t = step / max(1, total)
-    wd = c["final_wd"] + 0.5 * (c["wd"] - c["final_wd"]) * (1 + math.cos(math.pi * t))
-    momentum = c["ema"] + (c["final_ema"] - c["ema"]) * t
+    wd = s.final_wd + 0.5 * (s.wd - s.final_wd) * (1 + math.cos(math.pi * t))
+    momentum = s.ema + (s.final_ema - s.ema) * t
     # The target must move in a run of any length: over the run, sum(1 - momentum) is at least ema_turnover
     # (e^-5: under 1% of the initial weights left). Long runs keep the reference's ramp; shorter ones scale
     # its distance from 1 up (a 600-step run kept 40% of its initial weights with the plain ramp).
-    turnover = total * (1 - (c["ema"] + c["final_ema"]) / 2)
-    need = c.get("ema_turnover", 0.0)
+    turnover = total * (1 - (s.ema + s.final_ema) / 2)
+    need = s.ema_turnover
     if 0 < turnover < need:
         momentum = max(0.0, 1 - (1 - momentum) * need / turnover)
     return lr, wd, momentum
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+def _setup_distributed(device_setting: str = "auto") -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
+    if device_setting != "cpu" and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -141,84 +147,79 @@ class CollapseMonitor:
         return out
 
 
-def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, cfg: dict) -> Path:
+def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: int, run: TrainRun) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = CheckpointsDir(folder).step(step)
     tmp = folder / f".{path.name}.tmp"
     torch.save({"step": step, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "config": cfg, "torch_rng": torch.get_rng_state()}, tmp)
+                "config": run.to_json(), "torch_rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
     for old in checkpoints_in(folder)[:-keep_last]:
         old.unlink()
     return path
 
 
-def _tracker(cfg: dict, rank: int):
-    """An MLflow run on rank 0 when mlflow is installed and a tracking URI is given; else None."""
-    if rank != 0 or not cfg.get("tracking_uri"):
-        return None
+def _tracker(run: TrainRun, rank: int) -> tuple[TrainRun, object | None]:
+    """An MLflow run on rank 0 when mlflow is installed and a tracking URI is given (else None), and ``run``
+    with its id."""
+    if rank != 0 or not run.tracking_uri:
+        return run, None
     try:
         import mlflow
     except ImportError:
         log.warning("mlflow not installed: metrics are logged to stdout only")
-        return None
-    mlflow.set_tracking_uri(cfg["tracking_uri"])
-    mlflow.set_experiment(cfg.get("experiment", "geojepa"))
-    run = mlflow.start_run(run_id=cfg.get("mlflow_run_id"), run_name=f"train {Path(cfg['out_dir']).name}",
-                           nested=bool(cfg.get("parent_run_id")), tags={"stage": "train"})
-    if not cfg.get("mlflow_run_id"):
-        mlflow.log_params({k: v for k, v in cfg.items() if not isinstance(v, dict | list)})
-    cfg["mlflow_run_id"] = run.info.run_id
-    return mlflow
+        return run, None
+    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_experiment(run.experiment)
+    active = mlflow.start_run(run_id=run.mlflow_run_id, run_name=f"train {Path(run.out_dir).name}",
+                              tags={"stage": "train"})
+    if not run.mlflow_run_id:
+        mlflow.log_params({k: v for k, v in run.to_json().items() if not isinstance(v, dict | list)})
+    return dataclasses.replace(run, mlflow_run_id=active.info.run_id), mlflow
 
 
-def train(cfg: dict) -> dict:
-    """Train per ``cfg`` (the resolved ``train`` section plus ``data``, the regions' work directories, and
-    ``out_dir``; a single-region config may give ``work_dir`` for both); returns the final metrics."""
-    rank, world, device = _setup_distributed()
-    torch.manual_seed(cfg["seed"])
-    cfg.setdefault("out_dir", cfg.get("work_dir"))
-    cfg.setdefault("data", [cfg["out_dir"]])
-    work = Path(cfg["out_dir"])
-    checkpoints = ModelDir(work).checkpoints_dir
+def train(run: TrainRun | Mapping) -> dict:
+    """Train per ``run`` (or its JSON form: the resolved ``train`` section's keys beside the run's; see
+    ``geojepa.train.settings.TrainRun``); returns the final metrics."""
+    if isinstance(run, Mapping):
+        run = TrainRun.from_json(run)
+    s = run.settings
+    rank, world, device = _setup_distributed(s.device)
+    torch.manual_seed(s.seed)
+    checkpoints = ModelDir(Path(run.out_dir)).checkpoints_dir
     ckpt_dir = checkpoints.path
-    modalities = tuple(cfg["modalities"])
-    data = ShardDataset([WorkDir(w).tokens for w in cfg["data"]], "train", modalities)
-    names = cfg.get("regions") or [Path(w).name for w in cfg["data"]]
-    counts = np.bincount(data.region, minlength=len(names))
-    weights = cfg.get("region_weights") or None
-    quotas = region_quotas(counts, None if weights is None else [weights.get(n, 1.0) for n in names],
-                           cfg.get("region_cap", 2.0))
+    modalities = s.modalities
+    data = ShardDataset([WorkDir(w).tokens for w in run.data], "train", modalities)
+    counts = np.bincount(data.region, minlength=len(run.regions))
+    weights = s.region_weights or None
+    quotas = region_quotas(counts, None if weights is None else [weights.get(n, 1.0) for n in run.regions],
+                           s.region_cap)
     if rank == 0:
         log.info("training tiles per region (drawn per epoch): %s",
-                 ", ".join(f"{n} {c} ({q})" for n, c, q in zip(names, counts, quotas, strict=True)))
-    if cfg["batch_tiles"] % (world * cfg["accumulate"]):
-        raise ValueError(f"train.batch_tiles={cfg['batch_tiles']} is not divisible by {world} ranks x "
-                         f"{cfg['accumulate']} accumulation steps")
-    micro = cfg["batch_tiles"] // (world * cfg["accumulate"])
-    sampler = MixedBatches(data.lengths, data.region, micro, cfg["seed"], rank, world, quotas)
-    masks = {**cfg.get("masks", {})}
-    masks = MaskConfig(**{**masks, **({"area_aspect": tuple(masks["area_aspect"])} if "area_aspect" in masks else {})})
-    collate = Collator(modalities, data.dims, cfg["seed"], masks, pad_to_max=cfg.get("pad_to_max", False),
-                       max_entities=cfg.get("max_entities_per_tile"), entity_dropout=cfg.get("entity_dropout", 0.0))
+                 ", ".join(f"{n} {c} ({q})" for n, c, q in zip(run.regions, counts, quotas, strict=True)))
+    if s.batch_tiles % (world * s.accumulate):
+        raise ValueError(f"train.batch_tiles={s.batch_tiles} is not divisible by {world} ranks x "
+                         f"{s.accumulate} accumulation steps")
+    micro = s.batch_tiles // (world * s.accumulate)
+    sampler = MixedBatches(data.lengths, data.region, micro, s.seed, rank, world, quotas)
+    collate = Collator(modalities, data.dims, s.seed, s.masks, pad_to_max=s.pad_to_max,
+                       max_entities=s.max_entities_per_tile, entity_dropout=s.entity_dropout)
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
-    sizes = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "dims"}
-    model = GeoJEPA(ModelConfig(dims=dims, **sizes)).to(device)
+    model = GeoJEPA(ModelConfig(dims=dims, **dataclasses.asdict(run.model))).to(device)
     # The target's initial weights (the untrained twin evaluation compares against; rebuilt the same way on
     # resume, since the model is built from the seed): its drift from them is logged.
     target_init = _flat(model.target_encoder) if rank == 0 else None
-    if cfg.get("compile", "auto") == "on" or (cfg.get("compile", "auto") == "auto" and device.type == "cuda"):
+    if s.compile == "on" or (s.compile == "auto" and device.type == "cuda"):
         model.compile_blocks()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
-                            betas=tuple(cfg.get("betas", (0.9, 0.95))))
-    steps_per_epoch = len(sampler) // cfg["accumulate"]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=s.betas)
+    steps_per_epoch = len(sampler) // s.accumulate
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg['data']}: {len(data)} training tiles make no batch of {cfg['batch_tiles']} tiles")
-    total = cfg.get("max_steps") or cfg["epochs"] * steps_per_epoch
+        raise ValueError(f"{list(run.data)}: {len(data)} training tiles make no batch of {s.batch_tiles} tiles")
+    total = s.max_steps or s.epochs * steps_per_epoch
     step, epoch = 0, 0
-    if cfg.get("resume") and checkpoints_in(ckpt_dir):
+    if run.resume and checkpoints_in(ckpt_dir):
         state = load_last_good(ckpt_dir, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -227,9 +228,9 @@ def train(cfg: dict) -> dict:
         log.info("resumed from step %d", step)
     # DDP syncs the trained parameters (the target encoder has no gradients; its EMA update is the same on all ranks).
     forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    tracker = _tracker(cfg, rank)
-    monitor = CollapseMonitor([WorkDir(w).tokens for w in cfg["data"]], modalities, device,
-                              seed=cfg["seed"]) if rank == 0 else None
+    run, tracker = _tracker(run, rank)
+    monitor = CollapseMonitor([WorkDir(w).tokens for w in run.data], modalities, device,
+                              seed=s.seed) if rank == 0 else None
     if monitor and step == 0:
         at_start = monitor(model)
         log.info("before training: %s", ", ".join(f"{k} {v:.3f}" for k, v in at_start.items()))
@@ -238,8 +239,8 @@ def train(cfg: dict) -> dict:
     history: list[dict] = []
     if step and checkpoints.history.exists():
         history = [h for h in json.loads(checkpoints.history.read_text()) if h["step"] <= step]
-    loss_weights = {k: cfg[k] for k in ("vicreg_scale", "var_weight", "cov_weight", "regulariser", "target_centre")
-                    if k in cfg}
+    loss_weights = dict(vicreg_scale=s.vicreg_scale, var_weight=s.var_weight, cov_weight=s.cov_weight,
+                        regulariser=s.regulariser, target_centre=s.target_centre)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
@@ -248,46 +249,46 @@ def train(cfg: dict) -> dict:
     while step < total:
         sampler.epoch = collate.epoch = epoch
         loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg["num_workers"], persistent_workers=False)
+                                             num_workers=s.num_workers, persistent_workers=False)
         batches = iter(loader)
-        skip = (step - epoch * steps_per_epoch) * cfg["accumulate"]
+        skip = (step - epoch * steps_per_epoch) * s.accumulate
         for _ in range(skip):  # resume mid-epoch: the same batches are drawn in the same order
             next(batches)
-        for _ in range(steps_per_epoch - skip // cfg["accumulate"]):
+        for _ in range(steps_per_epoch - skip // s.accumulate):
             if step >= total:
                 break
-            lr, wd, momentum = schedules(step, total, cfg)
+            lr, wd, momentum = schedules(step, total, s)
             for g in opt.param_groups[:1]:
                 g["lr"], g["weight_decay"] = lr, wd
             opt.param_groups[1]["lr"] = lr
             parts: dict[str, float] = {}
-            for micro_step in range(cfg["accumulate"]):
+            for micro_step in range(s.accumulate):
                 batch = next(batches).to(device)
                 tokens_since += batch.n_tokens
-                sync = micro_step == cfg["accumulate"] - 1
+                sync = micro_step == s.accumulate - 1
                 no_sync = forward.no_sync() if world > 1 and not sync else contextlib.nullcontext()
                 with no_sync:  # gradients are all-reduced on the last micro-batch only
                     with amp:
                         out = forward(batch, **loss_weights)
-                    loss = out["loss"] / cfg["accumulate"]
+                    loss = out["loss"] / s.accumulate
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss at step {step} (lr {lr:.2e}); the last good "
                                             f"checkpoint in {ckpt_dir} is kept")
                     loss.backward()
                 for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg["accumulate"]
+                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / s.accumulate
             if world > 1:  # the record is of the global batch: average the parts over ranks
                 vals = torch.tensor(list(parts.values()), dtype=torch.float64, device=device)
                 dist.all_reduce(vals)
                 parts = dict(zip(parts, (vals / world).tolist(), strict=True))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.update_target(momentum)
             step += 1
             record = {"step": step, **parts, "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": float(grad_norm)}
             history.append(record)
-            if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
+            if rank == 0 and (step % s.log_every == 0 or step == total):
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_since * world / (now - t_last)
                 record["target_drift"] = float((_flat(model.target_encoder) - target_init).norm() / target_init.norm())
@@ -302,8 +303,8 @@ def train(cfg: dict) -> dict:
                          duration(per_step * (total - step)))
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-            stop = step == cfg.get("stop_after")  # a time-limited job: checkpoint, stop, resume later
-            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or step == total or stop):
+            stop = step == run.stop_after  # a time-limited job: checkpoint, stop, resume later
+            if rank == 0 and (step % s.checkpoint_every == 0 or step == total or stop):
                 if stats := monitor(model):
                     record.update(stats)
                     log.info("step %d validation tiles: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
@@ -313,7 +314,7 @@ def train(cfg: dict) -> dict:
                                     COLLAPSE_COS)
                     if tracker:
                         tracker.log_metrics(stats, step=step)
-                _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, cfg["keep_last"], cfg)
+                _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, s.keep_last, run)
             if stop:
                 total = step
         epoch += 1
@@ -332,9 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: torchrun [...] -m geojepa.train CONFIG.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(message)s")
-    cfg = json.loads(Path(argv[0]).read_text())
     try:
-        train(cfg)
+        run = TrainRun.from_json(json.loads(Path(argv[0]).read_text()))
+    except ValueError as e:
+        raise SystemExit(f"{argv[0]}: {e}") from None
+    try:
+        train(run)
     except NonFiniteLoss as e:
         log.error("%s", e)
         raise SystemExit(3) from None
