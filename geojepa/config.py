@@ -100,6 +100,9 @@ class TokensConfig(Section):
     vit_allow_random: bool = False
     patch_px: int = Field(16, gt=0)
     shard_tiles: int = Field(256, gt=0)  # tiles per shard (one shard is in memory at a time)
+    # also tokenise the split's gap tiles, into gap-*.parquet shards that training and evaluation never read
+    # (`geojepa embed` sets it: a user's town is embedded whole)
+    gap_tiles: bool = False
     seed: int = 0
 
 

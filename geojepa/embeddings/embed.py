@@ -89,8 +89,8 @@ def _work_dir(source: str, out: EmbeddingsDir, cfg: Config, imagery, tokenizer: 
         if not w.tiles.exists():
             raise GeoJepaError(f"{path}: not a region work directory (no {w.tiles.name}); pass a PBF or run "
                                f"`geojepa extract` and `geojepa tile` on it first")
-        if w.token_shards() and w.tokenizer_digest() == digest:
-            return w  # tokens made with the model's tokenizer (or, digest None, the region's own)
+        if w.token_shards() and w.tokenizer_digest() == digest and (digest is None or _whole(w)):
+            return w  # tokens made with the model's tokenizer (or, digest None, the region's own), every tile
         if digest is None:
             made = w.tokenizer_digest() or "none (not tokenised)"
             raise GeoJepaError(f"{path}: its tokens come from tokenizer {made}, the model from its region's own: "
@@ -137,8 +137,19 @@ def _work_dir(source: str, out: EmbeddingsDir, cfg: Config, imagery, tokenizer: 
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer, tmp, ignore=shutil.ignore_patterns(".*"))
         os.replace(tmp, copy.path)
-    tokens(w.path, cfg, tokenizer=copy.path)
+    # every tile, the split's gap ring too: it means nothing to someone embedding their town
+    whole = cfg.model_copy(update={"tokens": cfg.tokens.model_copy(update={"gap_tiles": True})})
+    tokens(w.path, whole, tokenizer=copy.path)
     return w
+
+
+def _whole(w: WorkDir) -> bool:
+    """Whether ``w``'s tokens cover every tile: it has no gap tiles, or they were tokenised too."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    split = pq.read_table(w.tiles, columns=["split"])["split"]
+    return not pc.any(pc.equal(split, "gap")).as_py() or bool(w.token_shards("gap"))
 
 
 def embed_source(source: str | Path, out: Path | str, cfg: Config, model: str | Path,

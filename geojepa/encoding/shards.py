@@ -58,9 +58,11 @@ class TokenIndex:
         return tile, flat - self.ent_off[tile]
 
 
-def token_index(tokens: Path) -> TokenIndex:
+def token_index(tokens: Path, splits: tuple[str, ...] | None = None) -> TokenIndex:
+    """The shards' tiles (of ``splits``; None: every shard, the gap tiles' too when they were tokenised)."""
     w = WorkDir(Path(tokens).parent)
-    shards = sorted(p for p in Path(tokens).glob("*.parquet") if not p.name.startswith("."))
+    shards = sorted(p for p in Path(tokens).glob("*.parquet") if not p.name.startswith(".")
+                    and (splits is None or p.name.split("-")[0] in splits))
     ids, split, counts, eids, length, rows = [], [], [], [], [], [0]
     for f in shards:
         t = pq.read_table(f, columns=["tile_id", "split", "length", "entity_id"])

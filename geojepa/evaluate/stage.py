@@ -55,7 +55,7 @@ from geojepa.evaluate.region import scan_entities
 from geojepa.evaluate.report import write_report
 from geojepa.lifecycle import Lifecycle, StageResult, Summary
 from geojepa.tokens.vocab import Vocab
-from geojepa.workdir import EvalDir, WorkDir
+from geojepa.workdir import SPLITS, EvalDir, WorkDir
 
 log = logging.getLogger(__name__)
 SHARED = ("geojepa", "geojepa_context", "tagpool")  # feature sets that mean the same in every region (+ twins)
@@ -153,7 +153,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     # Rendered images are drawn from the very tags the masked setting removes: there the image tokens are left
     # out (real imagery, an independent observation, stays).
     rendered = "image" in modalities and _rendered(paths["tile_images"])
-    tok = token_index(paths["tokens"])
+    tok = token_index(paths["tokens"], SPLITS)  # never the gap tiles (tokenised for `geojepa embed` only)
     target = trained.encoder("target")
     check_widths(tok.dims, modalities, target, trained.checkpoint, paths["tokens"])
     tasks = [TASKS[name] for name in section.tasks]

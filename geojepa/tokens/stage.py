@@ -5,7 +5,7 @@ positions, and its image patch tokens with their positions. Each row carries a
 content hash of what made it (the tile's entities and image, the vocabulary
 model, the encoder checkpoint, this stage's config), so a re-run re-tokenises
 only tiles whose hash changed and embeds only vocabulary entries not yet
-embedded. ``gap`` tiles (see the tile stage) get no tokens.
+embedded. ``gap`` tiles (see the tile stage) get no tokens, unless ``tokens.gap_tiles`` (``geojepa embed``).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
     te = read_table(paths["tile_entities"], TILE_ENTITIES).sort_by(
         [("tile_id", "ascending"), ("entity_id", "ascending")]
     )
-    te = te.filter(pc.is_in(te["tile_id"], pa.array([t for t, s in split_of.items() if s != "gap"], pa.string())))
+    wanted = [t for t, s in split_of.items() if s != "gap" or section.gap_tiles]
+    te = te.filter(pc.is_in(te["tile_id"], pa.array(wanted, pa.string())))
     if te.num_rows == 0:
         raise GeoJepaError(f"{paths['tile_entities']}: no entities in non-gap tiles; nothing to tokenise")
     images = _Images(read_table(paths["tile_images"], TILE_IMAGES))
@@ -224,7 +225,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         todo_count = len(hashes) - len(reused)
         n_tokens = sum(length.values())
         seconds = time.perf_counter() - t0
-        empty = sorted(t for t, s in split_of.items() if s != "gap" and t not in hashes)
+        empty = sorted(t for t, s in split_of.items() if (s != "gap" or section.gap_tiles) and t not in hashes)
         if empty:
             log.warning("tokens: %d tiles have no entities and get no tokens: %s", len(empty), empty[:5])
         summary = {
@@ -232,7 +233,7 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
             "tiles": len(hashes),
             "tiles_tokenised": todo_count,
             "tiles_reused": len(reused),
-            "gap_tiles_skipped": sum(s == "gap" for s in split_of.values()),
+            "gap_tiles_skipped": 0 if section.gap_tiles else sum(s == "gap" for s in split_of.values()),
             "empty_tiles_skipped": len(empty),
             "tokens": n_tokens,
             "entities": te.num_rows,
@@ -272,7 +273,8 @@ def _write_shards(tmp: Path, final: Path, hashes: dict[str, str], split_of: dict
     Unchanged rows are copied from the previous shards in ``final``."""
     old = ds.dataset(final, format="parquet") if reused else None
     counts = {}
-    for split in SPLITS:
+    gap = any(split_of[t] == "gap" for t in hashes)  # tokenised only under tokens.gap_tiles
+    for split in (*SPLITS, "gap") if gap else SPLITS:
         order = sorted((t for t in hashes if split_of[t] == split), key=lambda t: (length[t], t))
         counts[split] = 0
         for i, start in enumerate(range(0, len(order), shard_tiles)):
