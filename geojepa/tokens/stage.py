@@ -36,6 +36,7 @@ from data_contracts import (
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
 from geojepa.lifecycle import Lifecycle, StageResult, Summary
+from geojepa.progress import Progress
 from geojepa.tokens import geometry as G
 from geojepa.tokens.fitting import build_vocab, geometry_encoder, vocab_model
 from geojepa.tokens.image import ViTB16, patch_positions, pixel_patches, token_width
@@ -274,6 +275,7 @@ def _write_shards(tmp: Path, final: Path, hashes: dict[str, str], split_of: dict
     old = ds.dataset(final, format="parquet") if reused else None
     counts = {}
     gap = any(split_of[t] == "gap" for t in hashes)  # tokenised only under tokens.gap_tiles
+    progress = Progress(f"tokens: {len(reused)} of {len(hashes)} tiles reused", len(hashes), "tiles")
     for split in (*SPLITS, "gap") if gap else SPLITS:
         order = sorted((t for t in hashes if split_of[t] == split), key=lambda t: (length[t], t))
         counts[split] = 0
@@ -290,6 +292,8 @@ def _write_shards(tmp: Path, final: Path, hashes: dict[str, str], split_of: dict
             write_table(table, tmp / f"{split}-{i:05d}.parquet", TOKENS, row_group_rows=256, metadata=meta,
                         compression="lz4", use_dictionary=["tile_id", "split", "content_hash"])
             counts[split] += 1
+            progress.update(len(chunk))
+    progress.close()
     return counts
 
 
