@@ -399,9 +399,9 @@ def info(
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from geojepa import __version__
 
-        typer.echo(f"geojepa {version('geojepa')}")
+        typer.echo(f"geojepa {__version__}")
         raise typer.Exit()
 
 

@@ -30,20 +30,21 @@ EXPECTED = ("a region's work directory (tiles.parquet, entities.parquet or token
 def kind(path: Path) -> str | None:
     if TokenizerDir(path).record_file.is_file():
         return "tokenizer"
+    w = WorkDir(path)
+    if any(p.exists() for p in (w.tiles, w.entities, w.tokens)):
+        return "region"  # a region trained alone holds its model too: shown under "model"
     if ModelDir(path).checkpoints():
         return "model"
     if EmbeddingsDir(path).tile_embeddings.is_file():
         return "embeddings"
-    w = WorkDir(path)
-    if any(p.exists() for p in (w.tiles, w.entities, w.tokens)):
-        return "region"
     return None
 
 
 def info(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_dir():
-        raise GeoJepaError(f"{path}: no such folder; `geojepa info` reads {EXPECTED}")
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise GeoJepaError(f"{path}: {what}; `geojepa info` reads {EXPECTED}")
     found = kind(path)
     if found is None:
         raise GeoJepaError(f"{path}: not a GeoJEPA folder; expected {EXPECTED}")
@@ -78,6 +79,8 @@ def _region(path: Path) -> dict:
         out["token_widths"] = {k: v for k, v in w.token_dims().items() if v}
     if w.eval.results.is_file():
         out["evaluation"] = _headline(w)
+    if w.model.checkpoints():
+        out["model"] = _model(path)
     return out
 
 
@@ -99,10 +102,12 @@ def _headline(w: WorkDir) -> dict:
         out[task] = {"metric": metric, "geojepa": round(got["geojepa"], 4),
                      "twins": [round(min(twins), 4), round(max(twins), 4)] if twins else None,
                      "tagpool": round(got["tagpool"], 4) if "tagpool" in got else None}
-    manifest = w.manifest("evaluate")
-    if manifest.is_file():
-        summary = json.loads(manifest.read_text()).get("summary", {})
-        out["checkpoint"] = summary.get("checkpoint")
+    for record in (w.eval.summary, w.manifest("evaluate")):  # an older evaluation: its manifest's summary
+        if record.is_file():
+            summary = json.loads(record.read_text())
+            out["checkpoint"] = (summary.get("summary", summary) if record != w.eval.summary else summary
+                                 ).get("checkpoint")
+            break
     return out
 
 
@@ -133,7 +138,7 @@ def _model(path: Path) -> dict:
     if m.export_record.is_file():
         record = json.loads(m.export_record.read_text())
         out["tokenizer_digest"] = record.get("tokenizer_digest")
-        out.setdefault("regions", record.get("regions"))
+        out["regions"] = out.get("regions") or record.get("regions")
         out["modalities"] = out.get("modalities") or record.get("modalities")
     if m.card.is_file():
         title = next((ln.lstrip("# ").strip() for ln in m.card.read_text().splitlines() if ln.startswith("#")), None)

@@ -52,8 +52,10 @@ def test_a_folder_that_is_none_of_these_says_what_was_expected(tmp_path):
     assert code == 1 and "not a GeoJEPA folder" in out and "tokenizer.json" in out and str(tmp_path) in out
     code, out = _info(tmp_path / "missing")
     assert code == 1 and "no such folder" in out
+    code, out = _info(tmp_path / "notes.txt")
+    assert code == 1 and "a file, not a folder" in out
 
 
 def test_version():
     r = runner.invoke(app, ["--version"])
-    assert r.exit_code == 0 and r.output.strip() == f"geojepa {version('geojepa')}"
+    assert r.exit_code == 0 and r.output.strip() == f"geojepa {version('geojepa')}"  # the installed one

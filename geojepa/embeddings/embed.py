@@ -2,8 +2,11 @@
 
 SOURCE is a region work directory, an ``*.osm.pbf`` or a Geofabrik region name (downloaded: needs the
 network). A PBF or a name is extracted, tiled and tokenised into ``OUT/work`` (each stage reuses its fresh
-artifacts); a work directory is only read: its tokens are used when they come from the model's tokenizer,
-else ``OUT/work`` links its tile artifacts and the tokens are made there. Tokens are made with a copy of
+artifacts); a work directory is only read: its tokens are used when they come from the model's tokenizer
+and cover every tile (the split's gap ring too: ``tokens.gap_tiles``), else ``OUT/work`` links its tile
+artifacts and the tokens are made there, gap tiles included (a region tokenised without its gap ring is
+tokenised once more there). Every tile is embedded, except with a model of a region's own tokenizer, which
+embeds that work directory's tokens as they are. Tokens are made with a copy of
 the model's frozen tokenizer in ``OUT/tokenizer``: a new region's tag values grow the copy's vocabulary,
 never the shipped model folder. Every tokenizer check (the model's digest against the tokenizer's and
 against OUT's copy) comes before anything is made or fetched.
@@ -258,6 +261,9 @@ def _embed(source, out: EmbeddingsDir, cfg: Config, spec: str, ckpt: Path, versi
         os.replace(tmp.entity_embeddings, out.entity_embeddings)
         os.replace(tmp.tile_embeddings, out.tile_embeddings)
         for view in (out.map, out.similar):  # views of the embeddings replaced: stale now
+            if view.exists():
+                log.info("embed: %s removed (made from the previous embeddings; run `geojepa %s %s` again)",
+                         view, "map" if view == out.map else "similar", out.path)
             shutil.rmtree(view) if view.is_dir() else view.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp.path, ignore_errors=True)

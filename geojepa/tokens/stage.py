@@ -127,7 +127,8 @@ def _n_patches(img: dict | None, cfg: TokensConfig) -> int:
 
 def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, force: bool = False,
            tokenizer: Path | str | None = None) -> StageResult[TokensSummary]:
-    """Tokenise every non-gap tile of ``work_dir`` into shards under ``work_dir/tokens``.
+    """Tokenise every non-gap tile (the gap tiles too under ``tokens.gap_tiles``) of ``work_dir`` into shards
+    under ``work_dir/tokens``.
 
     With ``tokenizer`` (a folder made by ``geojepa tokenizer fit``), its frozen vocabulary (which may grow with
     this region's new tag values), shape encoder and settings are used, and its digest goes into every shard;
@@ -183,7 +184,9 @@ def tokens(work_dir: Path | str, cfg: Config, train_geometry: bool = False, forc
         encoder, encoder_sha, report = geometry_encoder(encoder_path, section, geoms_m, train_geometry, run)
         vit = ViTB16(section.vit_weights, section.vit_allow_random) if section.image_tokenizer == "vit_b16" else None
         fingerprint = json.dumps(
-            [section.model_dump(mode="json"), vocab_model(vocab_path), encoder_sha], sort_keys=True
+            # gap_tiles says which tiles, not how a tile is tokenised: out of the rows' hashes
+            [section.model_dump(mode="json", exclude={"gap_tiles"}), vocab_model(vocab_path), encoder_sha],
+            sort_keys=True,
         )
         hashes = _tile_hashes(te, images, fingerprint, split_of)
         old_hashes = _existing_hashes(w.tokens)
