@@ -36,7 +36,7 @@ class Progress:
         self.log = logger or log
         self.live = sys.stderr.isatty() if live is None else live
         self.done, self.t0 = 0, time.perf_counter()
-        self._last = self.t0
+        self._last, self._logged = self.t0, -1
 
     def __enter__(self) -> Progress:
         return self
@@ -64,11 +64,11 @@ class Progress:
             self._last = now
         elif not self.live and now - self._last >= self.every:
             self.log.info("%s", self.line())
-            self._last = now
+            self._last, self._logged = now, self.done
 
     def close(self, failed: bool = False) -> None:
         if self.live:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
-        if not failed:
+        if not failed and (self.live or self._logged != self.done):  # the last count once, not twice
             self.log.info("%s", self.line())

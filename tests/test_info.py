@@ -59,3 +59,4 @@ def test_a_folder_that_is_none_of_these_says_what_was_expected(tmp_path):
 def test_version():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"geojepa {version('geojepa')}"  # the installed one
+
