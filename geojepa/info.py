@@ -102,12 +102,7 @@ def _headline(w: WorkDir) -> dict:
         out[task] = {"metric": metric, "geojepa": round(got["geojepa"], 4),
                      "twins": [round(min(twins), 4), round(max(twins), 4)] if twins else None,
                      "tagpool": round(got["tagpool"], 4) if "tagpool" in got else None}
-    for record in (w.eval.summary, w.manifest("evaluate")):  # an older evaluation: its manifest's summary
-        if record.is_file():
-            summary = json.loads(record.read_text())
-            out["checkpoint"] = (summary.get("summary", summary) if record != w.eval.summary else summary
-                                 ).get("checkpoint")
-            break
+    out["checkpoint"] = (w.evaluation_summary() or {}).get("checkpoint")
     return out
 
 

@@ -181,6 +181,15 @@ class WorkDir(Folder):
     def role(self) -> str | None:
         return self.region().get("role")
 
+    def evaluation_summary(self) -> dict | None:
+        """The last evaluation's summary: ``eval/summary.json``, or for an evaluation made before that file
+        existed, its manifest's copy; None when the region was not evaluated."""
+        if self.eval.summary.is_file():
+            return json.loads(self.eval.summary.read_text())
+        if self.manifest("evaluate").is_file():
+            return json.loads(self.manifest("evaluate").read_text()).get("summary", {})
+        return None
+
     def token_shards(self, split: str | None = None) -> list[Path]:
         pattern = f"{split}-*.parquet" if split else "*.parquet"
         return sorted(self.tokens.glob(pattern))

@@ -77,3 +77,18 @@ def test_workdir_imports_nothing_heavy():
                 assert m.split(".")[0] in allowed, f"{path.name} imports {m}"
                 if m.startswith("geojepa"):
                     assert m == "geojepa.errors", f"{path.name} imports {m}"
+
+
+def test_an_evaluation_summary_is_read_from_eval_or_an_older_evaluations_manifest(tmp_path):
+    import json
+
+    from geojepa.workdir import WorkDir
+
+    w = WorkDir(tmp_path / "r")
+    assert w.evaluation_summary() is None  # never evaluated
+    w.manifests.mkdir(parents=True)
+    w.manifest("evaluate").write_text(json.dumps({"summary": {"checkpoint": "old.pt"}}))
+    assert w.evaluation_summary() == {"checkpoint": "old.pt"}  # made before eval/summary.json existed
+    w.eval.path.mkdir()
+    w.eval.summary.write_text(json.dumps({"checkpoint": "new.pt"}))
+    assert w.evaluation_summary() == {"checkpoint": "new.pt"}

@@ -46,11 +46,7 @@ def read_region(w: WorkDir):
     if not w.eval.predictions.exists():
         raise GeoJepaError(f"{w.eval.predictions}: missing; run `geojepa evaluate {w.path} --model ...` first "
                            "(again, if it was evaluated before predictions were written)")
-    if w.eval.summary.exists():
-        summary = json.loads(w.eval.summary.read_text())
-    elif w.manifest("evaluate").exists():  # an evaluation made before eval/summary.json: the same summary
-        summary = json.loads(w.manifest("evaluate").read_text()).get("summary", {})
-    else:
+    if (summary := w.evaluation_summary()) is None:
         raise GeoJepaError(f"{w.eval.summary}: missing; run `geojepa evaluate {w.path} --model ...` again")
     return read_table(w.eval.predictions, PREDICTIONS).to_pandas(), summary
 

@@ -31,16 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from data_contracts import (
-    ENTITIES,
-    TAG_VOCAB,
-    TILE_ENTITIES,
-    TILE_IMAGES,
-    TILES,
-    TOKENS,
-    open_artifact,
-    read_table,
-)
+from data_contracts import ENTITIES, TAG_VOCAB, TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, open_artifact, read_table
 from geojepa import manifest
 from geojepa.config import Config
 from geojepa.encoding.models import Trained, check_tokens, check_widths, load_trained

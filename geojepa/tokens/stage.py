@@ -24,15 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import shapely
 
-from data_contracts import (
-    TILE_ENTITIES,
-    TILE_IMAGES,
-    TILES,
-    TOKENS,
-    open_artifact,
-    read_table,
-    write_table,
-)
+from data_contracts import TILE_ENTITIES, TILE_IMAGES, TILES, TOKENS, open_artifact, read_table, write_table
 from geojepa.config import Config, TokensConfig
 from geojepa.errors import GeoJepaError
 from geojepa.lifecycle import Lifecycle, StageResult, Summary
