@@ -23,7 +23,14 @@ peers, the masked setting only (the twins and the baselines come from the region
 - per judge region and task, the ridge headline metric of the encoder chosen on validation against every
   untrained twin (point estimates; the corpus report gives intervals on the full evaluation).
 
-Writes ``OUT/arms.md`` and ``OUT/arms.json``.
+Writes ``OUT/arms.md`` and ``OUT/arms.json`` after every (arm, seed). A loop cut short resumes: an (arm, seed)
+already in ``OUT/arms.json`` with the same overrides, steps and judge regions, its checkpoint still there, is kept
+as it is (neither retrained nor re-read; each row records the code version that made it). Delete its row or its
+folder to run it again.
+
+The choice, decided in the spec before any result: an arm *wins* a cell when every one of its seeds is better
+than every twin there; arms rank by the cells they win on each judge region in ``rank_by`` order (default: the
+judge regions last to first, the holdout listed last counting first), then by their mean ``jepa_gain`` share.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ import yaml
 from data_contracts import EVAL_RESULTS, atomic_path, read_table
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
+from geojepa.manifest import code_version
 from geojepa.workdir import ModelDir, WorkDir
 
 log = logging.getLogger(__name__)
+TRAIN_CODE = ("geojepa.model", "geojepa.train")  # the code a row's model was trained by (as the train manifest)
 JUDGE = ["evaluate.probes=[ridge]", "evaluate.peers=[]", "evaluate.unmasked=false", "evaluate.map=pca",
          "evaluate.gallery_queries=2"]
 
@@ -94,12 +103,24 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
         if not w.tokens.is_dir():
             raise GeoJepaError(f"{w.path}: not a tokenised region (no tokens/); the arms need every region of the "
                                "spec tokenised with one tokenizer")
+    rank_by = spec.get("rank_by") or [j.name for j in reversed(judges)]
+    if unknown := sorted(set(rank_by) - {j.name for j in judges}):
+        raise GeoJepaError(f"{spec_path}: rank_by names {', '.join(unknown)}, not among the judge regions")
+    kept = _earlier_rows(out, spec)
     rows = []
     # every arm at the first seed, then every arm at the next: a loop cut short still compares every arm
     for seed in spec["seeds"]:
         for arm, arm_overrides in spec["arms"].items():
             name = f"{arm}-s{seed}"
             model = out / name
+            if (row := kept.get((arm, seed))) and row["overrides"] == (arm_overrides or []) and \
+                    ModelDir(model).checkpoints():
+                if "code" not in row and (m := WorkDir(model).manifest("train")).exists():  # rows before "code"
+                    row["code"] = json.loads(m.read_text()).get("code")
+                log.info("arms: %s is in %s already (code %s): kept", name, out / "arms.json", row.get("code"))
+                rows.append(row)
+                _write(out, spec, rows, rank_by)
+                continue
             cfg = load_config(config, [*overrides, *(arm_overrides or []), f"train.max_steps={spec['steps']}",
                                        f"train.seed={seed}"])
             log.info("arms: training %s (%s)", name, ", ".join(arm_overrides or ["control"]))
@@ -110,7 +131,7 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             row = {"arm": arm, "seed": seed, "overrides": arm_overrides or [], "steps": last["step"],
                    "jepa": last["jepa"], "trivial": last.get("trivial"), "jepa_gain": last.get("jepa_gain"),
                    "within_share": last.get("within_share"), "val_within_share": val.get("val.within_share.target"),
-                   "val_mean_cos": val.get("val.mean_cos.target"), "judge": {}}
+                   "val_mean_cos": val.get("val.mean_cos.target"), "code": code_version(*TRAIN_CODE), "judge": {}}
             ecfg = load_config(config, [*overrides, *JUDGE, "tracking.enabled=false"])
             for region in judges:
                 v = view(region, out / "views" / name / region.name)
@@ -126,8 +147,36 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                         "metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
                         "tagpool": get.get("tagpool"), "seen": evaluated.summary.seen_in_training}
             rows.append(row)
-            _write(out, spec, rows)  # the table so far, after every (arm, seed)
+            _write(out, spec, rows, rank_by)  # the table so far, after every (arm, seed)
     return rows
+
+
+def _earlier_rows(out: Path, spec: dict) -> dict[tuple[str, int], dict]:
+    """The rows of an earlier run of this loop into ``out`` that still hold: same steps and judge regions."""
+    try:
+        earlier = json.loads((out / "arms.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = earlier.get("spec", {}).get("steps") == spec["steps"] and \
+        [Path(j).name for j in earlier.get("spec", {}).get("judge", [])] == [Path(j).name for j in spec["judge"]]
+    return {(r["arm"], r["seed"]): r for r in earlier.get("rows", [])} if same else {}
+
+
+def choice(rows: list[dict], rank_by: list[str]) -> list[dict]:
+    """Per arm, best first by the rule in this module's docstring: its seeds, the cells it wins (every seed
+    better than every twin) on each region, and its mean jepa_gain share."""
+    arms: dict[str, list[dict]] = {}
+    for r in rows:
+        arms.setdefault(r["arm"], []).append(r)
+    ranked = []
+    for arm, runs in arms.items():
+        cells = set.intersection(*(set(r["judge"]) for r in runs))
+        won = sorted(c for c in cells if all(_better(r["judge"][c]) for r in runs))
+        shares = [r["jepa_gain"] / r["trivial"] for r in runs if r.get("trivial") and r.get("jepa_gain") is not None]
+        ranked.append({"arm": arm, "seeds": [r["seed"] for r in runs], "won": won,
+                       "by_region": [sum(c.split("/")[0] == region for c in won) for region in rank_by],
+                       "gain_share": sum(shares) / len(shares) if shares else None})
+    return sorted(ranked, key=lambda a: ([-n for n in a["by_region"]], -(a["gain_share"] or float("-inf"))))
 
 
 def _better(c: dict) -> bool | None:
@@ -137,7 +186,7 @@ def _better(c: dict) -> bool | None:
     return all((c["value"] > t) if higher else (c["value"] < t) for t in c["twins"])
 
 
-def _write(out: Path, spec: dict, rows: list[dict]) -> None:
+def _write(out: Path, spec: dict, rows: list[dict], rank_by: list[str]) -> None:
     cells = list(dict.fromkeys(k for r in rows for k in r["judge"]))
     lines = [f"# Arms: {spec['steps']} steps, seeds {spec['seeds']}", "",
              f"Trained on {len(spec['data'])} regions; read out on {', '.join(Path(j).name for j in spec['judge'])} "
@@ -166,8 +215,18 @@ def _write(out: Path, spec: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['arm']} | {r['seed']} | {f(r['jepa'])} | {f(r['jepa_gain'])} ({f(share, 2)}) | "
                      f"{f(r['within_share'], 2)} / {f(r['val_within_share'], 2)} | {f(r['val_mean_cos'])} | "
                      + " | ".join(judged) + " |")
+    ranked = choice(rows, rank_by)
+    lines += ["", f"Choice (rule: an arm wins a cell when every seed run is better than every twin; ranked by cells "
+                  f"won on {', then '.join(rank_by)}, then mean gain share):", "",
+              "| rank | arm | seeds | " + " | ".join(f"won on {r}" for r in rank_by)
+              + " | mean gain share | cells won |",
+              "|---|---|---|" + "---|" * len(rank_by) + "---|---|"]
+    for i, a in enumerate(ranked, 1):
+        lines.append(f"| {i} | {a['arm']} | {', '.join(map(str, a['seeds']))} | "
+                     + " | ".join(map(str, a["by_region"])) + f" | {f(a['gain_share'], 2)} | "
+                     + (", ".join(a["won"]) or "-") + " |")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "arms.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "arms.json") as tmp:
-        tmp.write_text(json.dumps({"spec": spec, "rows": rows}, indent=1, default=str))
+        tmp.write_text(json.dumps({"spec": spec, "rows": rows, "choice": ranked}, indent=1, default=str))

@@ -51,3 +51,49 @@ def test_a_spec_without_arms_is_a_clear_error(tmp_path):
     spec.write_text("steps: 10\nseeds: [0]\n")
     with pytest.raises(GeoJepaError, match="arms.yaml: the arms spec needs data, judge, arms"):
         run_arms(spec, tmp_path / "out", None, [])
+
+
+def _row(arm, seed, values, gain=0.1, overrides=()):
+    return {"arm": arm, "seed": seed, "overrides": list(overrides), "steps": 2, "jepa": 1.0, "trivial": 1.0,
+            "jepa_gain": gain, "within_share": 0.9, "val_within_share": 0.9, "val_mean_cos": 0.5,
+            "judge": {cell: {"metric": "mae", "value": v, "twins": [2.0, 2.1]} for cell, v in values.items()}}
+
+
+def test_the_choice_needs_every_seed_better_than_every_twin_and_ranks_the_holdout_first():
+    from geojepa.arms import choice
+
+    rows = [_row("a", 0, {"malta/x": 1.0, "holdout/x": 1.0}), _row("a", 1, {"malta/x": 1.0, "holdout/x": 3.0}),
+            _row("b", 0, {"malta/x": 3.0, "holdout/x": 1.9}), _row("b", 1, {"malta/x": 3.0, "holdout/x": 1.5}),
+            _row("c", 0, {"malta/x": 1.0, "holdout/x": 1.0}, gain=-0.5)]
+    ranked = choice(rows, ["holdout", "malta"])
+    assert [a["arm"] for a in ranked] == ["c", "b", "a"]  # c: one seed only, wins both; b wins the holdout
+    assert ranked[1]["won"] == ["holdout/x"] and ranked[1]["by_region"] == [1, 0]
+    assert ranked[2]["won"] == ["malta/x"]  # a's second seed is worse than the twins on the holdout
+    assert ranked[1]["gain_share"] == pytest.approx(0.1)
+
+
+def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path):
+    regions = [tmp_path / "malta", tmp_path / "holdout"]
+    for r in regions:
+        (r / "tokens").mkdir(parents=True)
+    spec = {"steps": 2, "seeds": [0], "data": [str(regions[0])], "judge": [str(r) for r in regions],
+            "arms": {"a": [], "b": ["train.regulariser=target"]}}
+    path = tmp_path / "arms.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    for arm in ("a", "b"):
+        (out / f"{arm}-s0" / "checkpoints").mkdir(parents=True)
+        (out / f"{arm}-s0" / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+    earlier = [_row("a", 0, {"malta/x": 1.0}), _row("b", 0, {"malta/x": 3.0}, overrides=["train.regulariser=target"])]
+    (out / "arms.json").write_text(json.dumps({"spec": spec, "rows": earlier}))
+    rows = run_arms(path, out, None, [])  # nothing trained or evaluated: both rows kept
+    assert [r["arm"] for r in rows] == ["a", "b"] and rows[0]["judge"] == earlier[0]["judge"]
+    text = (out / "arms.md").read_text()
+    assert "| 1 | a | 0 | 0 | 1 |" in text and "malta/x" in text
+    assert json.loads((out / "arms.json").read_text())["choice"][0]["arm"] == "a"
+    # a changed arm is not kept: its overrides differ, so the loop would train it (here: no tokens, so it fails)
+    spec["arms"]["b"] = ["train.regulariser=target", "train.pred_depth=4"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(GeoJepaError):  # training fails on the empty tokens folder
+        run_arms(path, out, None, ["tracking.enabled=false"])
+    assert [r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]] == ["a"]
