@@ -284,6 +284,24 @@ def arms(
     _run(lambda: run_arms(spec, out, str(config) if config else None, list(set_ or [])))
 
 
+@app.command("compact")
+def compact(
+    out: Annotated[Path, typer.Argument(help="the compact tokens file to write (.npz)")],
+    regions: Annotated[list[Path], typer.Argument(help="the regions' work directories (tokenised, one tokenizer)")],
+    splits: Annotated[str, typer.Option(help="the splits to hold, comma-separated")] = "train,val",
+    tag_dim: Annotated[int, typer.Option(help="principal axes kept of the tag vectors")] = 128,
+    geometry_dim: Annotated[int, typer.Option(help="principal axes kept of the shape vectors (int8)")] = 32,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A corpus's token shards in a compact form for a GPU host (geojepa/train/compact.py): geojepa train reads it
+    as --data, bench/gpu.sh sweeps arms on it, and its models export back to the full tokens."""
+    from geojepa.train.compact import build
+    from geojepa.workdir import WorkDir
+
+    _setup(None, None, verbose)
+    _run(lambda: build([WorkDir(r).tokens for r in regions], out, tuple(splits.split(",")), tag_dim, geometry_dim))
+
+
 @app.command("export-model")
 def export_model(
     model: Annotated[str, typer.Argument(help="a checkpoint or a model folder (OUT of geojepa train)")],

@@ -98,10 +98,15 @@ class TrainRun:
     model: ModelSizes
     settings: TrainSettings
     out_dir: str  # checkpoints go to out_dir/checkpoints
-    data: tuple[str, ...] = ()  # the regions' work directories (their token shards); empty: out_dir alone
-    regions: tuple[str, ...] = ()  # their names; empty: the folders' names
+    # the regions' work directories (their token shards), or one compact tokens file (.npz:
+    # geojepa.train.compact) holding several; empty: out_dir alone
+    data: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()  # their names; empty: the folders' names (a compact file: the names it holds)
     resume: bool = False  # continue from the last checkpoint that loads
     stop_after: int | None = None  # checkpoint and stop at this step (a time-limited job; resume later)
+    # wall-clock budget in seconds: after 10 steps the run's length is cut to what fits in it (the schedules
+    # follow), and at the limit it checkpoints and stops whatever the step (bench/gpu.sh's arms)
+    time_limit_s: float | None = None
     tracking_uri: str | None = None  # MLflow (rank 0, when mlflow is installed); None: stdout only
     mlflow_run_id: str | None = None  # the launcher's run, continued
     experiment: str = "geojepa"
@@ -112,8 +117,13 @@ class TrainRun:
         data = self.data or (self.out_dir,)
         object.__setattr__(self, "data", tuple(str(d) for d in data))
         object.__setattr__(self, "regions", tuple(self.regions) or tuple(Path(d).name for d in data))
-        if len(self.regions) != len(self.data):
+        if not self.compact and len(self.regions) != len(self.data):
             raise ValueError(f"{len(self.regions)} region names for {len(self.data)} regions' work directories")
+
+    @property
+    def compact(self) -> bool:
+        """The data is one compact tokens file (``geojepa.train.compact``)."""
+        return len(self.data) == 1 and self.data[0].endswith(".npz")
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainRun:

@@ -40,6 +40,7 @@ from geojepa.model.jepa import (
 )
 from geojepa.progress import duration
 from geojepa.settings import from_dict
+from geojepa.train.compact import Compact, CompactDataset
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.settings import TrainRun, TrainSettings
 from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir, checkpoints_in
@@ -109,16 +110,31 @@ def load_last_good(folder: Path, device="cpu") -> dict:
     raise ValueError(f"{folder}: no checkpoint there loads; start afresh without --resume")
 
 
-class CollapseMonitor:
-    """Tile-level collapse detectors on up to ``n`` validation tiles of the regions (those with val shards):
-    effective rank and mean pairwise cosine of the tiles' mean embeddings, by the target and the context
-    encoder. Token-level statistics miss a collapse of tiles onto one another."""
+def open_split(run: TrainRun, split: str, modalities: tuple[str, ...]):
+    """The ``split`` tiles of the run's data: its regions' token shards, or its compact tokens file."""
+    if run.compact:
+        return CompactDataset(run.data[0], split, modalities)
+    return ShardDataset([WorkDir(w).tokens for w in run.data], split, modalities)
 
-    def __init__(self, folders: list[Path], modalities: tuple[str, ...], device, n: int = 256, seed: int = 0):
-        have = [f for f in folders if any(pq.read_metadata(s).num_rows for s in f.glob("val-*.parquet"))]
+
+def validation_set(run: TrainRun, modalities: tuple[str, ...]):
+    """The validation tiles of the run's data (the regions that have some), or None."""
+    if run.compact:
+        val = CompactDataset(run.data[0], "val", modalities) if "val" in Compact(run.data[0]).meta["splits"] else None
+        return val if val is not None and len(val) else None
+    folders = [WorkDir(w).tokens for w in run.data]
+    have = [f for f in folders if any(pq.read_metadata(s).num_rows for s in f.glob("val-*.parquet"))]
+    return ShardDataset(have, "val", modalities) if have else None
+
+
+class CollapseMonitor:
+    """Tile-level collapse detectors on up to ``n`` validation tiles (``val``: a dataset, or None): effective
+    rank and mean pairwise cosine of the tiles' mean embeddings, by the target and the context encoder.
+    Token-level statistics miss a collapse of tiles onto one another."""
+
+    def __init__(self, val, modalities: tuple[str, ...], device, n: int = 256, seed: int = 0):
         self.items, self.modalities, self.device = [], modalities, device
-        if have:  # (the val splits are a tenth of the tiles: held as Arrow columns, like the train split)
-            val = ShardDataset(have, "val", modalities)
+        if val is not None:  # (the val splits are a tenth of the tiles, held in memory like the train split)
             pick = np.random.default_rng(seed).permutation(len(val))[:n]
             self.items = [val[int(i)] for i in np.sort(pick)]
 
@@ -181,6 +197,7 @@ def _tracker(run: TrainRun, rank: int) -> tuple[TrainRun, object | None]:
 def train(run: TrainRun | Mapping) -> dict:
     """Train per ``run`` (or its JSON form: the resolved ``train`` section's keys beside the run's; see
     ``geojepa.train.settings.TrainRun``); returns the final metrics."""
+    t_start = time.perf_counter()
     if isinstance(run, Mapping):
         run = TrainRun.from_json(run)
     s = run.settings
@@ -189,7 +206,9 @@ def train(run: TrainRun | Mapping) -> dict:
     checkpoints = ModelDir(Path(run.out_dir)).checkpoints_dir
     ckpt_dir = checkpoints.path
     modalities = s.modalities
-    data = ShardDataset([WorkDir(w).tokens for w in run.data], "train", modalities)
+    data = open_split(run, "train", modalities)
+    if run.compact:  # the regions are the ones the file holds
+        run = dataclasses.replace(run, regions=tuple(data.compact.regions))
     counts = np.bincount(data.region, minlength=len(run.regions))
     weights = s.region_weights or None
     quotas = region_quotas(counts, None if weights is None else [weights.get(n, 1.0) for n in run.regions],
@@ -229,8 +248,7 @@ def train(run: TrainRun | Mapping) -> dict:
     # DDP syncs the trained parameters (the target encoder has no gradients; its EMA update is the same on all ranks).
     forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     run, tracker = _tracker(run, rank)
-    monitor = CollapseMonitor([WorkDir(w).tokens for w in run.data], modalities, device,
-                              seed=s.seed) if rank == 0 else None
+    monitor = CollapseMonitor(validation_set(run, modalities), modalities, device, seed=s.seed) if rank == 0 else None
     if monitor and step == 0:
         at_start = monitor(model)
         log.info("before training: %s", ", ".join(f"{k} {v:.3f}" for k, v in at_start.items()))
@@ -246,6 +264,7 @@ def train(run: TrainRun | Mapping) -> dict:
     )
     t_last, tokens_since = time.perf_counter(), 0
     t_run, first_step = t_last, step  # the estimate of the time left
+    t_fifth = None  # when the fifth step of this sitting ended (time_limit_s: the rate over steps 5 to 10)
     while step < total:
         sampler.epoch = collate.epoch = epoch
         loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
@@ -304,6 +323,21 @@ def train(run: TrainRun | Mapping) -> dict:
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == run.stop_after  # a time-limited job: checkpoint, stop, resume later
+            if run.time_limit_s:
+                now, done = time.perf_counter(), step - first_step
+                if done == 5:
+                    t_fifth = now
+                elif done == 10 and t_fifth is not None:  # (after the first steps' compilation)
+                    fits = step + int((run.time_limit_s - (now - t_start)) * 0.95 / ((now - t_fifth) / 5))
+                    if fits < total:
+                        total = max(fits, step)
+                        log.info("time_limit_s %.0f: the run is cut to %d steps (%.3f s a step)",
+                                 run.time_limit_s, total, (now - t_fifth) / 5)
+                stop = stop or now - t_start >= run.time_limit_s
+                if world > 1:  # every rank stops at the same step: the first to reach the limit decides
+                    agree = torch.tensor([float(stop), -float(total)], device=device)
+                    dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+                    stop, total = bool(agree[0]), int(-agree[1])
             if rank == 0 and (step % s.checkpoint_every == 0 or step == total or stop):
                 if stats := monitor(model):
                     record.update(stats)
