@@ -177,6 +177,32 @@ def test_mixed_batches_are_deterministic_per_epoch_and_disjoint_across_ranks():
     assert a.batches() != b.batches()
 
 
+def test_token_bounded_batches_hold_at_most_max_tokens_and_as_many_every_epoch_on_every_rank():
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(60), 1.0, 400), 2, 900).astype(int)
+    region = np.repeat([0, 1], 200)
+    quotas = np.array([150, 150])  # regions drawn below their size: each epoch draws different tiles
+    plain = MixedBatches(lengths, region, 16, seed=0, quotas=quotas)
+    for world in (1, 2):
+        ranks = [MixedBatches(lengths, region, 16, seed=0, rank=r, world=world, quotas=quotas, max_tokens=600)
+                 for r in range(world)]
+        counts = set()
+        for epoch in range(4):
+            for s in ranks:
+                s.epoch = epoch
+                batches = s.batches()
+                counts.add(len(batches))
+                for b in batches:
+                    assert lengths[b].sum() <= 600 or len(b) == 1  # a longer tile goes alone
+                    assert len(b) <= 16
+        assert counts == {len(ranks[0])}  # the same number every epoch and on every rank
+    bounded = MixedBatches(lengths, region, 16, seed=0, quotas=quotas, max_tokens=600)
+    assert len(bounded) > len(plain)  # the long tiles' batches were split
+    assert max(lengths[b].sum() for b in plain.batches()) > 600
+    # all the first epoch's tiles are drawn, once each, as without the bound
+    assert sorted(i for b in bounded.batches() for i in b) == sorted(i for b in plain.batches() for i in b)
+
+
 def test_every_stage_shares_one_lifecycle_skip_force_and_recovery(corpus, tmp_path):
     """Each stage, run again on unchanged inputs, skips with the summary it recorded (one shape for all), sweeps
     what a killed run left behind, and runs again when forced."""

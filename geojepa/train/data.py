@@ -111,20 +111,25 @@ class MixedBatches(torch.utils.data.Sampler):
 
     Each epoch draws ``quotas[r]`` tiles of region r (with repetition only when the quota exceeds its tiles),
     orders each region's draw by length, and interleaves the regions by length quantile: a batch holds tiles
-    of every region in proportion to its quota, of similar length quantiles. The batch order is shuffled; all
-    of it is a function of (seed, epoch), so a resumed run draws the same batches.
+    of every region in proportion to its quota, of similar length quantiles. With ``max_tokens``, a batch whose
+    tiles hold more tokens is split into consecutive parts of at most that many (a longer tile alone): the long
+    tiles' batches no longer take many times a median step. The batch order is shuffled; all of it is a
+    function of (seed, epoch), so a resumed run draws the same batches. With ``max_tokens`` every epoch has
+    its first epoch's number of batches (a later one with more is cut, one with fewer repeats its first ones).
     """
 
     def __init__(self, lengths: np.ndarray, region: np.ndarray, batch_tiles: int, seed: int, rank: int = 0,
-                 world: int = 1, quotas: np.ndarray | None = None):
+                 world: int = 1, quotas: np.ndarray | None = None, max_tokens: int | None = None):
         self.lengths, self.region, self.batch_tiles = np.asarray(lengths), np.asarray(region), batch_tiles
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.max_tokens = seed, rank, world, max_tokens
+        self._per_rank: int | None = None
         self.members = [np.flatnonzero(self.region == r) for r in range(int(self.region.max()) + 1)]
         self.quotas = np.array([len(m) for m in self.members]) if quotas is None else np.asarray(quotas)
         self.epoch = 0
 
-    def batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _all(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch``, in their shuffled order."""
+        rng = np.random.default_rng([self.seed, epoch])
         order, key = [], []
         for members, q in zip(self.members, self.quotas, strict=True):
             reps = -(-q // len(members))
@@ -135,15 +140,39 @@ class MixedBatches(torch.utils.data.Sampler):
         order, key = np.concatenate(order), np.concatenate(key)
         order = order[np.argsort(key, kind="stable")]
         chunks = [order[i : i + self.batch_tiles].tolist() for i in range(0, len(order), self.batch_tiles)]
-        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        if self.max_tokens:
+            chunks = [part for c in chunks for part in self._split(c)]
+        return [chunks[i] for i in rng.permutation(len(chunks))]
+
+    def _split(self, chunk: list[int]) -> list[list[int]]:
+        """``chunk`` (tiles in length order) in consecutive parts of at most ``max_tokens`` tokens."""
+        parts, part, tokens = [], [], 0
+        for i in chunk:
+            if part and tokens + self.lengths[i] > self.max_tokens:
+                parts.append(part)
+                part, tokens = [], 0
+            part.append(i)
+            tokens += int(self.lengths[i])
+        return [*parts, part] if part else parts
+
+    def batches(self) -> list[list[int]]:
+        chunks = self._all(self.epoch)
         usable = len(chunks) // self.world * self.world
-        return chunks[:usable][self.rank :: self.world]
+        mine = chunks[:usable][self.rank :: self.world]
+        if self.max_tokens:  # the same number every epoch (the first epoch's), on every rank
+            n = len(self)
+            mine = (mine * -(-n // max(len(mine), 1)))[:n]
+        return mine
 
     def __iter__(self):
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return -(-int(self.quotas.sum()) // self.batch_tiles) // self.world
+        if not self.max_tokens:
+            return -(-int(self.quotas.sum()) // self.batch_tiles) // self.world
+        if self._per_rank is None:
+            self._per_rank = max(len(self._all(0)) // self.world, 1)
+        return self._per_rank
 
 
 class Collator:

@@ -79,6 +79,9 @@ class TrainSettings:
     regulariser: Literal["vicreg", "target"] = "vicreg"
     target_centre: bool = False  # predict each target minus its (tile, modality)'s context mean target
     max_entities_per_tile: int | None = setting(None, ge=1)  # a longer training tile: a random spatial crop of it
+    # a rank's (micro-)batch: at most this many tokens (after the crop), its tiles of similar lengths split into
+    # consecutive parts; a longer tile goes alone. None: batch_tiles alone bounds a batch
+    max_batch_tokens: int | None = setting(None, ge=1)
     # share of context entities shown by one of their two tokens only (tags or geometry; the reference: 0.3)
     entity_dropout: float = setting(0.0, ge=0, lt=1)
     masks: MaskConfig = setting(factory=MaskConfig)

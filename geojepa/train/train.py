@@ -220,7 +220,10 @@ def train(run: TrainRun | Mapping) -> dict:
         raise ValueError(f"train.batch_tiles={s.batch_tiles} is not divisible by {world} ranks x "
                          f"{s.accumulate} accumulation steps")
     micro = s.batch_tiles // (world * s.accumulate)
-    sampler = MixedBatches(data.lengths, data.region, micro, s.seed, rank, world, quotas)
+    lengths = data.lengths  # tokens a tile; a crop bounds them (tags and geometry: image patches are not cropped)
+    if s.max_entities_per_tile and "image" not in modalities:
+        lengths = np.minimum(lengths, s.max_entities_per_tile * len(modalities))
+    sampler = MixedBatches(lengths, data.region, micro, s.seed, rank, world, quotas, max_tokens=s.max_batch_tokens)
     collate = Collator(modalities, data.dims, s.seed, s.masks, pad_to_max=s.pad_to_max,
                        max_entities=s.max_entities_per_tile, entity_dropout=s.entity_dropout)
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
