@@ -112,9 +112,15 @@ def test_a_bad_compact_file_is_named(tmp_path):
     assert not (tmp_path / "new.npz").exists()
 
 
-@pytest.mark.slow  # two tiny arms through real torchrun jobs: about a minute on this 2-core machine
-def test_the_gpu_sweep_runs_end_to_end_on_the_cpu_with_tiny_arms(corpus, tmp_path):
-    _, path, _ = corpus
+@pytest.mark.slow  # two tiny arms through real torchrun jobs and an evaluation: about 2 min on this 2-core machine
+def test_the_gpu_sweep_runs_end_to_end_on_the_cpu_with_tiny_arms_and_its_models_evaluate_here(corpus, tmp_path, cfg):
+    import shutil
+
+    from data_contracts import EVAL_RESULTS, read_table
+    from geojepa.evaluate import evaluate
+    from geojepa.workdir import WorkDir
+
+    src, path, _ = corpus
     out = tmp_path / "sweep"
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_sweep.py"), str(path), str(out), "--tiny",
                     "--minutes", "1", "--arms", "vicreg", "target"], check=True, cwd=ROOT)
@@ -125,3 +131,16 @@ def test_the_gpu_sweep_runs_end_to_end_on_the_cpu_with_tiny_arms(corpus, tmp_pat
         full = Compact(path).meta["full_dims"]
         assert (encoder.proj[0].in_features, encoder.proj[1].in_features) == (full["tags"], full["geometry"])
         assert config["regulariser"] == ("target" if r["arm"] == "target" else "vicreg")
+    # a model back from the sweep is evaluated here on the full tokens, like any checkpoint
+    w = tmp_path / src.name
+    w.mkdir()
+    for name in ("entities.parquet", "tiles.parquet", "tile_entities.parquet", "tile_images.parquet",
+                 "tag_vocab.parquet", "tokens", "manifests", "region.json"):
+        if (src / name).exists():
+            (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, w / name)
+    ecfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "tasks": ("building_count",), "probes": ("ridge",), "peers": (), "twin_seeds": 1, "unmasked": False,
+        "map": "pca"}), "tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    evaluate(w, ecfg, model=out / "target" / "model.pt")
+    results = read_table(WorkDir(w).eval.results, EVAL_RESULTS).to_pylist()
+    assert {r["model"] for r in results if r["task"] == "building_count"} >= {"geojepa", "geojepa_context"}
