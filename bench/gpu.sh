@@ -11,7 +11,7 @@
 set -uo pipefail
 CORPUS=${1:?usage: bash bench/gpu.sh CORPUS.npz [OUT] [MINUTES]}
 OUT=${2:-${OUT:-work/gpu/out}}
-MINUTES=${3:-5}
+MINUTES=${3:-5}  # whole minutes: the sweep's training budget
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}  # here: PYTHON=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # geojepa from this checkout (not installed on the host)

@@ -106,20 +106,24 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
     rank_by = spec.get("rank_by") or [j.name for j in reversed(judges)]
     if unknown := sorted(set(rank_by) - {j.name for j in judges}):
         raise GeoJepaError(f"{spec_path}: rank_by names {', '.join(unknown)}, not among the judge regions")
-    kept = _earlier_rows(out, spec)
+    base = {"config": str(config) if config else None, "overrides": list(overrides),
+            "data": [d.name for d in data]}  # what every arm shares: a row made under another is not kept
+    kept = _earlier_rows(out, spec, base)
+    pending = dict(kept)  # kept rows not yet reached stay in arms.json whatever happens to the arms before them
     rows = []
     # every arm at the first seed, then every arm at the next: a loop cut short still compares every arm
     for seed in spec["seeds"]:
         for arm, arm_overrides in spec["arms"].items():
             name = f"{arm}-s{seed}"
             model = out / name
-            if (row := kept.get((arm, seed))) and row["overrides"] == (arm_overrides or []) and \
-                    ModelDir(model).checkpoints():
+            row = pending.pop((arm, seed), None)
+            ckpts = ModelDir(model).checkpoints()
+            if row and row["overrides"] == (arm_overrides or []) and ckpts and _step(ckpts[-1]) == row["steps"]:
                 if "code" not in row and (m := WorkDir(model).manifest("train")).exists():  # rows before "code"
                     row["code"] = json.loads(m.read_text()).get("code")
                 log.info("arms: %s is in %s already (code %s): kept", name, out / "arms.json", row.get("code"))
                 rows.append(row)
-                _write(out, spec, rows, rank_by)
+                _write(out, spec, base, rows, pending, rank_by)
                 continue
             cfg = load_config(config, [*overrides, *(arm_overrides or []), f"train.max_steps={spec['steps']}",
                                        f"train.seed={seed}"])
@@ -147,24 +151,37 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                         "metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
                         "tagpool": get.get("tagpool"), "seen": evaluated.summary.seen_in_training}
             rows.append(row)
-            _write(out, spec, rows, rank_by)  # the table so far, after every (arm, seed)
+            _write(out, spec, base, rows, pending, rank_by)  # the table so far, after every (arm, seed)
     return rows
 
 
-def _earlier_rows(out: Path, spec: dict) -> dict[tuple[str, int], dict]:
-    """The rows of an earlier run of this loop into ``out`` that still hold: same steps and judge regions."""
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.stem.split("-")[-1])
+
+
+def _earlier_rows(out: Path, spec: dict, base: dict) -> dict[tuple[str, int], dict]:
+    """The rows of an earlier run of this loop into ``out`` that still hold: the same steps, judge regions,
+    training regions, config and overrides (a file from before the last three were recorded: same steps and
+    judges)."""
     try:
         earlier = json.loads((out / "arms.json").read_text())
     except (OSError, ValueError):
         return {}
     same = earlier.get("spec", {}).get("steps") == spec["steps"] and \
         [Path(j).name for j in earlier.get("spec", {}).get("judge", [])] == [Path(j).name for j in spec["judge"]]
+    if "base" in earlier:
+        same = same and earlier["base"] == base
+    elif same:
+        log.warning("arms: %s records no config or overrides (an older file): its rows are kept on steps and "
+                    "judges alone", out / "arms.json")
     return {(r["arm"], r["seed"]): r for r in earlier.get("rows", [])} if same else {}
 
 
 def choice(rows: list[dict], rank_by: list[str]) -> list[dict]:
     """Per arm, best first by the rule in this module's docstring: its seeds, the cells it wins (every seed
-    better than every twin) on each region, and its mean jepa_gain share."""
+    better than every twin) on each region, and its mean jepa_gain share. An arm with fewer seeds than the
+    most any arm has (a loop cut short) ranks after every complete one, marked ``complete: False``: one seed
+    wins a cell more easily than two."""
     arms: dict[str, list[dict]] = {}
     for r in rows:
         arms.setdefault(r["arm"], []).append(r)
@@ -176,7 +193,11 @@ def choice(rows: list[dict], rank_by: list[str]) -> list[dict]:
         ranked.append({"arm": arm, "seeds": [r["seed"] for r in runs], "won": won,
                        "by_region": [sum(c.split("/")[0] == region for c in won) for region in rank_by],
                        "gain_share": sum(shares) / len(shares) if shares else None})
-    return sorted(ranked, key=lambda a: ([-n for n in a["by_region"]], -(a["gain_share"] or float("-inf"))))
+    most = max((len(a["seeds"]) for a in ranked), default=0)
+    for a in ranked:
+        a["complete"] = len(a["seeds"]) == most
+    return sorted(ranked, key=lambda a: (not a["complete"], [-n for n in a["by_region"]],
+                                         float("inf") if a["gain_share"] is None else -a["gain_share"]))
 
 
 def _better(c: dict) -> bool | None:
@@ -186,7 +207,8 @@ def _better(c: dict) -> bool | None:
     return all((c["value"] > t) if higher else (c["value"] < t) for t in c["twins"])
 
 
-def _write(out: Path, spec: dict, rows: list[dict], rank_by: list[str]) -> None:
+def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, rank_by: list[str]) -> None:
+    rows = [*rows, *pending.values()]
     cells = list(dict.fromkeys(k for r in rows for k in r["judge"]))
     lines = [f"# Arms: {spec['steps']} steps, seeds {spec['seeds']}", "",
              f"Trained on {len(spec['data'])} regions; read out on {', '.join(Path(j).name for j in spec['judge'])} "
@@ -222,11 +244,12 @@ def _write(out: Path, spec: dict, rows: list[dict], rank_by: list[str]) -> None:
               + " | mean gain share | cells won |",
               "|---|---|---|" + "---|" * len(rank_by) + "---|---|"]
     for i, a in enumerate(ranked, 1):
-        lines.append(f"| {i} | {a['arm']} | {', '.join(map(str, a['seeds']))} | "
+        seeds = ", ".join(map(str, a["seeds"])) + ("" if a["complete"] else " (incomplete)")
+        lines.append(f"| {i} | {a['arm']} | {seeds} | "
                      + " | ".join(map(str, a["by_region"])) + f" | {f(a['gain_share'], 2)} | "
                      + (", ".join(a["won"]) or "-") + " |")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "arms.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "arms.json") as tmp:
-        tmp.write_text(json.dumps({"spec": spec, "rows": rows, "choice": ranked}, indent=1, default=str))
+        tmp.write_text(json.dumps({"spec": spec, "base": base, "rows": rows, "choice": ranked}, indent=1, default=str))

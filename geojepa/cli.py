@@ -293,13 +293,17 @@ def compact(
     geometry_dim: Annotated[int, typer.Option(help="principal axes kept of the shape vectors (int8)")] = 32,
     verbose: VerboseOpt = False,
 ) -> None:
-    """A corpus's token shards in a compact form for a GPU host (geojepa/train/compact.py): geojepa train reads it
-    as --data, bench/gpu.sh sweeps arms on it, and its models export back to the full tokens."""
+    """A corpus's token shards in a compact form for a GPU host (geojepa/train/compact.py): `torchrun -m
+    geojepa.train` reads it as its data (bench/gpu.sh sweeps arms on it), and its models export back to the full
+    tokens. Holdout regions are recorded, and training refuses a file that holds one."""
     from geojepa.train.compact import build
     from geojepa.workdir import WorkDir
 
     _setup(None, None, verbose)
-    _run(lambda: build([WorkDir(r).tokens for r in regions], out, tuple(splits.split(",")), tag_dim, geometry_dim))
+    works = [WorkDir(r) for r in regions]
+    holdouts = [w.name for w in works if w.role() == "holdout"]
+    _run(lambda: build([w.tokens for w in works], out, tuple(splits.split(",")), tag_dim, geometry_dim,
+                       holdouts=holdouts))
 
 
 @app.command("export-model")

@@ -66,10 +66,14 @@ def test_the_choice_needs_every_seed_better_than_every_twin_and_ranks_the_holdou
             _row("b", 0, {"malta/x": 3.0, "holdout/x": 1.9}), _row("b", 1, {"malta/x": 3.0, "holdout/x": 1.5}),
             _row("c", 0, {"malta/x": 1.0, "holdout/x": 1.0}, gain=-0.5)]
     ranked = choice(rows, ["holdout", "malta"])
-    assert [a["arm"] for a in ranked] == ["c", "b", "a"]  # c: one seed only, wins both; b wins the holdout
-    assert ranked[1]["won"] == ["holdout/x"] and ranked[1]["by_region"] == [1, 0]
-    assert ranked[2]["won"] == ["malta/x"]  # a's second seed is worse than the twins on the holdout
-    assert ranked[1]["gain_share"] == pytest.approx(0.1)
+    # b wins the holdout; a's second seed is worse than the twins there; c wins both with its one seed, but a
+    # loop cut short ranks an arm with fewer seeds after the complete ones
+    assert [a["arm"] for a in ranked] == ["b", "a", "c"] and [a["complete"] for a in ranked] == [True, True, False]
+    assert ranked[0]["won"] == ["holdout/x"] and ranked[0]["by_region"] == [1, 0]
+    assert ranked[1]["won"] == ["malta/x"]
+    assert ranked[0]["gain_share"] == pytest.approx(0.1)
+    tie = [_row("p", 0, {"malta/x": 3.0}, gain=0.0), _row("q", 0, {"malta/x": 3.0}, gain=-0.2)]
+    assert [a["arm"] for a in choice(tie, ["malta"])] == ["p", "q"]  # a zero gain share is a value, not missing
 
 
 def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path):
@@ -85,7 +89,8 @@ def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path
         (out / f"{arm}-s0" / "checkpoints").mkdir(parents=True)
         (out / f"{arm}-s0" / "checkpoints" / "step-00000002.pt").write_bytes(b"")
     earlier = [_row("a", 0, {"malta/x": 1.0}), _row("b", 0, {"malta/x": 3.0}, overrides=["train.regulariser=target"])]
-    (out / "arms.json").write_text(json.dumps({"spec": spec, "rows": earlier}))
+    base = {"config": None, "overrides": [], "data": ["malta"]}
+    (out / "arms.json").write_text(json.dumps({"spec": spec, "base": base, "rows": earlier}))
     rows = run_arms(path, out, None, [])  # nothing trained or evaluated: both rows kept
     assert [r["arm"] for r in rows] == ["a", "b"] and rows[0]["judge"] == earlier[0]["judge"]
     text = (out / "arms.md").read_text()
@@ -95,5 +100,13 @@ def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path
     spec["arms"]["b"] = ["train.regulariser=target", "train.pred_depth=4"]
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(GeoJepaError):  # training fails on the empty tokens folder
-        run_arms(path, out, None, ["tracking.enabled=false"])
-    assert [r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]] == ["a"]
+        run_arms(path, out, None, [])
+    # the finished row is kept, and so is b's old row until b is trained again
+    assert [r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]] == ["a", "b"]
+    # another base config (here a global override) keeps no row: a is trained again (and fails here; with its
+    # row kept the loop would have kept b's too and finished without training)
+    spec["arms"]["b"] = ["train.regulariser=target"]
+    path.write_text(yaml.safe_dump(spec))
+    run_arms(path, out, None, [])  # the same base again: both kept, nothing trained
+    with pytest.raises(GeoJepaError, match="training failed|no train"):
+        run_arms(path, out, None, ["train.lr=0.002"])

@@ -97,11 +97,57 @@ def test_training_reads_the_compact_file_and_stops_at_its_time_limit(corpus, tmp
     assert state["config"]["regions"] == [src.name]
 
 
-def test_a_bad_compact_file_is_named(tmp_path):
+def test_the_time_limit_cuts_the_run_after_ten_steps_and_the_schedules_follow(corpus, tmp_path, monkeypatch):
+    _, path, _ = corpus
+    import geojepa.train.train as loop
+
+    class Clock:  # each reading one second later: a step costs one reading, so the run sees 1 s a step
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    monkeypatch.setattr(loop, "time", Clock())
+    settings = TrainSettings(batch_tiles=8, max_steps=400, num_workers=0, log_every=1000, checkpoint_every=1000,
+                             device="cpu", modalities=MODALITIES)
+    run = TrainRun(model=TINY, settings=settings, out_dir=str(tmp_path / "m"), data=(str(path),), time_limit_s=30)
+    train(run)
+    history = json.loads((tmp_path / "m" / "checkpoints" / "history.json").read_text())
+    # the start, one reading before the loop, then one a step: at step 10, 11 s after the start, the 19 s left
+    # at 1 s a step fit int(19 x 0.95) = 18 more steps
+    assert len(history) == 10 + 18
+    assert history[-1]["lr"] < 0.01 * settings.lr  # the cosine reached its end at the cut length, not at 400
+    assert [p.name for p in (tmp_path / "m" / "checkpoints").glob("step-*.pt")] == ["step-00000028.pt"]
+    with pytest.raises(ValueError, match="time_limit_s and resume"):
+        TrainRun(model=TINY, settings=settings, out_dir=str(tmp_path / "m"), data=(str(path),), time_limit_s=30,
+                 resume=True)
+
+
+def test_training_refuses_a_compact_file_that_holds_a_holdout_region(corpus, tmp_path):
+    src, _, _ = corpus
+    path = tmp_path / "with-holdout.npz"
+    build([src / "tokens"], path, tag_dim=8, geometry_dim=4, holdouts=[src.name, "elsewhere"])
+    assert Compact(path).holdouts == [src.name]
+    settings = TrainSettings(batch_tiles=8, max_steps=2, num_workers=0, device="cpu", modalities=MODALITIES)
+    with pytest.raises(ValueError, match=f"holds the holdout region\\(s\\) {src.name}; training must never"):
+        train(TrainRun(model=TINY, settings=settings, out_dir=str(tmp_path / "m"), data=(str(path),)))
+
+
+def test_a_bad_compact_file_is_named(corpus, tmp_path):
+    _, good, _ = corpus
     bad = tmp_path / "corpus.npz"
     bad.write_bytes(b"not a zip")
     with pytest.raises(ContractError, match="corpus.npz: not a readable compact tokens file"):
         Compact(bad)
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
+    with pytest.raises(ContractError, match="corpus.npz: not a readable compact tokens file"):
+        Compact(bad)
+    model = GeoJEPA(ModelConfig(dims=(5, 8, 0), **vars(TINY)))  # not trained on these 16 tag coordinates
+    torch.save({"step": 1, "model": model.state_dict(), "config": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: its tags projection takes 5 inputs, the compact coordinates"):
+        export(tmp_path / "other.pt", good, tmp_path / "out.pt")
+    assert not list(tmp_path.glob("*out.pt*"))
     np.savez(bad, meta=np.frombuffer(json.dumps({"format": "other/9"}).encode(), np.uint8))
     with pytest.raises(ContractError, match="format 'other/9', expected"):
         Compact(bad)

@@ -12,7 +12,8 @@ vector and 8 position numbers, all fp32: about 2.6 KB an entity, 800 MB for the 
 The principal axes (fp32, with the means) are stored too. A model trained on the compact form sees each
 modality through ``x -> P (x - mean)`` before its first (linear) projection ``W``, so folding ``W P`` and
 ``b - W P mean`` into that projection gives a model that takes the full tokens and computes the same thing
-(``export``): its checkpoint is read here like any other (``geojepa evaluate --model``). The retained variance
+(``export``), up to the rounding of the compact inputs (fp16 tags, int8 shapes) it was trained on: its
+checkpoint is read here like any other (``geojepa evaluate --model``). The retained variance
 of each modality is stored and printed; images are not supported (the corpus has none).
 
 numpy, pyarrow and torch only (the GPU host has no pydantic, mlflow or prefect). One ``.npz`` file, written
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 FORMAT = "geojepa-compact-tokens/1"
 SPLITS = ("train", "val", "test")
 MODALITY_INDEX = {"tags": 0, "geometry": 1}
+ARRAYS = ("tile_region", "tile_split", "n_entities", "epos", "tag_row", "tag_coords", "geometry", "geometry_scale",
+          "tag_axes", "tag_mean", "geometry_axes", "geometry_mean")
 
 
 def is_compact(path: str | Path) -> bool:
@@ -56,9 +61,10 @@ def _pca(x: np.ndarray, k: int, weights: np.ndarray | None = None) -> tuple[np.n
 
 
 def build(folders: list[Path], out: Path, splits: tuple[str, ...] = ("train", "val"), tag_dim: int = 128,
-          geometry_dim: int = 32, sample: int = 200_000, seed: int = 0) -> dict:
+          geometry_dim: int = 32, sample: int = 200_000, seed: int = 0, holdouts: list[str] = ()) -> dict:
     """Write the compact form of the ``splits`` of the regions' token folders (``W/tokens``) to ``out`` (.npz);
-    returns its metadata (regions, tiles, sizes, retained variance)."""
+    returns its metadata (regions, tiles, sizes, retained variance). ``holdouts``: the names of the regions
+    that are holdouts, recorded so that training refuses the file (it may still be built, e.g. to measure)."""
     if not is_compact(out):
         raise ValueError(f"{out}: the compact tokens file must end in .npz")
     bad = sorted(set(splits) - set(SPLITS))
@@ -99,7 +105,8 @@ def build(folders: list[Path], out: Path, splits: tuple[str, ...] = ("train", "v
     g = (geom_all - geom_mean) @ geom_axes.T
     scale = np.maximum(np.abs(g).max(0), 1e-12) / 127.0
     geom_q = np.clip(np.round(g / scale), -127, 127).astype(np.int8)
-    meta = {"format": FORMAT, "regions": names, "splits": list(splits), "tokenizer_digest": digests.pop() or None,
+    meta = {"format": FORMAT, "regions": names, "holdouts": sorted(set(holdouts) & set(names)),
+            "tiles": int(sum(len(n) for n in n_ent)), "splits": list(splits), "tokenizer_digest": digests.pop() or None,
             "dims": {"tags": int(tag_axes.shape[0]), "geometry": int(geom_axes.shape[0])},
             "full_dims": {"tags": int(tags_all.shape[1]), "geometry": int(geom_all.shape[1])},
             "retained_variance": {"tags": round(tag_kept, 4), "geometry": round(geom_kept, 4)},
@@ -110,8 +117,6 @@ def build(folders: list[Path], out: Path, splits: tuple[str, ...] = ("train", "v
               "tag_row": rows.reshape(-1).astype(np.int32), "tag_coords": tag_coords, "geometry": geom_q,
               "geometry_scale": scale.astype(np.float32), "tag_axes": tag_axes, "tag_mean": tag_mean,
               "geometry_axes": geom_axes, "geometry_mean": geom_mean}
-    meta["tiles"] = int(len(arrays["n_entities"]))
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
@@ -133,11 +138,16 @@ class Compact:
             with np.load(self.path) as z:
                 self.arrays = {k: z[k] for k in z.files}
             self.meta = json.loads(self.arrays.pop("meta").tobytes())
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise ContractError(f"{self.path}: not a readable compact tokens file ({type(e).__name__}: {e})") from None
-        if self.meta.get("format") != FORMAT:
-            raise ContractError(f"{self.path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        fmt = self.meta.get("format") if isinstance(self.meta, dict) else None
+        if fmt != FORMAT:
+            raise ContractError(f"{self.path}: format {fmt!r}, expected {FORMAT!r}")
+        missing = sorted({"regions", "splits", "dims"} - set(self.meta) | set(ARRAYS) - set(self.arrays))
+        if missing:
+            raise ContractError(f"{self.path}: a compact tokens file without {', '.join(missing)} (damaged?)")
         self.regions: list[str] = self.meta["regions"]
+        self.holdouts: list[str] = self.meta.get("holdouts", [])
         self.dims = {**self.meta["dims"], "image": 0}
         a = self.arrays
         self.tile_start = np.concatenate([[0], np.cumsum(a["n_entities"])]).astype(np.int64)
@@ -169,9 +179,9 @@ class CompactDataset(torch.utils.data.Dataset):
             raise ContractError(f"{path}: the compact form holds no image tokens; drop 'image' from train.modalities")
         self.compact = c = path if isinstance(path, Compact) else Compact(path)
         self.modalities, self.dims = modalities, c.dims
-        self.index = c.tiles(split)
         if split not in c.meta["splits"]:
             raise ContractError(f"{c.path}: holds the {c.meta['splits']} splits, not {split!r}")
+        self.index = c.tiles(split)
         if not len(self.index) and split == "train":
             raise ContractError(f"{c.path}: the {split} split holds no tiles")
         self.region = c.arrays["tile_region"][self.index].astype(np.int64)
@@ -185,9 +195,11 @@ class CompactDataset(torch.utils.data.Dataset):
         return {"index": i, **self.compact.item(int(self.index[i]), self.modalities)}
 
 
-def fold(weights: dict[str, torch.Tensor], maps: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+def fold(weights: dict[str, torch.Tensor], maps: dict[str, tuple[np.ndarray, np.ndarray]],
+         name: str = "the model") -> dict[str, torch.Tensor]:
     """The state dict of a model trained on compact coordinates, with each modality's input projection (in the
-    context and the target encoder) taking the full tokens: ``W' = W P``, ``b' = b - W P mean``."""
+    context and the target encoder) taking the full tokens: ``W' = W P``, ``b' = b - W P mean``. A projection
+    of another width than the compact coordinates' is a ValueError naming ``name``."""
     out = dict(weights)
     for prefix in ("encoder.", "target_encoder."):
         for modality, (axes, mean) in maps.items():
@@ -196,6 +208,9 @@ def fold(weights: dict[str, torch.Tensor], maps: dict[str, tuple[np.ndarray, np.
             if w_key not in weights:
                 continue
             w, b = weights[w_key].double(), weights[b_key].double()
+            if w.shape[1] != axes.shape[0]:
+                raise ValueError(f"{name}: its {modality} projection takes {w.shape[1]} inputs, the compact "
+                                 f"coordinates are {axes.shape[0]}: not a model trained on this compact file")
             p, mu = torch.from_numpy(axes).double(), torch.from_numpy(mean).double()
             folded = w @ p
             out[w_key] = folded.to(weights[w_key].dtype)
@@ -212,13 +227,16 @@ def export(checkpoint: str | Path, compact: str | Path | Compact, out: str | Pat
     c = compact if isinstance(compact, Compact) else Compact(compact)
     state = load_checkpoint(checkpoint)
     encoders = {k: v for k, v in state["model"].items() if k.startswith(("encoder.", "target_encoder."))}
-    model = fold(encoders, c.maps())
+    model = fold(encoders, c.maps(), str(checkpoint))
     if half:
         model = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
     config = {**state["config"], "tokenizer_digest": c.meta.get("tokenizer_digest"), "compact": str(c.path.name)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"step": state["step"], "epoch": state.get("epoch", 0), "model": model, "config": config}, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save({"step": state["step"], "epoch": state.get("epoch", 0), "model": model, "config": config}, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -171,7 +171,7 @@ class MixedBatches(torch.utils.data.Sampler):
         if not self.max_tokens:
             return -(-int(self.quotas.sum()) // self.batch_tiles) // self.world
         if self._per_rank is None:
-            self._per_rank = max(len(self._all(0)) // self.world, 1)
+            self._per_rank = len(self._all(0)) // self.world  # 0: no batch (train names the problem)
         return self._per_rank
 
 

@@ -120,6 +120,9 @@ class TrainRun:
         data = self.data or (self.out_dir,)
         object.__setattr__(self, "data", tuple(str(d) for d in data))
         object.__setattr__(self, "regions", tuple(self.regions) or tuple(Path(d).name for d in data))
+        if self.resume and self.time_limit_s:
+            raise ValueError("time_limit_s and resume: a run cut to fit its budget cannot be continued (its cut "
+                             "length is not recorded); resume with stop_after instead")
         if not self.compact and len(self.regions) != len(self.data):
             raise ValueError(f"{len(self.regions)} region names for {len(self.data)} regions' work directories")
 

@@ -113,14 +113,19 @@ def load_last_good(folder: Path, device="cpu") -> dict:
 def open_split(run: TrainRun, split: str, modalities: tuple[str, ...]):
     """The ``split`` tiles of the run's data: its regions' token shards, or its compact tokens file."""
     if run.compact:
-        return CompactDataset(run.data[0], split, modalities)
+        data = CompactDataset(run.data[0], split, modalities)
+        if data.compact.holdouts:
+            raise ValueError(f"{run.data[0]}: holds the holdout region(s) {', '.join(data.compact.holdouts)}; "
+                             "training must never see them (build it from the training regions only)")
+        return data
     return ShardDataset([WorkDir(w).tokens for w in run.data], split, modalities)
 
 
 def validation_set(run: TrainRun, modalities: tuple[str, ...]):
     """The validation tiles of the run's data (the regions that have some), or None."""
     if run.compact:
-        val = CompactDataset(run.data[0], "val", modalities) if "val" in Compact(run.data[0]).meta["splits"] else None
+        compact = Compact(run.data[0])
+        val = CompactDataset(compact, "val", modalities) if "val" in compact.meta["splits"] else None
         return val if val is not None and len(val) else None
     folders = [WorkDir(w).tokens for w in run.data]
     have = [f for f in folders if any(pq.read_metadata(s).num_rows for s in f.glob("val-*.parquet"))]
