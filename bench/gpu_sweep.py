@@ -107,12 +107,14 @@ def main() -> None:
                    "tokens_per_s": round(sum(h["tokens_per_s"] for h in logged[1:]) / max(len(logged) - 1, 1)),
                    "jepa": last["jepa"], "trivial": last["trivial"], "gain_share": last["jepa_gain"] / last["trivial"],
                    "within_share": last["within_share"], "val_within_share": val.get("val.within_share.target"),
-                   "val_mean_cos": val.get("val.mean_cos.target"),
+                   "val_mean_cos": val.get("val.mean_cos.target"), "val_gain_share": (
+                       val["val.jepa_gain"] / val["val.trivial"] if val.get("val.trivial") else None),
                    "gpu_memory_gb": max((h.get("gpu_memory_gb", 0.0) for h in logged), default=0.0),
                    "model_mb": round(model.stat().st_size / 2**20, 2)}
             rows.append(row)
             print(f"{name}: {row['steps']} steps in {wall:.0f} s ({row['s_per_step']:.3f} s a step, "
-                  f"{row['tokens_per_s']} tokens/s), jepa {row['jepa']:.4f} gain share {row['gain_share']:+.3f}, "
+                  f"{row['tokens_per_s']} tokens/s), jepa {row['jepa']:.4f} gain share {row['gain_share']:+.3f} "
+                  f"(val {row['val_gain_share'] if row['val_gain_share'] is not None else float('nan'):+.3f}), "
                   f"within {row['within_share']:.2f} / {row['val_within_share'] or float('nan'):.2f}, "
                   f"val cos {row['val_mean_cos'] or float('nan'):.3f}, peak GPU {row['gpu_memory_gb']:.1f} GB, "
                   f"model {row['model_mb']} MiB", flush=True)

@@ -135,7 +135,8 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             row = {"arm": arm, "seed": seed, "overrides": arm_overrides or [], "steps": last["step"],
                    "jepa": last["jepa"], "trivial": last.get("trivial"), "jepa_gain": last.get("jepa_gain"),
                    "within_share": last.get("within_share"), "val_within_share": val.get("val.within_share.target"),
-                   "val_mean_cos": val.get("val.mean_cos.target"), "code": code_version(*TRAIN_CODE), "judge": {}}
+                   "val_mean_cos": val.get("val.mean_cos.target"), "val_jepa_gain": val.get("val.jepa_gain"),
+                   "val_trivial": val.get("val.trivial"), "code": code_version(*TRAIN_CODE), "judge": {}}
             ecfg = load_config(config, [*overrides, *JUDGE, "tracking.enabled=false"])
             for region in judges:
                 v = view(region, out / "views" / name / region.name)
@@ -214,17 +215,20 @@ def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, r
              f"Trained on {len(spec['data'])} regions; read out on {', '.join(Path(j).name for j in spec['judge'])} "
              "(ridge, masked, protocol v2; point estimates on each region's test tiles). *gain*: trivial "
              "per-(tile, modality) context-mean loss minus the JEPA loss at the last step, and its share of the "
-             "trivial loss; *within*: the within-tile share of the target's variance (training batch / validation "
+             "trivial loss (*val gain*: the same on validation tiles under fixed masks); *within*: the "
+             "within-tile share of the target's variance (training batch / validation "
              "tiles); *cos*: validation tiles' mean cosine (collapse above 0.95). Per region and task: the "
              "encoder's value, **bold** when better than every twin.", "",
-             "| arm | seed | jepa | gain (share) | within (train / val) | cos | " + " | ".join(cells) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(cells)]
+             "| arm | seed | jepa | gain (share) | val gain (share) | within (train / val) | cos | "
+             + " | ".join(cells) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(cells)]
 
     def f(x, d=3):
         return "-" if x is None else f"{x:.{d}f}"
 
     for r in rows:
         share = None if not r["trivial"] else r["jepa_gain"] / r["trivial"]
+        val_share = None if not r.get("val_trivial") else r["val_jepa_gain"] / r["val_trivial"]
         judged = []
         for k in cells:
             c = r["judge"].get(k)
@@ -235,6 +239,7 @@ def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, r
                 f"{c['value']:.3f}"
             judged.append(f"**{text}**" if _better(c) else text)
         lines.append(f"| {r['arm']} | {r['seed']} | {f(r['jepa'])} | {f(r['jepa_gain'])} ({f(share, 2)}) | "
+                     f"{f(r.get('val_jepa_gain'))} ({f(val_share, 2)}) | "
                      f"{f(r['within_share'], 2)} / {f(r['val_within_share'], 2)} | {f(r['val_mean_cos'])} | "
                      + " | ".join(judged) + " |")
     ranked = choice(rows, rank_by)

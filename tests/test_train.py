@@ -401,7 +401,8 @@ def test_the_collapse_monitor_reads_validation_tiles_and_sees_a_collapse(w):
     torch.manual_seed(0)
     model = GeoJEPA(ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4,
                                 mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
-    monitor = CollapseMonitor([w / "tokens"], ("tags", "geometry"), "cpu", n=64)
+    monitor = CollapseMonitor(ShardDataset(w / "tokens", "val", ("tags", "geometry")), ("tags", "geometry"), "cpu",
+                              n=64)
     assert len(monitor.items) == min(64, len(ShardDataset(w / "tokens", "val", ("tags", "geometry"))))
     healthy = monitor(model)
     assert set(healthy) == {
@@ -527,3 +528,25 @@ def test_entity_dropout_leaves_out_one_token_of_a_share_of_the_context_entities(
     assert 0.3 < np.mean(modality[gone] == tags) < 0.7  # tags or geometry, at random
     again = entity_dropout(context, modality, entity, 0.3, np.random.default_rng(0))
     assert np.array_equal(out, again)  # deterministic per generator
+
+
+def test_the_monitor_reports_the_jepa_gain_on_validation_tiles_under_masks_fixed_once(w):
+    from geojepa.train.train import CollapseMonitor
+
+    mods = ("tags", "geometry")
+    val = ShardDataset(w / "tokens", "val", mods)
+    torch.manual_seed(0)
+    model = GeoJEPA(ModelConfig(dims=(val.dims["tags"], val.dims["geometry"], 0), width=32, depth=1, heads=4,
+                                mlp=64, pred_width=16, pred_depth=1, pred_heads=2))
+    collate = Collator(mods, val.dims, seed=0, max_entities=8, entity_dropout=0.5)
+    monitor = CollapseMonitor(val, mods, "cpu", collate=collate, loss_weights={"regulariser": "target"})
+    first = monitor(model)
+    assert first["val.jepa_gain"] == pytest.approx(first["val.trivial"] - first["val.jepa"])
+    assert first["val.jepa"] > 0 and first["val.trivial"] > 0
+    assert monitor(model) == first  # the same tiles and masks every time: checkpoints are comparable
+    assert model.training  # left as it was
+    with torch.no_grad():
+        for p in model.predictor.parameters():
+            p.mul_(0.0)
+    assert monitor(model)["val.jepa"] != first["val.jepa"]  # it reads the model it is given
+    assert "val.jepa" not in CollapseMonitor(val, mods, "cpu")(model)  # without the collator: collapse only

@@ -135,13 +135,21 @@ def validation_set(run: TrainRun, modalities: tuple[str, ...]):
 class CollapseMonitor:
     """Tile-level collapse detectors on up to ``n`` validation tiles (``val``: a dataset, or None): effective
     rank and mean pairwise cosine of the tiles' mean embeddings, by the target and the context encoder.
-    Token-level statistics miss a collapse of tiles onto one another."""
+    Token-level statistics miss a collapse of tiles onto one another. With ``collate`` (the training
+    collator), also the JEPA loss, the trivial context-mean loss and ``jepa_gain`` on those tiles under
+    masks fixed once (the same every checkpoint): whether the predictor beats the tile's gist on tiles it
+    never trained on."""
 
-    def __init__(self, val, modalities: tuple[str, ...], device, n: int = 256, seed: int = 0):
+    def __init__(self, val, modalities: tuple[str, ...], device, n: int = 256, seed: int = 0,
+                 collate: Collator | None = None, loss_weights: dict | None = None):
         self.items, self.modalities, self.device = [], modalities, device
+        self.masked, self.loss_weights = [], loss_weights or {}
         if val is not None:  # (the val splits are a tenth of the tiles, held in memory like the train split)
             pick = np.random.default_rng(seed).permutation(len(val))[:n]
             self.items = [val[int(i)] for i in np.sort(pick)]
+            if collate is not None and len(self.items) >= 3:
+                fixed = Collator(collate.modalities, collate.dims, seed + 1, collate.masks)  # no crop, no dropout
+                self.masked = [fixed(self.items[i : i + 32]) for i in range(0, len(self.items), 32)]
 
     def __call__(self, model: GeoJEPA, batch_tiles: int = 64) -> dict[str, float]:
         if len(self.items) < 3:
@@ -165,6 +173,20 @@ class CollapseMonitor:
             enc.train(was)
             out.update({f"val.{k}.{name}": v for k, v in collapse_stats(torch.cat(z)).items()})
             out[f"val.within_share.{name}"] = float(within_share(torch.cat(tokens), torch.cat(docs), at))
+        if self.masked:
+            was = model.training
+            model.eval()
+            sums, weight = {"jepa": 0.0, "trivial": 0.0}, 0
+            with torch.no_grad():
+                for b in self.masked:
+                    parts = model(b.to(self.device), **self.loss_weights)
+                    n = int(b.pred_is_target.sum())
+                    for k in sums:
+                        sums[k] += float(parts[k]) * n
+                    weight += n
+            model.train(was)
+            out.update({f"val.{k}": v / weight for k, v in sums.items()})
+            out["val.jepa_gain"] = out["val.trivial"] - out["val.jepa"]
         return out
 
 
@@ -256,7 +278,10 @@ def train(run: TrainRun | Mapping) -> dict:
     # DDP syncs the trained parameters (the target encoder has no gradients; its EMA update is the same on all ranks).
     forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     run, tracker = _tracker(run, rank)
-    monitor = CollapseMonitor(validation_set(run, modalities), modalities, device, seed=s.seed) if rank == 0 else None
+    loss_weights = dict(vicreg_scale=s.vicreg_scale, var_weight=s.var_weight, cov_weight=s.cov_weight,
+                        regulariser=s.regulariser, target_centre=s.target_centre)
+    monitor = CollapseMonitor(validation_set(run, modalities), modalities, device, seed=s.seed, collate=collate,
+                              loss_weights=loss_weights) if rank == 0 else None
     if monitor and step == 0:
         at_start = monitor(model)
         log.info("before training: %s", ", ".join(f"{k} {v:.3f}" for k, v in at_start.items()))
@@ -265,8 +290,6 @@ def train(run: TrainRun | Mapping) -> dict:
     history: list[dict] = []
     if step and checkpoints.history.exists():
         history = [h for h in json.loads(checkpoints.history.read_text()) if h["step"] <= step]
-    loss_weights = dict(vicreg_scale=s.vicreg_scale, var_weight=s.var_weight, cov_weight=s.cov_weight,
-                        regulariser=s.regulariser, target_centre=s.target_centre)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
