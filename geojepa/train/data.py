@@ -106,6 +106,19 @@ def region_quotas(counts: np.ndarray, weights: np.ndarray | None = None, cap: fl
     return np.maximum(np.round(base), 1).astype(int)
 
 
+def split_by_tokens(chunk: list[int], lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """The tiles ``chunk`` (in length order) in consecutive parts of at most ``max_tokens`` tokens (``lengths``:
+    tokens a tile); a longer tile is a part alone."""
+    parts, part, tokens = [], [], 0
+    for i in chunk:
+        if part and tokens + lengths[i] > max_tokens:
+            parts.append(part)
+            part, tokens = [], 0
+        part.append(i)
+        tokens += int(lengths[i])
+    return [*parts, part] if part else parts
+
+
 class MixedBatches(torch.utils.data.Sampler):
     """Batches of ``batch_tiles`` tiles with the regions mixed in every batch, dealt round-robin to ranks.
 
@@ -141,19 +154,8 @@ class MixedBatches(torch.utils.data.Sampler):
         order = order[np.argsort(key, kind="stable")]
         chunks = [order[i : i + self.batch_tiles].tolist() for i in range(0, len(order), self.batch_tiles)]
         if self.max_tokens:
-            chunks = [part for c in chunks for part in self._split(c)]
+            chunks = [part for c in chunks for part in split_by_tokens(c, self.lengths, self.max_tokens)]
         return [chunks[i] for i in rng.permutation(len(chunks))]
-
-    def _split(self, chunk: list[int]) -> list[list[int]]:
-        """``chunk`` (tiles in length order) in consecutive parts of at most ``max_tokens`` tokens."""
-        parts, part, tokens = [], [], 0
-        for i in chunk:
-            if part and tokens + self.lengths[i] > self.max_tokens:
-                parts.append(part)
-                part, tokens = [], 0
-            part.append(i)
-            tokens += int(self.lengths[i])
-        return [*parts, part] if part else parts
 
     def batches(self) -> list[list[int]]:
         chunks = self._all(self.epoch)
