@@ -1,5 +1,6 @@
 """The GPU sweep (run by bench/gpu.sh): about four training arms on a compact corpus (geojepa.train.compact),
-each a real torchrun job with a wall-clock budget, bf16 autocast, packed attention and compiled blocks on CUDA;
+each a real torchrun job with a wall-clock budget (its share of ``--minutes``; the start-up outside it,
+about 15 to 30 s an arm, comes on top), bf16 autocast, packed attention and compiled blocks on CUDA;
 each arm's model is exported as an fp16 checkpoint that takes the full tokens, to be evaluated here with
 ``geojepa evaluate --model OUT/<arm>/model.pt``. Prints one line per arm (steps, seconds a step, tokens a
 second, the last JEPA loss and its gain over the trivial context mean, the within-tile share, the validation
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny arms on the CPU (the script's own test)")
     args = ap.parse_args()
     compact = Compact(args.corpus)  # a bad file fails here, before any arm
+    if compact.holdouts:
+        raise SystemExit(f"{args.corpus}: holds the holdout region(s) {', '.join(compact.holdouts)}; training "
+                         "refuses it (build it from the training regions only)")
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
@@ -103,7 +107,9 @@ def main() -> None:
             logged = [h for h in history if "tokens_per_s" in h]
             val = next((h for h in reversed(history) if "val.mean_cos.target" in h), {})
             row = {"arm": name, "overrides": ARMS[name], "steps": last["step"], "wall_s": round(wall, 1),
-                   "s_per_step": round(wall / max(last["step"], 1), 4),
+                   "s_per_step": round(logged[-1].get("s_per_step", float("nan")), 4) if logged else None,
+                   "overhead_s": round(wall - last["step"] * logged[-1].get("s_per_step", 0.0), 1)
+                   if logged else None,
                    "tokens_per_s": round(sum(h["tokens_per_s"] for h in logged[1:]) / max(len(logged) - 1, 1)),
                    "jepa": last["jepa"], "trivial": last["trivial"], "gain_share": last["jepa_gain"] / last["trivial"],
                    "within_share": last["within_share"], "val_within_share": val.get("val.within_share.target"),
@@ -112,7 +118,8 @@ def main() -> None:
                    "gpu_memory_gb": max((h.get("gpu_memory_gb", 0.0) for h in logged), default=0.0),
                    "model_mb": round(model.stat().st_size / 2**20, 2)}
             rows.append(row)
-            print(f"{name}: {row['steps']} steps in {wall:.0f} s ({row['s_per_step']:.3f} s a step, "
+            print(f"{name}: {row['steps']} steps in {wall:.0f} s ({row['s_per_step']:.3f} s a step; start-up, "
+                  f"compilation and export {row['overhead_s']} s; "
                   f"{row['tokens_per_s']} tokens/s), jepa {row['jepa']:.4f} gain share {row['gain_share']:+.3f} "
                   f"(val {row['val_gain_share'] if row['val_gain_share'] is not None else float('nan'):+.3f}), "
                   f"within {row['within_share']:.2f} / {row['val_within_share'] or float('nan'):.2f}, "

@@ -302,6 +302,9 @@ def compact(
     _setup(None, None, verbose)
     works = [WorkDir(r) for r in regions]
     holdouts = [w.name for w in works if w.role() == "holdout"]
+    if holdouts:
+        typer.echo(f"warning: {', '.join(holdouts)} is a holdout region: the file is recorded as holding it and "
+                   "training refuses it (build it from the training regions to train)", err=True)
     _run(lambda: build([w.tokens for w in works], out, tuple(splits.split(",")), tag_dim, geometry_dim,
                        holdouts=holdouts))
 

@@ -5,7 +5,9 @@
 - a tokenizer ``T``: its digest, the regions it was fitted on, vocabulary entries, widths;
 - a model ``OUT``: its checkpoints with their steps, the training's size and last logged losses, the tokenizer
   digest, the regions it was trained on, the model card's title;
-- the ``OUT`` of ``geojepa embed``: tiles and entities embedded, the embedding width.
+- the ``OUT`` of ``geojepa embed``: tiles and entities embedded, the embedding width;
+- a checkpoint file (``.pt``, e.g. a model back from ``bench/gpu.sh``): its step, size, regions and tokenizer;
+- a compact tokens file (``.npz``, ``geojepa compact``): its regions, holdouts, tiles, widths, retained variance.
 
 ``info`` returns a dict (``--json`` prints it); ``lines`` renders it as an aligned table.
 """
@@ -23,8 +25,8 @@ from geojepa.errors import GeoJepaError
 from geojepa.workdir import EmbeddingsDir, ModelDir, TokenizerDir, WorkDir, checkpoint_step
 
 EXPECTED = ("a region's work directory (tiles.parquet, entities.parquet or tokens/), a tokenizer folder "
-            "(tokenizer.json), a model folder (checkpoints/step-*.pt) or the output of `geojepa embed` "
-            "(tile_embeddings.parquet)")
+            "(tokenizer.json), a model folder (checkpoints/step-*.pt), the output of `geojepa embed` "
+            "(tile_embeddings.parquet), a checkpoint file (.pt) or a compact tokens file (.npz)")
 
 
 def kind(path: Path) -> str | None:
@@ -42,6 +44,8 @@ def kind(path: Path) -> str | None:
 
 def info(path: Path | str) -> dict:
     path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".npz"):
+        return {"path": str(path), **(_checkpoint(path) if path.suffix == ".pt" else _compact(path))}
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "no such folder"
         raise GeoJepaError(f"{path}: {what}; `geojepa info` reads {EXPECTED}")
@@ -139,6 +143,35 @@ def _model(path: Path) -> dict:
         title = next((ln.lstrip("# ").strip() for ln in m.card.read_text().splitlines() if ln.startswith("#")), None)
         out["card"] = title
     return out
+
+
+def _checkpoint(path: Path) -> dict:
+    from geojepa.model.jepa import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except ValueError as e:
+        raise GeoJepaError(str(e)) from None
+    cfg = state["config"]
+    return {"kind": "checkpoint", "step": state["step"], "mb": round(path.stat().st_size / 2**20, 1),
+            "size": {k: cfg[k] for k in ("width", "depth", "heads", "mlp", "pred_width", "pred_depth") if k in cfg},
+            "modalities": cfg.get("modalities"), "regions": cfg.get("regions"),
+            "tokenizer_digest": cfg.get("tokenizer_digest"), "regulariser": cfg.get("regulariser"),
+            "encoders": sorted({k.split(".")[0] for k in state["model"]} & {"encoder", "target_encoder"}),
+            **({"compact": cfg["compact"]} if cfg.get("compact") else {})}
+
+
+def _compact(path: Path) -> dict:
+    from data_contracts import ContractError
+    from geojepa.train.compact import Compact
+
+    try:
+        meta = Compact(path).meta
+    except ContractError as e:
+        raise GeoJepaError(str(e)) from None
+    return {"kind": "compact tokens", "mb": round(path.stat().st_size / 2**20, 1),
+            **{k: meta.get(k) for k in ("regions", "holdouts", "splits", "tiles", "entities", "dims", "full_dims",
+                                        "retained_variance", "tokenizer_digest")}}
 
 
 def _checkpoint_config(m: ModelDir) -> dict:

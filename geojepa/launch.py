@@ -40,6 +40,10 @@ def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 
     tokenizer digest (None: one region with its own tokenizer)."""
     if not regions:
         raise GeoJepaError("train: no regions given (--data W1 W2 ...)")
+    if compact := [w.path for w in regions if w.path.suffix == ".npz"]:
+        raise GeoJepaError(f"{compact[0]}: a compact tokens file; `geojepa train` takes regions' work directories. "
+                           "Train on it with `torchrun -m geojepa.train CONFIG.json` (\"data\": [the file]; "
+                           "bench/gpu_sweep.py writes such configs)")
     names = [w.name for w in regions]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise GeoJepaError(f"train: region(s) {dup} listed twice")

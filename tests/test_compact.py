@@ -75,6 +75,12 @@ def test_folding_gives_a_model_of_the_full_tokens_that_computes_the_same(corpus,
             want = trained.proj[i](torch.from_numpy((full[m] - mean) @ axes.T))
             torch.testing.assert_close(folded.proj[i](x), want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(folded.blocks[0].state_dict(), trained.blocks[0].state_dict())
+    from geojepa.info import info
+
+    about = info(out)  # geojepa info reads a model file back from the GPU
+    assert about["kind"] == "checkpoint" and about["encoders"] == ["encoder", "target_encoder"]
+    assert about["tokenizer_digest"] == c.meta["tokenizer_digest"] and about["size"]["width"] == TINY.width
+    assert info(path)["kind"] == "compact tokens" and info(path)["regions"] == [src.name]
     half = export(ckpt, c, tmp_path / "half.pt")
     assert half.stat().st_size < out.stat().st_size * 0.6  # fp16, and no predictor or optimiser state
     assert fold({}, c.maps()) == {}  # a state without the projections is left as it is
@@ -151,10 +157,16 @@ def test_a_bad_compact_file_is_named(corpus, tmp_path):
     np.savez(bad, meta=np.frombuffer(json.dumps({"format": "other/9"}).encode(), np.uint8))
     with pytest.raises(ContractError, match="format 'other/9', expected"):
         Compact(bad)
-    with pytest.raises(ValueError, match="must end in .npz"):
+    with pytest.raises(ContractError, match="must end in .npz"):
         build([tmp_path], tmp_path / "corpus.bin")
     with pytest.raises(ContractError, match="no train/val token shards"):
         build([tmp_path], tmp_path / "new.npz")
+    from geojepa.config import load_config
+    from geojepa.errors import GeoJepaError
+    from geojepa.launch import train as launch_train
+
+    with pytest.raises(GeoJepaError, match="corpus.npz: a compact tokens file; `geojepa train` takes regions"):
+        launch_train(tmp_path / "m", load_config(overrides=["tracking.enabled=false"]), data=[bad])
     assert not (tmp_path / "new.npz").exists()
 
 

@@ -66,10 +66,10 @@ def build(folders: list[Path], out: Path, splits: tuple[str, ...] = ("train", "v
     returns its metadata (regions, tiles, sizes, retained variance). ``holdouts``: the names of the regions
     that are holdouts, recorded so that training refuses the file (it may still be built, e.g. to measure)."""
     if not is_compact(out):
-        raise ValueError(f"{out}: the compact tokens file must end in .npz")
+        raise ContractError(f"{out}: the compact tokens file must end in .npz")
     bad = sorted(set(splits) - set(SPLITS))
     if bad:
-        raise ValueError(f"splits {bad}: expected some of {list(SPLITS)}")
+        raise ContractError(f"splits {bad}: expected some of {list(SPLITS)}")
     names, tile_region, tile_split, n_ent, epos, tags, geom, digests = [], [], [], [], [], [], [], set()
     for r, folder in enumerate(folders):
         folder = Path(folder)

@@ -346,6 +346,7 @@ def train(run: TrainRun | Mapping) -> dict:
                 if device.type == "cuda":
                     record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 per_step = (now - t_run) / max(step - first_step, 1)
+                record["s_per_step"] = per_step  # this sitting's mean, the validation passes included
                 log.info("step %d/%d loss %.4f jepa %.4f (trivial %.4f, gain %.4f) var %.4f cov %.4f within-tile "
                          "share %.3f lr %.2e ema %.5f target drift %.3f; %.2f s a step, %s left", step, total,
                          parts["loss"], parts["jepa"], parts["trivial"], parts["jepa_gain"], parts["var"], parts["cov"],
