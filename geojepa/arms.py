@@ -91,9 +91,6 @@ def view(region: WorkDir, at: Path) -> WorkDir:
 
 
 def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str]) -> list[dict]:
-    from geojepa.evaluate import evaluate
-    from geojepa.evaluate.protocol import is_twin
-    from geojepa.evaluate.report import chosen_encoders, headline_metric
     from geojepa.launch import train
 
     spec = load_spec(spec_path)
@@ -137,23 +134,36 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
                    "within_share": last.get("within_share"), "val_within_share": val.get("val.within_share.target"),
                    "val_mean_cos": val.get("val.mean_cos.target"), "val_jepa_gain": val.get("val.jepa_gain"),
                    "val_trivial": val.get("val.trivial"), "code": code_version(*TRAIN_CODE), "judge": {}}
-            ecfg = load_config(config, [*overrides, *JUDGE, "tracking.enabled=false"])
-            for region in judges:
-                v = view(region, out / "views" / name / region.name)
-                evaluated = evaluate(v.path, ecfg, model=model)
-                results = read_table(v.eval.results, EVAL_RESULTS).to_pylist()
-                chosen = chosen_encoders(results, "ridge")
-                for task, enc in chosen.items():
-                    metric = headline_metric(task)
-                    get = {r["model"]: r["mean"] for r in results if (r["setting"], r["task"], r["probe"],
-                                                                      r["metric"]) == ("masked", task, "ridge", metric)}
-                    twins = [x for m, x in get.items() if is_twin(m) and x is not None]
-                    row["judge"][f"{region.name}/{task}"] = {
-                        "metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
-                        "tagpool": get.get("tagpool"), "seen": evaluated.summary.seen_in_training}
+            row["judge"] = judge(model, judges, out / "views" / name, load_config(config, [*overrides, *JUDGE,
+                                                                                             "tracking.enabled=false"]))
             rows.append(row)
             _write(out, spec, base, rows, pending, rank_by)  # the table so far, after every (arm, seed)
     return rows
+
+
+def judge(model: Path | str, judges: list[WorkDir], views: Path, cfg) -> dict[str, dict]:
+    """``model`` (a model folder or checkpoint) read out on each judge region through a view of it
+    (``views/<region>``) with ``cfg`` (the loop's: ridge, masked, no peers): per "region/task", the headline
+    metric of the encoder chosen on validation, every twin's, TagPool's, and whether training saw the region.
+    ``python -c "from geojepa.arms import judge; ..."`` reads out a longer run the way the loop reads an arm."""
+    from geojepa.evaluate import evaluate
+    from geojepa.evaluate.protocol import is_twin
+    from geojepa.evaluate.report import chosen_encoders, headline_metric
+
+    cells = {}
+    for region in judges:
+        v = view(region, Path(views) / region.name)
+        evaluated = evaluate(v.path, cfg, model=model)
+        results = read_table(v.eval.results, EVAL_RESULTS).to_pylist()
+        for task, enc in chosen_encoders(results, "ridge").items():
+            metric = headline_metric(task)
+            get = {r["model"]: r["mean"] for r in results
+                   if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)}
+            twins = [x for m, x in get.items() if is_twin(m) and x is not None]
+            cells[f"{region.name}/{task}"] = {"metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
+                                              "tagpool": get.get("tagpool"),
+                                              "seen": evaluated.summary.seen_in_training}
+    return cells
 
 
 def _step(checkpoint: Path) -> int:
