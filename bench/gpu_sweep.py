@@ -118,8 +118,8 @@ def main() -> None:
                    "gpu_memory_gb": max((h.get("gpu_memory_gb", 0.0) for h in logged), default=0.0),
                    "model_mb": round(model.stat().st_size / 2**20, 2)}
             rows.append(row)
-            print(f"{name}: {row['steps']} steps in {wall:.0f} s ({row['s_per_step']:.3f} s a step; start-up, "
-                  f"compilation and export {row['overhead_s']} s; "
+            print(f"{name}: {row['steps']} steps in {wall:.0f} s ({row['s_per_step']:.3f} s a step, compilation "
+                  f"included; start-up and export {row['overhead_s']} s; "
                   f"{row['tokens_per_s']} tokens/s), jepa {row['jepa']:.4f} gain share {row['gain_share']:+.3f} "
                   f"(val {row['val_gain_share'] if row['val_gain_share'] is not None else float('nan'):+.3f}), "
                   f"within {row['within_share']:.2f} / {row['val_within_share'] or float('nan'):.2f}, "
