@@ -47,14 +47,16 @@ TINY_TRAIN = dict(batch_tiles=8, max_steps=12, log_every=2, checkpoint_every=100
                   device="cpu", compile="off", modalities=("tags", "geometry"))
 
 
-def arm_run(name: str, overrides: dict, corpus: Path, scratch: Path, seconds: float, tiny: bool, seed: int) -> TrainRun:
+def arm_run(name: str, overrides: dict, corpus: Compact, scratch: Path, seconds: float, tiny: bool,
+            seed: int) -> TrainRun:
     sizes = {**(TINY_SIZES if tiny else GPU_SIZES), **{k: v for k, v in overrides.items() if k in
                                                          {f.name for f in dataclasses.fields(ModelSizes)}}}
     train = {**(TINY_TRAIN if tiny else GPU_TRAIN), "seed": seed,
              **{k: v for k, v in overrides.items() if k not in sizes and k != "masks"}}
     masks = MaskConfig(**overrides.get("masks", {}))
     return TrainRun(model=ModelSizes(**sizes), settings=TrainSettings(**train, masks=masks),
-                    out_dir=str(scratch / name), data=(str(corpus.resolve()),), time_limit_s=seconds)
+                    out_dir=str(scratch / name), data=(str(corpus.path.resolve()),), regions=tuple(corpus.regions),
+                    time_limit_s=seconds, tokenizer_digest=corpus.meta.get("tokenizer_digest"))
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="geojepa-sweep-") as scratch:
         for name in args.arms:
-            run = arm_run(name, ARMS[name], args.corpus, Path(scratch), per_arm, args.tiny, args.seed)
+            run = arm_run(name, ARMS[name], compact, Path(scratch), per_arm, args.tiny, args.seed)
             arm_out = args.out / name
             arm_out.mkdir(exist_ok=True)
             config = Path(scratch) / f"{name}.json"
