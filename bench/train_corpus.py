@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train import flops_per_step  # bench/train.py: the same FLOP count
 
 from geojepa.model.jepa import GeoJEPA, ModelConfig
-from geojepa.train.compact import CompactDataset, is_compact
+from geojepa.train.compact import CompactDataset
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, region_quotas, split_by_tokens
+from geojepa.train.settings import is_compact
 from geojepa.workdir import WorkDir
 
 SIZES = dict(width=128, depth=4, heads=4, mlp=512, pred_width=64, pred_depth=2, pred_heads=4)  # research-cpu
@@ -50,12 +52,6 @@ def matmul_rate() -> float:
     for _ in range(n):
         a @ b
     return n * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
-
-
-def flops(model: GeoJEPA, tokens: int) -> float:
-    enc = sum(p.numel() for p in model.encoder.blocks.parameters())
-    pred = sum(p.numel() for p in model.predictor.blocks.parameters())
-    return 6 * (enc + pred) * tokens + 2 * enc * tokens  # context + predictor forward and backward, target forward
 
 
 def run(data, order: list[list[int]], crop: int | None, max_tokens: int | None) -> dict:
@@ -94,7 +90,7 @@ def run(data, order: list[list[int]], crop: int | None, max_tokens: int | None) 
     return {"seconds": total, "steps": len(order), "steps_per_min": 60 * len(order) / total,
             "tokens_per_s": tokens / total, "median_s": float(np.median(step_s)),
             "worst_s": max(step_s), "phases": {p: sum(v) / total for p, v in times.items()},
-            "gflops": flops(model, tokens) / total / 1e9}
+            "gflops": flops_per_step(model, tokens) / total / 1e9}
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ peers, the masked setting only (the twins and the baselines come from the region
   untrained twin (point estimates; the corpus report gives intervals on the full evaluation).
 
 Writes ``OUT/arms.md`` and ``OUT/arms.json`` after every (arm, seed). A loop cut short resumes: an (arm, seed)
-already in ``OUT/arms.json`` with the same overrides, steps and judge regions, its checkpoint still there, is kept
+already in ``OUT/arms.json`` made with the same config, overrides, data, steps and judge regions, its last
+checkpoint at the row's step, is kept
 as it is (neither retrained nor re-read; each row records the code version that made it). Delete its row or its
 folder to run it again.
 
@@ -46,7 +47,7 @@ from data_contracts import EVAL_RESULTS, atomic_path, read_table
 from geojepa.config import load_config
 from geojepa.errors import GeoJepaError
 from geojepa.manifest import code_version
-from geojepa.workdir import ModelDir, WorkDir
+from geojepa.workdir import ModelDir, WorkDir, checkpoint_step
 
 log = logging.getLogger(__name__)
 TRAIN_CODE = ("geojepa.model", "geojepa.train")  # the code a row's model was trained by (as the train manifest)
@@ -115,7 +116,8 @@ def run_arms(spec_path: Path, out: Path, config: str | None, overrides: list[str
             model = out / name
             row = pending.pop((arm, seed), None)
             ckpts = ModelDir(model).checkpoints()
-            if row and row["overrides"] == (arm_overrides or []) and ckpts and _step(ckpts[-1]) == row["steps"]:
+            fresh = bool(ckpts) and checkpoint_step(ckpts[-1]) == (row or {}).get("steps")
+            if row and row["overrides"] == (arm_overrides or []) and fresh:
                 if "code" not in row and (m := WorkDir(model).manifest("train")).exists():  # rows before "code"
                     row["code"] = json.loads(m.read_text()).get("code")
                 log.info("arms: %s is in %s already (code %s): kept", name, out / "arms.json", row.get("code"))
@@ -164,10 +166,6 @@ def judge(model: Path | str, judges: list[WorkDir], views: Path, cfg) -> dict[st
                                               "tagpool": get.get("tagpool"),
                                               "seen": evaluated.summary.seen_in_training}
     return cells
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.stem.split("-")[-1])
 
 
 def _earlier_rows(out: Path, spec: dict, base: dict) -> dict[tuple[str, int], dict]:

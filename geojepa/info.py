@@ -27,6 +27,7 @@ from geojepa.workdir import EmbeddingsDir, ModelDir, TokenizerDir, WorkDir, chec
 EXPECTED = ("a region's work directory (tiles.parquet, entities.parquet or tokens/), a tokenizer folder "
             "(tokenizer.json), a model folder (checkpoints/step-*.pt), the output of `geojepa embed` "
             "(tile_embeddings.parquet), a checkpoint file (.pt) or a compact tokens file (.npz)")
+SIZES = ("width", "depth", "heads", "mlp", "pred_width", "pred_depth")  # a model's sizes, as shown
 
 
 def kind(path: Path) -> str | None:
@@ -125,7 +126,7 @@ def _model(path: Path) -> dict:
                                  for p in m.checkpoints()]}
     cfg = json.loads(ck.train_config.read_text()) if ck.train_config.is_file() else _checkpoint_config(m)
     if cfg:
-        out["size"] = {k: cfg[k] for k in ("width", "depth", "heads", "mlp", "pred_width", "pred_depth") if k in cfg}
+        out["size"] = {k: cfg[k] for k in SIZES if k in cfg}
         out["modalities"] = cfg.get("modalities")
         out["regions"] = cfg.get("regions") or [Path(d).name for d in cfg.get("data") or []]
     if ck.history.is_file():
@@ -154,7 +155,7 @@ def _checkpoint(path: Path) -> dict:
         raise GeoJepaError(str(e)) from None
     cfg = state["config"]
     return {"kind": "checkpoint", "step": state["step"], "mb": round(path.stat().st_size / 2**20, 1),
-            "size": {k: cfg[k] for k in ("width", "depth", "heads", "mlp", "pred_width", "pred_depth") if k in cfg},
+            "size": {k: cfg[k] for k in SIZES if k in cfg},
             "modalities": cfg.get("modalities"), "regions": cfg.get("regions"),
             "tokenizer_digest": cfg.get("tokenizer_digest"), "regulariser": cfg.get("regulariser"),
             "encoders": sorted({k.split(".")[0] for k in state["model"]} & {"encoder", "target_encoder"}),

@@ -29,7 +29,7 @@ from geojepa import manifest
 from geojepa.config import Config
 from geojepa.errors import GeoJepaError
 from geojepa.lifecycle import Lifecycle, StageResult, Summary
-from geojepa.train.settings import TrainRun
+from geojepa.train.settings import TrainRun, is_compact
 from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def check_inputs(regions: list[WorkDir], cfg: Config, nproc: int, nnodes: int = 
     tokenizer digest (None: one region with its own tokenizer)."""
     if not regions:
         raise GeoJepaError("train: no regions given (--data W1 W2 ...)")
-    if compact := [w.path for w in regions if w.path.suffix == ".npz"]:
+    if compact := [w.path for w in regions if is_compact(w.path)]:
         raise GeoJepaError(f"{compact[0]}: a compact tokens file; `geojepa train` takes regions' work directories. "
                            "Train on it with `torchrun -m geojepa.train CONFIG.json` (\"data\": [the file]; "
                            "bench/gpu_sweep.py writes such configs)")

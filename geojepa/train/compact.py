@@ -1,10 +1,11 @@
-"""A corpus's token shards in a compact form that travels to a GPU host (under 64 MiB for the twelve regions),
+"""A corpus's token shards in a compact form that travels to a GPU host (whose transfer is capped at 64 MiB),
 read by training directly, and the way back: a model trained on it exported as a standard checkpoint.
 
 Token shards hold, per entity, a 384-wide tag vector (the sum of its tags' text embeddings), a 256-wide shape
-vector and 8 position numbers, all fp32: about 2.6 KB an entity, 800 MB for the corpus. The compact form:
+vector and 8 position numbers, all fp32: about 2.6 KB an entity (659 MB of shards for the ten training
+regions; their train and val splits compact to 18.0 MB, docs/stages.md). The compact form:
 
-- tags: the distinct tag vectors once (the corpus's 600 thousand entities have about 36 thousand), as fp16
+- tags: the distinct tag vectors once (the ten training regions' 438,570 entities have 27,098), as fp16
   coordinates on their top ``tag_dim`` principal axes, and an int32 row per entity;
 - geometry: int8 coordinates on the top ``geometry_dim`` principal axes (a scale per axis);
 - positions: fp16.
@@ -34,17 +35,14 @@ import pyarrow.parquet as pq
 import torch
 
 from data_contracts import TOKENS, ContractError, open_artifact
+from geojepa.model.jepa import MODALITIES
+from geojepa.train.settings import is_compact
 
 log = logging.getLogger(__name__)
 FORMAT = "geojepa-compact-tokens/1"
 SPLITS = ("train", "val", "test")
-MODALITY_INDEX = {"tags": 0, "geometry": 1}
 ARRAYS = ("tile_region", "tile_split", "n_entities", "epos", "tag_row", "tag_coords", "geometry", "geometry_scale",
           "tag_axes", "tag_mean", "geometry_axes", "geometry_mean")
-
-
-def is_compact(path: str | Path) -> bool:
-    return str(path).endswith(".npz")
 
 
 def _pca(x: np.ndarray, k: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -203,7 +201,7 @@ def fold(weights: dict[str, torch.Tensor], maps: dict[str, tuple[np.ndarray, np.
     out = dict(weights)
     for prefix in ("encoder.", "target_encoder."):
         for modality, (axes, mean) in maps.items():
-            i = MODALITY_INDEX[modality]
+            i = MODALITIES[modality]
             w_key, b_key = f"{prefix}proj.{i}.weight", f"{prefix}proj.{i}.bias"
             if w_key not in weights:
                 continue

@@ -19,6 +19,11 @@ from geojepa.model.sizes import ModelSizes
 from geojepa.settings import check, from_dict, pick, setting, to_dict
 
 
+def is_compact(path: str | Path) -> bool:
+    """A compact tokens file (``geojepa.train.compact``), not a region's work directory."""
+    return str(path).endswith(".npz")
+
+
 @dataclass(frozen=True)
 class MaskConfig:
     """JEPA masking (the reference's settings; ``geojepa.train.masks``), on whole entities."""
@@ -129,7 +134,7 @@ class TrainRun:
     @property
     def compact(self) -> bool:
         """The data is one compact tokens file (``geojepa.train.compact``)."""
-        return len(self.data) == 1 and self.data[0].endswith(".npz")
+        return len(self.data) == 1 and is_compact(self.data[0])
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainRun:

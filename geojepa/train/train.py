@@ -40,7 +40,7 @@ from geojepa.model.jepa import (
 )
 from geojepa.progress import duration
 from geojepa.settings import from_dict
-from geojepa.train.compact import Compact, CompactDataset
+from geojepa.train.compact import CompactDataset
 from geojepa.train.data import Collator, MixedBatches, ShardDataset, pack, region_quotas
 from geojepa.train.settings import TrainRun, TrainSettings
 from geojepa.workdir import CheckpointsDir, ModelDir, WorkDir, checkpoints_in
@@ -121,10 +121,11 @@ def open_split(run: TrainRun, split: str, modalities: tuple[str, ...]):
     return ShardDataset([WorkDir(w).tokens for w in run.data], split, modalities)
 
 
-def validation_set(run: TrainRun, modalities: tuple[str, ...]):
-    """The validation tiles of the run's data (the regions that have some), or None."""
+def validation_set(run: TrainRun, modalities: tuple[str, ...], train_set):
+    """The validation tiles of the run's data (the regions that have some), or None; ``train_set``: its
+    training split (a compact file is read once)."""
     if run.compact:
-        compact = Compact(run.data[0])
+        compact = train_set.compact
         val = CompactDataset(compact, "val", modalities) if "val" in compact.meta["splits"] else None
         return val if val is not None and len(val) else None
     folders = [WorkDir(w).tokens for w in run.data]
@@ -280,7 +281,7 @@ def train(run: TrainRun | Mapping) -> dict:
     run, tracker = _tracker(run, rank)
     loss_weights = dict(vicreg_scale=s.vicreg_scale, var_weight=s.var_weight, cov_weight=s.cov_weight,
                         regulariser=s.regulariser, target_centre=s.target_centre)
-    monitor = CollapseMonitor(validation_set(run, modalities), modalities, device, seed=s.seed, collate=collate,
+    monitor = CollapseMonitor(validation_set(run, modalities, data), modalities, device, seed=s.seed, collate=collate,
                               loss_weights=loss_weights) if rank == 0 else None
     if monitor and step == 0:
         at_start = monitor(model)
