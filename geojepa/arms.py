@@ -162,10 +162,72 @@ def judge(model: Path | str, judges: list[WorkDir], views: Path, cfg) -> dict[st
             get = {r["model"]: r["mean"] for r in results
                    if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)}
             twins = [x for m, x in get.items() if is_twin(m) and x is not None]
+            val = {r["model"]: r.get("val_mean") for r in results
+                   if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)}
             cells[f"{region.name}/{task}"] = {"metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
                                               "tagpool": get.get("tagpool"),
-                                              "seen": evaluated.summary.seen_in_training}
+                                              "seen": evaluated.summary.seen_in_training,
+                                              "val": val.get(enc),
+                                              "twins_val": [x for m, x in val.items() if is_twin(m) and x is not None]}
     return cells
+
+
+def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every: int = 1) -> dict:
+    """The checkpoint of training run ``run`` (a model folder) to ship and evaluate, chosen on *validation*:
+    every ``every``-th checkpoint (the last always among them) read out the loop's way (``judge``: ridge,
+    masked) on trained-on ``regions``, and scored on validation figures alone (``val_mean``: the validation
+    tiles, or grouped cross-validation over training and validation tiles when a task has fewer than
+    ``evaluate.cv_min_val``; never the test tiles). A checkpoint ranks by the (region, task) cells where it is
+    better than every twin on validation, then by its mean gain over the twins' mean, as a share of it.
+    Writes ``run/checkpoints/selection.json`` (every checkpoint's validation cells and score) after each one;
+    a selection cut short resumes from it."""
+    ckpt_dir = ModelDir(run).checkpoints_dir
+    ckpts = ModelDir(run).checkpoints()
+    if not ckpts:
+        raise GeoJepaError(f"{ckpt_dir.path}: no step-*.pt checkpoint to choose from")
+    if every < 1:
+        raise GeoJepaError(f"every must be at least 1, not {every}")
+    for r in regions:
+        if not r.tokens.is_dir():
+            raise GeoJepaError(f"{r.path}: not a tokenised region (no tokens/)")
+    chosen_from = ckpts[::-1][::every][::-1]
+    out = ckpt_dir.path / "selection.json"
+    names = [r.name for r in regions]
+    try:
+        earlier = json.loads(out.read_text())
+        done = {row["step"]: row for row in earlier["rows"]} if earlier.get("regions") == names else {}
+    except (OSError, ValueError, KeyError):
+        done = {}
+    rows = []
+    for c in chosen_from:
+        step, stamp = checkpoint_step(c), [c.stat().st_size, c.stat().st_mtime_ns]
+        if done.get(step, {}).get("file") != stamp:  # not read yet, or the checkpoint was written again since
+            cells = judge(c, regions, Path(views), cfg)
+            val = {k: {"metric": v["metric"], "encoder": v["encoder"], "val": v["val"], "twins_val": v["twins_val"]}
+                   for k, v in cells.items() if v["val"] is not None and v["twins_val"]}
+            done[step] = {"step": step, "checkpoint": c.name, "file": stamp, "cells": val, **_val_score(val)}
+            log.info("select: step %d: better than every twin on validation in %d of %d cells, mean gain %+.3f",
+                     step, done[step]["won"], len(val), done[step]["gain"])
+        rows.append(done[step])
+        best = max(rows, key=lambda r: (r["won"], r["gain"]))
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps({"run": str(run), "regions": names, "every": every,
+                                       "rule": "most validation cells better than every twin, then mean gain",
+                                       "chosen": best["checkpoint"], "rows": rows}, indent=1))
+    log.info("select: %s chosen (written to %s)", ckpt_dir.path / best["checkpoint"], out)
+    return {"chosen": ckpt_dir.path / best["checkpoint"], "rows": rows}
+
+
+def _val_score(cells: dict[str, dict]) -> dict:
+    """Cells better than every twin on validation, and the mean gain over the twins' mean (a share of it;
+    positive: better)."""
+    won, gains = 0, []
+    for c in cells.values():
+        higher = c["metric"] == "roc_auc"
+        twin = sum(c["twins_val"]) / len(c["twins_val"])
+        won += all((c["val"] > t) if higher else (c["val"] < t) for t in c["twins_val"])
+        gains.append(((c["val"] - twin) if higher else (twin - c["val"])) / max(abs(twin), 1e-9))
+    return {"won": won, "gain": sum(gains) / len(gains) if gains else 0.0}
 
 
 def _earlier_rows(out: Path, spec: dict, base: dict) -> dict[tuple[str, int], dict]:

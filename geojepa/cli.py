@@ -284,6 +284,36 @@ def arms(
     _run(lambda: run_arms(spec, out, str(config) if config else None, list(set_ or [])))
 
 
+@app.command("select-checkpoint")
+def select_checkpoint(
+    run: Annotated[Path, typer.Argument(help="a training run's folder (its checkpoints/step-*.pt)")],
+    regions: Annotated[list[Path], typer.Argument(help="trained-on regions to choose on (their validation tiles)")],
+    every: Annotated[int, typer.Option(help="read every N-th checkpoint (the last always)")] = 1,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Choose the checkpoint to ship and evaluate on validation, not the last one: each checkpoint read out
+    the arms loop's way (ridge, masked, every twin) on REGIONS' validation tiles, ranked by the cells where it
+    beats every twin, then its mean gain. Writes RUN/checkpoints/selection.json; resumes when cut short."""
+    from geojepa.arms import JUDGE
+    from geojepa.arms import select_checkpoint as select
+    from geojepa.config import load_config
+    from geojepa.workdir import WorkDir
+
+    _setup(config, set_, verbose)
+
+    def go() -> None:
+        cfg = load_config(str(config) if config else None, [*(set_ or []), *JUDGE, "tracking.enabled=false"])
+        chosen = select(run, [WorkDir(r) for r in regions], run / "selection-views", cfg, every=every)
+        for r in chosen["rows"]:
+            typer.echo(f"{r['checkpoint']}  better than every twin on validation: {r['won']} of "
+                       f"{len(r['cells'])}  mean gain {r['gain']:+.3f}")
+        typer.echo(f"chosen: {chosen['chosen']}")
+
+    _run(go)
+
+
 @app.command("compact")
 def compact(
     out: Annotated[Path, typer.Argument(help="the compact tokens file to write (.npz)")],

@@ -110,3 +110,47 @@ def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path
     run_arms(path, out, None, [])  # the same base again: both kept, nothing trained
     with pytest.raises(GeoJepaError, match="training failed|no train"):
         run_arms(path, out, None, ["train.lr=0.002"])
+
+
+def _cells(val: float) -> dict:
+    return {"malta/building_count": {"metric": "mae", "encoder": "geojepa", "value": 9.0, "twins": [9.0],
+                                     "val": val, "twins_val": [2.0, 2.2]},
+            "malta/bridge": {"metric": "roc_auc", "encoder": "geojepa", "value": 0.1, "twins": [0.9],
+                             "val": 0.8, "twins_val": [0.7, 0.75]}}
+
+
+def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp_path, monkeypatch):
+    import geojepa.arms as arms
+    from geojepa.workdir import WorkDir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (250, 500, 750, 1000):
+        (run / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"x")
+    region = tmp_path / "malta"
+    (region / "tokens").mkdir(parents=True)
+    val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 2.05}  # 500 best on validation
+    seen = []
+
+    def judge(model, regions, views, cfg):
+        seen.append(model.name)
+        return _cells(val[model.name])  # test figures (value) say the opposite: never read
+
+    monkeypatch.setattr(arms, "judge", judge)
+    chosen = arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=2)
+    assert seen == ["step-00000500.pt", "step-00001000.pt"]  # every second, the last always among them
+    assert chosen["chosen"].name == "step-00000500.pt"
+    assert chosen["rows"][0]["won"] == 2 and chosen["rows"][1]["won"] == 1  # 2.05 is not below every twin
+    written = json.loads((run / "checkpoints" / "selection.json").read_text())
+    assert written["chosen"] == "step-00000500.pt" and [r["step"] for r in written["rows"]] == [500, 1000]
+    seen.clear()
+    arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=1)
+    assert seen == ["step-00000250.pt", "step-00000750.pt"]  # 500 and 1000 read from selection.json
+
+
+def test_select_checkpoint_without_checkpoints_is_a_clear_error(tmp_path):
+    from geojepa.arms import select_checkpoint
+    from geojepa.workdir import WorkDir
+
+    with pytest.raises(GeoJepaError, match="no step-\\*.pt checkpoint"):
+        select_checkpoint(tmp_path / "empty", [WorkDir(tmp_path)], tmp_path / "views", None)

@@ -117,6 +117,29 @@ def test_resume_passes_over_a_damaged_last_checkpoint_and_names_it(tmp_path, w, 
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # resumed at step 2, redid 3 and 4
 
 
+def test_a_run_killed_after_a_checkpoint_resumes_with_its_whole_history(tmp_path, w, cfg, monkeypatch):
+    import geojepa.train.train as tt
+
+    d = tmp_path / "killed"
+    shutil.copytree(w / "tokens", d / "tokens")
+    real = tt.schedules
+
+    def killed_at_step_3(step, *a):
+        if step == 3:
+            raise KeyboardInterrupt  # as a kill between checkpoints: no end-of-run write
+        return real(step, *a)
+
+    monkeypatch.setattr(tt, "schedules", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_resolved(cfg, d, max_steps=6, epochs=2, checkpoint_every=2, keep_last=3))
+    history = json.loads((d / "checkpoints" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]  # written with the checkpoint
+    monkeypatch.setattr(tt, "schedules", real)
+    train({**_resolved(cfg, d, max_steps=6, epochs=2, checkpoint_every=2, keep_last=3), "resume": True})
+    history = json.loads((d / "checkpoints" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_failed_check_leaves_the_previous_checkpoints_where_evaluate_finds_them(w, cfg):
     launch_train(w, _cfg(cfg))
     before = sorted(p.name for p in (w / "checkpoints").glob("step-*.pt"))

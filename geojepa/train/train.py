@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data_contracts import atomic_path
 from geojepa.model.jepa import (
     GeoJEPA,
     ModelConfig,
@@ -201,6 +202,12 @@ def _save(folder: Path, step: int, epoch: int, model: GeoJEPA, opt, keep_last: i
     for old in checkpoints_in(folder)[:-keep_last]:
         old.unlink()
     return path
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    """Every step's record so far, replacing the file whole (never half-written)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(history))
 
 
 def _tracker(run: TrainRun, rank: int) -> tuple[TrainRun, object | None]:
@@ -382,6 +389,7 @@ def train(run: TrainRun | Mapping) -> dict:
                     if tracker:
                         tracker.log_metrics(stats, step=step)
                 _save(ckpt_dir, step, epoch + (step % steps_per_epoch == 0), model, opt, s.keep_last, run)
+                _write_history(checkpoints.history, history)  # a run killed later resumes with its whole history
             if stop:
                 total = step
         epoch += 1
@@ -389,7 +397,7 @@ def train(run: TrainRun | Mapping) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        checkpoints.history.write_text(json.dumps(history))
+        _write_history(checkpoints.history, history)
         if tracker:
             tracker.end_run()
     return history[-1] if history else {}
