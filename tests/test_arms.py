@@ -129,7 +129,8 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
         (run / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"x")
     region = tmp_path / "malta"
     (region / "tokens").mkdir(parents=True)
-    val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 2.05}  # 500 best on validation
+    # validation MAE per checkpoint (twins 2.0 and 2.2): 500 is the best
+    val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 2.05}
     seen = []
 
     def judge(model, regions, views, cfg):
