@@ -191,7 +191,7 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
         if not r.tokens.is_dir():
             raise GeoJepaError(f"{r.path}: not a tokenised region (no tokens/)")
     chosen_from = ckpts[::-1][::every][::-1]
-    out = ckpt_dir.path / "selection.json"
+    out = ckpt_dir.selection
     names = [r.name for r in regions]
     try:
         earlier = json.loads(out.read_text())
@@ -215,7 +215,30 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
                                        "rule": "most validation cells better than every twin, then mean gain",
                                        "chosen": best["checkpoint"], "rows": rows}, indent=1))
     log.info("select: %s chosen (written to %s)", ckpt_dir.path / best["checkpoint"], out)
+    _log_to_training_run(ckpt_dir, rows, best["checkpoint"])
     return {"chosen": ckpt_dir.path / best["checkpoint"], "rows": rows}
+
+
+def _log_to_training_run(ckpt_dir, rows: list[dict], chosen: str) -> None:
+    """The selection's figures as curves of the training run's own MLflow run (beside its losses), when mlflow
+    is installed and the run recorded one."""
+    try:
+        import mlflow
+
+        conf = json.loads(ckpt_dir.train_config.read_text())
+    except (ImportError, OSError, ValueError):
+        return
+    run_id, uri = conf.get("mlflow_run_id"), conf.get("tracking_uri")
+    if not run_id or not uri:
+        return
+    client = mlflow.MlflowClient(uri)
+    try:
+        for r in rows:
+            client.log_metric(run_id, "select.val_cells_won", r["won"], step=r["step"])
+            client.log_metric(run_id, "select.val_gain", r["gain"], step=r["step"])
+        client.set_tag(run_id, "select.chosen", chosen)
+    except mlflow.exceptions.MlflowException as e:
+        log.warning("select: could not log to the training run %s at %s: %s", run_id, uri, e)
 
 
 def _val_score(cells: dict[str, dict]) -> dict:

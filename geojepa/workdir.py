@@ -93,6 +93,7 @@ class CheckpointsDir(Folder):
 
     history = property(lambda self: self.path / "history.json")
     train_config = property(lambda self: self.path / "train_config.json")
+    selection = property(lambda self: self.path / "selection.json")  # geojepa select-checkpoint
     previous = property(lambda self: self.path / "previous")
 
     def step(self, step: int) -> Path:

@@ -44,6 +44,16 @@ def test_two_arms_train_and_are_judged_through_views_of_the_region(tmp_path, tok
     assert json.loads((tmp_path / "out" / "arms.json").read_text())["rows"][1]["overrides"] == [
         "train.regulariser=target"
     ]
+    # the checkpoint to ship, chosen on the region's validation figures through the real read-out
+    from geojepa.arms import JUDGE, select_checkpoint
+    from geojepa.config import load_config
+    from geojepa.workdir import WorkDir
+
+    picked = select_checkpoint(tmp_path / "out" / "control-s0", [WorkDir(w)], tmp_path / "sel",
+                               load_config(None, [*TINY, *JUDGE]))
+    assert picked["chosen"].name == "step-00000002.pt"
+    cell = picked["rows"][0]["cells"]["kotka/building_count"]
+    assert cell["val"] > 0 and len(cell["twins_val"]) == 2
 
 
 def test_a_spec_without_arms_is_a_clear_error(tmp_path):
@@ -137,6 +147,13 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
         seen.append(model.name)
         return _cells(val[model.name])  # test figures (value) say the opposite: never read
 
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(uri)
+    train_run = client.create_run(client.create_experiment("geojepa")).info.run_id
+    (run / "checkpoints" / "train_config.json").write_text(json.dumps({"mlflow_run_id": train_run,
+                                                                       "tracking_uri": uri}))
     monkeypatch.setattr(arms, "judge", judge)
     chosen = arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=2)
     assert seen == ["step-00000500.pt", "step-00001000.pt"]  # every second, the last always among them
@@ -144,6 +161,9 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
     assert chosen["rows"][0]["won"] == 2 and chosen["rows"][1]["won"] == 1  # 2.05 is not below every twin
     written = json.loads((run / "checkpoints" / "selection.json").read_text())
     assert written["chosen"] == "step-00000500.pt" and [r["step"] for r in written["rows"]] == [500, 1000]
+    logged = client.get_metric_history(train_run, "select.val_cells_won")  # the training run's own curves
+    assert sorted((m.step, m.value) for m in logged) == [(500, 2), (1000, 1)]
+    assert client.get_run(train_run).data.tags["select.chosen"] == "step-00000500.pt"
     seen.clear()
     arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=1)
     assert seen == ["step-00000250.pt", "step-00000750.pt"]  # 500 and 1000 read from selection.json
