@@ -173,64 +173,88 @@ def judge(model: Path | str, judges: list[WorkDir], views: Path, cfg) -> dict[st
 
 
 def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every: int = 1) -> dict:
-    """The checkpoint of training run ``run`` (a model folder) to ship and evaluate, chosen on *validation*:
-    every ``every``-th checkpoint (the last always among them) read out the loop's way (``judge``: ridge,
-    masked) on trained-on ``regions``, and scored on validation figures alone (``val_mean``: the validation
-    tiles, or grouped cross-validation over training and validation tiles when a task has fewer than
-    ``evaluate.cv_min_val``; never the test tiles). A checkpoint ranks by the (region, task) cells where it is
-    better than every twin on validation, then by its mean gain over the twins' mean, as a share of it.
-    Writes ``run/checkpoints/selection.json`` (every checkpoint's validation cells and score) after each one;
-    a selection cut short resumes from it."""
+    """The checkpoint of training run ``run`` (a model folder) to ship and evaluate, chosen on validation:
+    every ``every``-th checkpoint (the last always among them) read out the loop's way (``judge``) on
+    trained-on ``regions``; only the validation figures (``val_mean``) enter the choice and
+    ``selection.json``. A checkpoint ranks by the (region, task) cells where it beats every twin, then by
+    its mean gain over the twins' mean, on the cells every read checkpoint has; ties go to the earlier one.
+    Each cell's encoder (target or context) is the one better on validation, as in the report: a best of
+    two against each single twin, at every checkpoint alike. ``selection.json`` is written after each
+    checkpoint; a rerun with the same regions, evaluate settings and code reuses its rows."""
     ckpt_dir = ModelDir(run).checkpoints_dir
     ckpts = ModelDir(run).checkpoints()
     if not ckpts:
         raise GeoJepaError(f"{ckpt_dir.path}: no step-*.pt checkpoint to choose from")
     if every < 1:
-        raise GeoJepaError(f"every must be at least 1, not {every}")
+        raise GeoJepaError(f"--every must be at least 1, not {every}")
+    conf = _train_config(ckpt_dir)
     for r in regions:
         if not r.tokens.is_dir():
             raise GeoJepaError(f"{r.path}: not a tokenised region (no tokens/)")
-    chosen_from = ckpts[::-1][::every][::-1]
+        if "regions" in conf and r.name not in conf["regions"]:
+            raise GeoJepaError(f"{r.path}: not among the regions {run} was trained on ({', '.join(conf['regions'])}); "
+                               "choose on trained-on regions' validation tiles, never a holdout's")
+    if len(ckpts) <= conf.get("keep_last", 0) < conf.get("max_steps", 0) // max(conf.get("checkpoint_every", 1), 1):
+        log.warning("select: %s keeps only its last %d checkpoints (train.keep_last): the earlier ones are gone",
+                    ckpt_dir.path, conf["keep_last"])
+    same = {"regions": [str(r.path.resolve()) for r in regions],
+            "evaluate": cfg.evaluate.model_dump(mode="json") if cfg is not None else None,
+            "code": code_version("geojepa.evaluate", "geojepa.arms")}
     out = ckpt_dir.selection
-    names = [r.name for r in regions]
     try:
         earlier = json.loads(out.read_text())
-        done = {row["step"]: row for row in earlier["rows"]} if earlier.get("regions") == names else {}
-    except (OSError, ValueError, KeyError):
+        done = {row["step"]: row for row in earlier["rows"]} if earlier.get("same") == same else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         done = {}
-    rows = []
-    for c in chosen_from:
+    rows, new = [], []
+    for c in ckpts[::-1][::every][::-1]:
         step, stamp = checkpoint_step(c), [c.stat().st_size, c.stat().st_mtime_ns]
         if done.get(step, {}).get("file") != stamp:  # not read yet, or the checkpoint was written again since
             cells = judge(c, regions, Path(views), cfg)
             val = {k: {"metric": v["metric"], "encoder": v["encoder"], "val": v["val"], "twins_val": v["twins_val"]}
                    for k, v in cells.items() if v["val"] is not None and v["twins_val"]}
-            done[step] = {"step": step, "checkpoint": c.name, "file": stamp, "cells": val, **_val_score(val)}
-            log.info("select: step %d: better than every twin on validation in %d of %d cells, mean gain %+.3f",
-                     step, done[step]["won"], len(val), done[step]["gain"])
+            if not val:
+                raise GeoJepaError(f"{c}: no task with validation figures on {', '.join(r.name for r in regions)} "
+                                   "(no labelled validation tiles?): nothing to choose on")
+            done[step] = {"step": step, "checkpoint": c.name, "file": stamp, "cells": val}
+            new.append(step)
         rows.append(done[step])
-        best = max(rows, key=lambda r: (r["won"], r["gain"]))
+        common = set.intersection(*(set(r["cells"]) for r in rows))
+        for r in rows:
+            r.update(_val_score({k: r["cells"][k] for k in common}))
+        if step in new:
+            log.info("select: step %d: better than every twin on validation in %d of %d cells, mean gain %+.3f",
+                     step, done[step]["won"], len(common), done[step]["gain"])
+        best = max(rows, key=lambda r: (r["won"], r["gain"], -r["step"]))
         with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps({"run": str(run), "regions": names, "every": every,
-                                       "rule": "most validation cells better than every twin, then mean gain",
-                                       "chosen": best["checkpoint"], "rows": rows}, indent=1))
+            tmp.write_text(json.dumps({"run": str(run), "same": same, "chosen": best["checkpoint"],
+                                       "rule": "most validation cells better than every twin, then mean gain, "
+                                               "then the earlier", "rows": rows}, indent=1))
     log.info("select: %s chosen (written to %s)", ckpt_dir.path / best["checkpoint"], out)
-    _log_to_training_run(ckpt_dir, rows, best["checkpoint"])
+    _log_to_training_run(conf, [r for r in rows if r["step"] in new], best["checkpoint"])
     return {"chosen": ckpt_dir.path / best["checkpoint"], "rows": rows}
 
 
-def _log_to_training_run(ckpt_dir, rows: list[dict], chosen: str) -> None:
-    """The selection's figures as curves of the training run's own MLflow run (beside its losses), when mlflow
-    is installed and the run recorded one."""
+def _train_config(ckpt_dir) -> dict:
     try:
-        import mlflow
-
         conf = json.loads(ckpt_dir.train_config.read_text())
-    except (ImportError, OSError, ValueError):
-        return
+    except (OSError, ValueError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
+
+def _log_to_training_run(conf: dict, rows: list[dict], chosen: str) -> None:
+    """The newly read checkpoints' figures as curves of the training run's own MLflow run (beside its
+    losses), when mlflow is installed and the run recorded one."""
     run_id, uri = conf.get("mlflow_run_id"), conf.get("tracking_uri")
     if not run_id or not uri:
         return
+    try:
+        import mlflow
+    except ImportError:
+        return
+    from geojepa.tracking import mask_uri
+
     client = mlflow.MlflowClient(uri)
     try:
         for r in rows:
@@ -238,18 +262,18 @@ def _log_to_training_run(ckpt_dir, rows: list[dict], chosen: str) -> None:
             client.log_metric(run_id, "select.val_gain", r["gain"], step=r["step"])
         client.set_tag(run_id, "select.chosen", chosen)
     except mlflow.exceptions.MlflowException as e:
-        log.warning("select: could not log to the training run %s at %s: %s", run_id, uri, e)
+        log.warning("select: could not log to the training run %s at %s: %s", run_id, mask_uri(uri), e)
 
 
 def _val_score(cells: dict[str, dict]) -> dict:
-    """Cells better than every twin on validation, and the mean gain over the twins' mean (a share of it;
-    positive: better)."""
+    """Cells better than every twin on validation, and the mean gain over the twins' mean as a share of it
+    (positive: better; a cell whose twins score 0 counts for the wins only)."""
     won, gains = 0, []
     for c in cells.values():
-        higher = c["metric"] == "roc_auc"
+        won += bool(_better({**c, "value": c["val"], "twins": c["twins_val"]}))
         twin = sum(c["twins_val"]) / len(c["twins_val"])
-        won += all((c["val"] > t) if higher else (c["val"] < t) for t in c["twins_val"])
-        gains.append(((c["val"] - twin) if higher else (twin - c["val"])) / max(abs(twin), 1e-9))
+        if twin:
+            gains.append(((c["val"] - twin) if c["metric"] == "roc_auc" else (twin - c["val"])) / abs(twin))
     return {"won": won, "gain": sum(gains) / len(gains) if gains else 0.0}
 
 

@@ -51,9 +51,10 @@ def test_two_arms_train_and_are_judged_through_views_of_the_region(tmp_path, tok
 
     picked = select_checkpoint(tmp_path / "out" / "control-s0", [WorkDir(w)], tmp_path / "sel",
                                load_config(None, [*TINY, *JUDGE]))
-    assert picked["chosen"].name == "step-00000002.pt"
+    assert picked["chosen"].name == "step-00000002.pt" and len(picked["rows"]) == 1
     cell = picked["rows"][0]["cells"]["kotka/building_count"]
-    assert cell["val"] > 0 and len(cell["twins_val"]) == 2
+    assert cell["val"] > 0 and len(cell["twins_val"]) == 2 and cell["encoder"] in ("geojepa", "geojepa_context")
+    assert not (w / "eval").exists()  # read out through a view
 
 
 def test_a_spec_without_arms_is_a_clear_error(tmp_path):
@@ -130,6 +131,8 @@ def _cells(val: float) -> dict:
 
 
 def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp_path, monkeypatch):
+    import mlflow
+
     import geojepa.arms as arms
     from geojepa.workdir import WorkDir
 
@@ -137,36 +140,66 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
     (run / "checkpoints").mkdir(parents=True)
     for step in (250, 500, 750, 1000):
         (run / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"x")
-    region = tmp_path / "malta"
-    (region / "tokens").mkdir(parents=True)
-    # validation MAE per checkpoint (twins 2.0 and 2.2): 500 is the best
-    val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 2.05}
+    malta, gozo = WorkDir(tmp_path / "malta"), WorkDir(tmp_path / "gozo")
+    for r in (malta, gozo):
+        r.tokens.mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(uri)
+    train_run = client.create_run(client.create_experiment("geojepa")).info.run_id
+    (run / "checkpoints" / "train_config.json").write_text(json.dumps({"mlflow_run_id": train_run,
+                                                                       "tracking_uri": uri,
+                                                                       "regions": ["malta", "gozo"]}))
+    # validation MAE per checkpoint (twins 2.0 and 2.2): 500 and 1000 tie, the earlier is chosen
+    val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 1.9}
     seen = []
 
     def judge(model, regions, views, cfg):
         seen.append(model.name)
         return _cells(val[model.name])  # test figures (value) say the opposite: never read
 
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    client = mlflow.MlflowClient(uri)
-    train_run = client.create_run(client.create_experiment("geojepa")).info.run_id
-    (run / "checkpoints" / "train_config.json").write_text(json.dumps({"mlflow_run_id": train_run,
-                                                                       "tracking_uri": uri}))
     monkeypatch.setattr(arms, "judge", judge)
-    chosen = arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=2)
+    chosen = arms.select_checkpoint(run, [malta], tmp_path / "views", None, every=2)
     assert seen == ["step-00000500.pt", "step-00001000.pt"]  # every second, the last always among them
     assert chosen["chosen"].name == "step-00000500.pt"
-    assert chosen["rows"][0]["won"] == 2 and chosen["rows"][1]["won"] == 1  # 2.05 is not below every twin
+    assert [r["won"] for r in chosen["rows"]] == [2, 2]
     written = json.loads((run / "checkpoints" / "selection.json").read_text())
     assert written["chosen"] == "step-00000500.pt" and [r["step"] for r in written["rows"]] == [500, 1000]
+    assert all(set(r["cells"]["malta/building_count"]) == {"metric", "encoder", "val", "twins_val"}
+               for r in written["rows"])  # validation figures only
     logged = client.get_metric_history(train_run, "select.val_cells_won")  # the training run's own curves
-    assert sorted((m.step, m.value) for m in logged) == [(500, 2), (1000, 1)]
+    assert sorted((m.step, m.value) for m in logged) == [(500, 2), (1000, 2)]
     assert client.get_run(train_run).data.tags["select.chosen"] == "step-00000500.pt"
+
     seen.clear()
-    arms.select_checkpoint(run, [WorkDir(region)], tmp_path / "views", None, every=1)
+    val["step-00000750.pt"] = 1.5  # the best on validation, read on the rerun with every checkpoint
+    chosen = arms.select_checkpoint(run, [malta], tmp_path / "views", None, every=1)
     assert seen == ["step-00000250.pt", "step-00000750.pt"]  # 500 and 1000 read from selection.json
+    assert chosen["chosen"].name == "step-00000750.pt"
+    logged = client.get_metric_history(train_run, "select.val_cells_won")
+    assert sorted(m.step for m in logged) == [250, 500, 750, 1000]  # the rerun logs only what it read
+
+    seen.clear()
+    (run / "checkpoints" / "step-00000500.pt").write_bytes(b"xy")  # written again (a resumed training run)
+    arms.select_checkpoint(run, [malta], tmp_path / "views", None)
+    assert seen == ["step-00000500.pt"]
+    seen.clear()
+    arms.select_checkpoint(run, [malta, gozo], tmp_path / "views", None)  # other regions: all read again
+    assert len(seen) == 4
+
+
+def test_select_checkpoint_refuses_a_region_the_run_never_trained_on(tmp_path, monkeypatch):
+    import geojepa.arms as arms
+    from geojepa.workdir import WorkDir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010.pt").write_bytes(b"x")
+    (run / "checkpoints" / "train_config.json").write_text(json.dumps({"regions": ["malta"]}))
+    holdout = WorkDir(tmp_path / "liechtenstein")
+    holdout.tokens.mkdir(parents=True)
+    monkeypatch.setattr(arms, "judge", lambda *a: pytest.fail("read out before the check"))
+    with pytest.raises(GeoJepaError, match="liechtenstein: not among the regions .* trained on"):
+        arms.select_checkpoint(run, [holdout], tmp_path / "views", None)
 
 
 def test_select_checkpoint_without_checkpoints_is_a_clear_error(tmp_path):
