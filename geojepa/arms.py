@@ -70,9 +70,13 @@ def load_spec(path: Path) -> dict:
 
 def view(region: WorkDir, at: Path) -> WorkDir:
     """``at``: a work directory that links to ``region``'s artifacts and evaluation cache, with its own
-    manifests (all but evaluate's copied) and its own ``eval/``."""
-    mine = WorkDir(at)
+    manifests (all but evaluate's copied) and its own ``eval/``. A view of another region at ``at`` (the same
+    name, another folder) is replaced whole, its evaluation with it."""
+    mine, source = WorkDir(at), Path(at) / ".view-of"
+    if source.exists() and source.read_text() != str(region.path.resolve()):
+        shutil.rmtree(at)  # only links, copied manifests and the view's own eval/
     mine.manifests.mkdir(parents=True, exist_ok=True)
+    source.write_text(str(region.path.resolve()))
     own = {region.eval.path, region.manifests, region.model.checkpoints_dir.path}  # not linked
     for f in region.path.iterdir():
         if f in own or f.name.startswith(f".{region.eval.path.name}.tmp"):  # an evaluation being written
@@ -181,6 +185,8 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
     Each cell's encoder (target or context) is the one better on validation, as in the report: a best of
     two against each single twin, at every checkpoint alike. ``selection.json`` is written after each
     checkpoint; a rerun with the same regions, evaluate settings and code reuses its rows."""
+    if not Path(run).is_dir():
+        raise GeoJepaError(f"{run}: no such folder (a training run's folder, holding checkpoints/)")
     ckpt_dir = ModelDir(run).checkpoints_dir
     ckpts = ModelDir(run).checkpoints()
     if not ckpts:
@@ -213,16 +219,19 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
             cells = judge(c, regions, Path(views), cfg)
             val = {k: {"metric": v["metric"], "encoder": v["encoder"], "val": v["val"], "twins_val": v["twins_val"]}
                    for k, v in cells.items() if v["val"] is not None and v["twins_val"]}
-            if not val:
-                raise GeoJepaError(f"{c}: no task with validation figures on {', '.join(r.name for r in regions)} "
-                                   "(no labelled validation tiles?): nothing to choose on")
+            if empty := [r.name for r in regions if not any(k.startswith(f"{r.name}/") for k in val)]:
+                raise GeoJepaError(f"{', '.join(empty)}: no task with validation figures (each task needs labelled "
+                                   "tiles in every split, test included, for evaluate to read it out): choose on "
+                                   "other regions")
             done[step] = {"step": step, "checkpoint": c.name, "file": stamp, "cells": val}
             new.append(step)
         rows.append(done[step])
         common = set.intersection(*(set(r["cells"]) for r in rows))
         for r in rows:
             r.update(_val_score({k: r["cells"][k] for k in common}))
-        if step in new:
+        if step not in new:
+            log.info("select: step %d: read before (%s)", step, out)
+        else:
             log.info("select: step %d: better than every twin on validation in %d of %d cells, mean gain %+.3f",
                      step, done[step]["won"], len(common), done[step]["gain"])
         best = max(rows, key=lambda r: (r["won"], r["gain"], -r["step"]))
@@ -231,7 +240,8 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
                                        "rule": "most validation cells better than every twin, then mean gain, "
                                                "then the earlier", "rows": rows}, indent=1))
     log.info("select: %s chosen (written to %s)", ckpt_dir.path / best["checkpoint"], out)
-    _log_to_training_run(conf, [r for r in rows if r["step"] in new], best["checkpoint"])
+    if conf.get("out_dir") and Path(conf["out_dir"]).resolve() == Path(run).resolve():  # not a copy's origin
+        _log_to_training_run(conf, [r for r in rows if r["step"] in new], best["checkpoint"])
     return {"chosen": ckpt_dir.path / best["checkpoint"], "rows": rows}
 
 
@@ -247,7 +257,7 @@ def _log_to_training_run(conf: dict, rows: list[dict], chosen: str) -> None:
     """The newly read checkpoints' figures as curves of the training run's own MLflow run (beside its
     losses), when mlflow is installed and the run recorded one."""
     run_id, uri = conf.get("mlflow_run_id"), conf.get("tracking_uri")
-    if not run_id or not uri:
+    if not run_id or not uri or not rows:
         return
     try:
         import mlflow
@@ -261,6 +271,7 @@ def _log_to_training_run(conf: dict, rows: list[dict], chosen: str) -> None:
             client.log_metric(run_id, "select.val_cells_won", r["won"], step=r["step"])
             client.log_metric(run_id, "select.val_gain", r["gain"], step=r["step"])
         client.set_tag(run_id, "select.chosen", chosen)
+        log.info("select: figures logged to the training run %s at %s", run_id, mask_uri(uri))
     except mlflow.exceptions.MlflowException as e:
         log.warning("select: could not log to the training run %s at %s: %s", run_id, mask_uri(uri), e)
 

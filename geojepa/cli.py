@@ -280,8 +280,11 @@ def arms(
     within-tile share and the ridge read-out against every twin on a trained-on and a holdout region."""
     from geojepa.arms import run_arms
 
-    _setup(config, set_, verbose)
-    _run(lambda: run_arms(spec, out, str(config) if config else None, list(set_ or [])))
+    def go() -> list[dict]:
+        _setup(config, set_, verbose)  # inside: a bad config is a one-line error
+        return run_arms(spec, out, str(config) if config else None, list(set_ or []))
+
+    _run(go)
 
 
 @app.command("select-checkpoint")
@@ -295,15 +298,16 @@ def select_checkpoint(
 ) -> None:
     """Choose the checkpoint to ship and evaluate on validation, not the last one: each checkpoint read out
     the arms loop's way (ridge, masked, every twin) on REGIONS' validation tiles, ranked by the cells where it
-    beats every twin, then its mean gain. Writes RUN/checkpoints/selection.json; resumes when cut short."""
+    beats every twin, then its mean gain. Writes RUN/checkpoints/selection.json (the read-outs through views
+    of the regions in RUN/selection-views); a rerun reuses what is still valid. The same --config as the
+    evaluation's (the run's own training config does)."""
     from geojepa.arms import JUDGE
     from geojepa.arms import select_checkpoint as select
     from geojepa.config import load_config
     from geojepa.workdir import WorkDir
 
-    _setup(config, set_, verbose)
-
     def go() -> None:
+        _setup(config, set_, verbose)  # inside: a bad config is a one-line error
         cfg = load_config(str(config) if config else None, [*(set_ or []), *JUDGE, "tracking.enabled=false"])
         chosen = select(run, [WorkDir(r) for r in regions], run / "selection-views", cfg, every=every)
         for r in chosen["rows"]:

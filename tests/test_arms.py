@@ -123,11 +123,14 @@ def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path
         run_arms(path, out, None, ["train.lr=0.002"])
 
 
-def _cells(val: float) -> dict:
-    return {"malta/building_count": {"metric": "mae", "encoder": "geojepa", "value": 9.0, "twins": [9.0],
-                                     "val": val, "twins_val": [2.0, 2.2]},
-            "malta/bridge": {"metric": "roc_auc", "encoder": "geojepa", "value": 0.1, "twins": [0.9],
-                             "val": 0.8, "twins_val": [0.7, 0.75]}}
+def _cells(val: float, regions=("malta",)) -> dict:
+    cells = {}
+    for r in regions:
+        cells[f"{r}/building_count"] = {"metric": "mae", "encoder": "geojepa", "value": 9.0, "twins": [9.0],
+                                        "val": val, "twins_val": [2.0, 2.2]}
+        cells[f"{r}/bridge"] = {"metric": "roc_auc", "encoder": "geojepa", "value": 0.1, "twins": [0.9],
+                                "val": 0.8, "twins_val": [0.7, 0.75]}
+    return cells
 
 
 def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp_path, monkeypatch):
@@ -146,16 +149,15 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = mlflow.MlflowClient(uri)
     train_run = client.create_run(client.create_experiment("geojepa")).info.run_id
-    (run / "checkpoints" / "train_config.json").write_text(json.dumps({"mlflow_run_id": train_run,
-                                                                       "tracking_uri": uri,
-                                                                       "regions": ["malta", "gozo"]}))
+    conf = {"mlflow_run_id": train_run, "tracking_uri": uri, "regions": ["malta", "gozo"], "out_dir": str(run)}
+    (run / "checkpoints" / "train_config.json").write_text(json.dumps(conf))
     # validation MAE per checkpoint (twins 2.0 and 2.2): 500 and 1000 tie, the earlier is chosen
     val = {"step-00000250.pt": 2.3, "step-00000500.pt": 1.9, "step-00000750.pt": 2.1, "step-00001000.pt": 1.9}
     seen = []
 
     def judge(model, regions, views, cfg):
         seen.append(model.name)
-        return _cells(val[model.name])  # test figures (value) say the opposite: never read
+        return _cells(val[model.name], [r.name for r in regions])  # test figures (value): never read
 
     monkeypatch.setattr(arms, "judge", judge)
     chosen = arms.select_checkpoint(run, [malta], tmp_path / "views", None, every=2)
@@ -186,6 +188,28 @@ def test_the_checkpoint_is_chosen_on_validation_only_and_a_selection_resumes(tmp
     arms.select_checkpoint(run, [malta, gozo], tmp_path / "views", None)  # other regions: all read again
     assert len(seen) == 4
 
+    copy = tmp_path / "copy"  # a copy of the run folder: its selection is its own, not the original run's
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "selection.json").unlink()
+    arms.select_checkpoint(copy, [malta], tmp_path / "views", None)
+    assert len(client.get_metric_history(train_run, "select.val_cells_won")) == 9  # 2 + 2 + 1 + 4, then none
+
+
+def test_a_view_of_another_region_of_the_same_name_is_replaced(tmp_path):
+    from geojepa.arms import view
+    from geojepa.workdir import WorkDir
+
+    one, two = WorkDir(tmp_path / "a" / "kotka"), WorkDir(tmp_path / "b" / "kotka")
+    for r in (one, two):
+        r.tokens.mkdir(parents=True)
+        (r.path / "tiles.parquet").write_text(str(r.path))
+    v = view(one, tmp_path / "views" / "kotka")
+    v.eval.path.mkdir()  # an evaluation of the first region's view
+    assert (v.path / "tiles.parquet").read_text() == str(one.path)
+    v = view(two, tmp_path / "views" / "kotka")
+    assert (v.path / "tiles.parquet").read_text() == str(two.path) and not v.eval.path.exists()
+    assert (v.path / "tokens").resolve() == two.tokens.resolve()
+
 
 def test_select_checkpoint_refuses_a_region_the_run_never_trained_on(tmp_path, monkeypatch):
     import geojepa.arms as arms
@@ -206,5 +230,8 @@ def test_select_checkpoint_without_checkpoints_is_a_clear_error(tmp_path):
     from geojepa.arms import select_checkpoint
     from geojepa.workdir import WorkDir
 
+    with pytest.raises(GeoJepaError, match="nowhere: no such folder"):
+        select_checkpoint(tmp_path / "nowhere", [WorkDir(tmp_path)], tmp_path / "views", None)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(GeoJepaError, match="no step-\\*.pt checkpoint"):
         select_checkpoint(tmp_path / "empty", [WorkDir(tmp_path)], tmp_path / "views", None)
