@@ -163,11 +163,11 @@ def judge(model: Path | str, judges: list[WorkDir], views: Path, cfg) -> dict[st
         results = read_table(v.eval.results, EVAL_RESULTS).to_pylist()
         for task, enc in chosen_encoders(results, "ridge").items():
             metric = headline_metric(task)
-            get = {r["model"]: r["mean"] for r in results
-                   if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)}
+            cell = [r for r in results
+                    if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)]
+            get = {r["model"]: r["mean"] for r in cell}
+            val = {r["model"]: r.get("val_mean") for r in cell}
             twins = [x for m, x in get.items() if is_twin(m) and x is not None]
-            val = {r["model"]: r.get("val_mean") for r in results
-                   if (r["setting"], r["task"], r["probe"], r["metric"]) == ("masked", task, "ridge", metric)}
             cells[f"{region.name}/{task}"] = {"metric": metric, "encoder": enc, "value": get.get(enc), "twins": twins,
                                               "tagpool": get.get("tagpool"),
                                               "seen": evaluated.summary.seen_in_training,
@@ -200,9 +200,9 @@ def select_checkpoint(run: Path, regions: list[WorkDir], views: Path, cfg, every
         if "regions" in conf and r.name not in conf["regions"]:
             raise GeoJepaError(f"{r.path}: not among the regions {run} was trained on ({', '.join(conf['regions'])}); "
                                "choose on trained-on regions' validation tiles, never a holdout's")
-    if len(ckpts) <= conf.get("keep_last", 0) < conf.get("max_steps", 0) // max(conf.get("checkpoint_every", 1), 1):
-        log.warning("select: %s keeps only its last %d checkpoints (train.keep_last): the earlier ones are gone",
-                    ckpt_dir.path, conf["keep_last"])
+    if conf.get("checkpoint_every") and checkpoint_step(ckpts[0]) > conf["checkpoint_every"]:
+        log.warning("select: %s starts at step %d: the earlier checkpoints are gone (train.keep_last %s)",
+                    ckpt_dir.path, checkpoint_step(ckpts[0]), conf.get("keep_last"))
     same = {"regions": [str(r.path.resolve()) for r in regions],
             "evaluate": cfg.evaluate.model_dump(mode="json") if cfg is not None else None,
             "code": code_version("geojepa.evaluate", "geojepa.arms")}
