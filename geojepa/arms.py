@@ -32,6 +32,8 @@ folder to run it again.
 The choice, decided in the spec before any result: an arm *wins* a cell when every one of its seeds is better
 than every twin there; arms rank by the cells they win on each judge region in ``rank_by`` order (default: the
 judge regions last to first, the holdout listed last counting first), then by their mean ``jepa_gain`` share.
+``choose_on`` (default ``validation``): the cells' figures the rule reads, each region's validation tiles
+(the test tiles are reported beside, never chosen on) or, as the first three rounds did, ``test``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def load_spec(path: Path) -> dict:
         raise GeoJepaError(f"{path}: the arms spec needs {', '.join(missing)} (see geojepa/arms.py)")
     if not isinstance(spec["arms"], dict):
         raise GeoJepaError(f"{path}: arms: a mapping of name -> list of overrides")
+    if spec.setdefault("choose_on", "validation") not in ("validation", "test"):
+        raise GeoJepaError(f"{path}: choose_on: validation or test, not {spec['choose_on']!r}")
     return spec
 
 
@@ -306,18 +310,25 @@ def _earlier_rows(out: Path, spec: dict, base: dict) -> dict[tuple[str, int], di
     return {(r["arm"], r["seed"]): r for r in earlier.get("rows", [])} if same else {}
 
 
-def choice(rows: list[dict], rank_by: list[str]) -> list[dict]:
+def figures(cell: dict, on: str) -> dict:
+    """A judged cell with the figures of ``on`` (``validation`` or ``test``) as its value and twins."""
+    if on == "validation":
+        return {**cell, "value": cell.get("val"), "twins": cell.get("twins_val") or []}
+    return cell
+
+
+def choice(rows: list[dict], rank_by: list[str], on: str = "validation") -> list[dict]:
     """Per arm, best first by the rule in this module's docstring: its seeds, the cells it wins (every seed
-    better than every twin) on each region, and its mean jepa_gain share. An arm with fewer seeds than the
-    most any arm has (a loop cut short) ranks after every complete one, marked ``complete: False``: one seed
-    wins a cell more easily than two."""
+    better than every twin, on the figures of ``on``) on each region, and its mean jepa_gain share. An arm with
+    fewer seeds than the most any arm has (a loop cut short) ranks after every complete one, marked
+    ``complete: False``: one seed wins a cell more easily than two."""
     arms: dict[str, list[dict]] = {}
     for r in rows:
         arms.setdefault(r["arm"], []).append(r)
     ranked = []
     for arm, runs in arms.items():
         cells = set.intersection(*(set(r["judge"]) for r in runs))
-        won = sorted(c for c in cells if all(_better(r["judge"][c]) for r in runs))
+        won = sorted(c for c in cells if all(_better(figures(r["judge"][c], on)) for r in runs))
         shares = [r["jepa_gain"] / r["trivial"] for r in runs if r.get("trivial") and r.get("jepa_gain") is not None]
         ranked.append({"arm": arm, "seeds": [r["seed"] for r in runs], "won": won,
                        "by_region": [sum(c.split("/")[0] == region for c in won) for region in rank_by],
@@ -338,10 +349,12 @@ def _better(c: dict) -> bool | None:
 
 def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, rank_by: list[str]) -> None:
     rows = [*rows, *pending.values()]
+    on = spec.get("choose_on", "validation")
     cells = list(dict.fromkeys(k for r in rows for k in r["judge"]))
     lines = [f"# Arms: {spec['steps']} steps, seeds {spec['seeds']}", "",
              f"Trained on {len(spec['data'])} regions; read out on {', '.join(Path(j).name for j in spec['judge'])} "
-             "(ridge, masked, protocol v2; point estimates on each region's test tiles). *gain*: trivial "
+             f"(ridge, masked, protocol v2; point estimates on each region's {on} tiles"
+             + ("; the test tiles' below" if on == "validation" else "") + "). *gain*: trivial "
              "per-(tile, modality) context-mean loss minus the JEPA loss at the last step, and its share of the "
              "trivial loss (*val gain*: the same on validation tiles under fixed masks); *within*: the "
              "within-tile share of the target's variance (training batch / validation "
@@ -354,24 +367,33 @@ def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, r
     def f(x, d=3):
         return "-" if x is None else f"{x:.{d}f}"
 
-    for r in rows:
-        share = None if not r["trivial"] else r["jepa_gain"] / r["trivial"]
-        val_share = None if not r.get("val_trivial") else r["val_jepa_gain"] / r["val_trivial"]
-        judged = []
+    def judged(r: dict, kind: str) -> list[str]:
+        out = []
         for k in cells:
             c = r["judge"].get(k)
+            c = None if c is None else figures(c, kind)
             if c is None or c["value"] is None:
-                judged.append("-")
+                out.append("-")
                 continue
             text = f"{c['value']:.3f} (twins {min(c['twins']):.3f} to {max(c['twins']):.3f})" if c["twins"] else \
                 f"{c['value']:.3f}"
-            judged.append(f"**{text}**" if _better(c) else text)
+            out.append(f"**{text}**" if _better(c) else text)
+        return out
+
+    for r in rows:
+        share = None if not r["trivial"] else r["jepa_gain"] / r["trivial"]
+        val_share = None if not r.get("val_trivial") else r["val_jepa_gain"] / r["val_trivial"]
         lines.append(f"| {r['arm']} | {r['seed']} | {f(r['jepa'])} | {f(r['jepa_gain'])} ({f(share, 2)}) | "
                      f"{f(r.get('val_jepa_gain'))} ({f(val_share, 2)}) | "
                      f"{f(r['within_share'], 2)} / {f(r['val_within_share'], 2)} | {f(r['val_mean_cos'])} | "
-                     + " | ".join(judged) + " |")
-    ranked = choice(rows, rank_by)
-    lines += ["", f"Choice (rule: an arm wins a cell when every seed run is better than every twin; ranked by cells "
+                     + " | ".join(judged(r, on)) + " |")
+    if on == "validation":
+        lines += ["", "The same on each region's test tiles (reported, never chosen on):", "",
+                  "| arm | seed | " + " | ".join(cells) + " |", "|---|---|" + "---|" * len(cells)]
+        lines += [f"| {r['arm']} | {r['seed']} | " + " | ".join(judged(r, "test")) + " |" for r in rows]
+    ranked = choice(rows, rank_by, on)
+    lines += ["", f"Choice (rule, on the {on} figures: an arm wins a cell when every seed run is better than every "
+                  "twin; ranked by cells "
                   f"won on {', then '.join(rank_by)}, then mean gain share):", "",
               "| rank | arm | seeds | " + " | ".join(f"won on {r}" for r in rank_by)
               + " | mean gain share | cells won |",

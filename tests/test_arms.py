@@ -62,6 +62,9 @@ def test_a_spec_without_arms_is_a_clear_error(tmp_path):
     spec.write_text("steps: 10\nseeds: [0]\n")
     with pytest.raises(GeoJepaError, match="arms.yaml: the arms spec needs data, judge, arms"):
         run_arms(spec, tmp_path / "out", None, [])
+    spec.write_text("steps: 10\nseeds: [0]\ndata: [a]\njudge: [a]\narms: {x: []}\nchoose_on: tests\n")
+    with pytest.raises(GeoJepaError, match="choose_on: validation or test, not 'tests'"):
+        run_arms(spec, tmp_path / "out", None, [])
 
 
 def _row(arm, seed, values, gain=0.1, overrides=()):
@@ -76,7 +79,7 @@ def test_the_choice_needs_every_seed_better_than_every_twin_and_ranks_the_holdou
     rows = [_row("a", 0, {"malta/x": 1.0, "holdout/x": 1.0}), _row("a", 1, {"malta/x": 1.0, "holdout/x": 3.0}),
             _row("b", 0, {"malta/x": 3.0, "holdout/x": 1.9}), _row("b", 1, {"malta/x": 3.0, "holdout/x": 1.5}),
             _row("c", 0, {"malta/x": 1.0, "holdout/x": 1.0}, gain=-0.5)]
-    ranked = choice(rows, ["holdout", "malta"])
+    ranked = choice(rows, ["holdout", "malta"], "test")
     # b wins the holdout; a's second seed is worse than the twins there; c wins both with its one seed, but a
     # loop cut short ranks an arm with fewer seeds after the complete ones
     assert [a["arm"] for a in ranked] == ["b", "a", "c"] and [a["complete"] for a in ranked] == [True, True, False]
@@ -84,7 +87,14 @@ def test_the_choice_needs_every_seed_better_than_every_twin_and_ranks_the_holdou
     assert ranked[1]["won"] == ["malta/x"]
     assert ranked[0]["gain_share"] == pytest.approx(0.1)
     tie = [_row("p", 0, {"malta/x": 3.0}, gain=0.0), _row("q", 0, {"malta/x": 3.0}, gain=-0.2)]
-    assert [a["arm"] for a in choice(tie, ["malta"])] == ["p", "q"]  # a zero gain share is a value, not missing
+    assert [a["arm"] for a in choice(tie, ["malta"], "test")] == ["p", "q"]  # a zero gain share is a value
+    # by default the rule reads the validation figures: the test figures above decide nothing
+    for r, val in zip(rows, (3.0, 3.0, 1.0, 1.5, 1.0), strict=True):
+        for c in r["judge"].values():
+            c.update(val=val, twins_val=[2.0, 2.1])
+    ranked = choice(rows, ["holdout", "malta"])
+    assert [a["arm"] for a in ranked][0] == "b" and ranked[0]["won"] == ["holdout/x", "malta/x"]
+    assert ranked[1]["arm"] == "a" and ranked[1]["won"] == []
 
 
 def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path):
@@ -92,7 +102,7 @@ def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path
     for r in regions:
         (r / "tokens").mkdir(parents=True)
     spec = {"steps": 2, "seeds": [0], "data": [str(regions[0])], "judge": [str(r) for r in regions],
-            "arms": {"a": [], "b": ["train.regulariser=target"]}}
+            "arms": {"a": [], "b": ["train.regulariser=target"]}, "choose_on": "test"}
     path = tmp_path / "arms.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"

@@ -82,3 +82,22 @@ def test_a_single_entity_is_masked_across_modalities():
     rng = np.random.default_rng(0)
     m = make_mask(np.full((2, 2), 0.5), np.array([0, 1]), rng, MaskConfig(), np.array([0, 0]))
     assert m.kind == "modality" and len(m.context) == 1 and len(np.concatenate(m.targets)) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(entities=st.integers(2, 300), seed=st.integers(0, 2**31 - 1), p=st.sampled_from([0.3, 1.0]))
+def test_partial_entity_masks_show_one_token_of_a_target_entity_and_keep_the_other_a_target(entities, seed, p):
+    rng = np.random.default_rng(seed)
+    centres = np.tile(rng.random((entities, 2)), (2, 1))
+    modality = np.repeat([0, 1], entities)
+    entity = np.tile(np.arange(entities), 2)
+    m = make_mask(centres, modality, rng, MaskConfig(p_partial=p, p_modality=0.0), entity)
+    targets = np.unique(np.concatenate(m.targets))
+    assert len(m.context) and len(targets) and not set(m.context.tolist()) & set(targets.tolist())
+    assert len(m.context) + len(targets) == len(centres) and all(len(b) for b in m.targets)
+    split = set(entity[targets].tolist()) & set(entity[m.context].tolist())
+    whole = set(entity[targets].tolist()) - split
+    if p == 1.0:  # every target entity shows one token: none is a target whole
+        assert not whole and split
+    for e in split:  # a partial entity: one token context, the other a target
+        assert (entity[targets] == e).sum() == 1 and (entity[m.context] == e).sum() == 1

@@ -573,3 +573,39 @@ def test_the_monitor_reports_the_jepa_gain_on_validation_tiles_under_masks_fixed
             p.mul_(0.0)
     assert monitor(model)["val.jepa"] != first["val.jepa"]  # it reads the model it is given
     assert "val.jepa" not in CollapseMonitor(val, mods, "cpu")(model)  # without the collator: collapse only
+
+
+def test_fourier_positions_and_the_tile_head_train_and_the_encoder_loads_with_its_own_position_width(w, cfg):
+    from geojepa.model.jepa import encoder_from_checkpoint
+    from geojepa.model.layers import PositionMLP
+
+    pos = torch.rand(5, 8)
+    mlp = PositionMLP(16, fourier=3)
+    assert mlp.net[0].in_features == 8 * 7 and mlp(pos).shape == (5, 16)
+    assert "freqs" not in mlp.state_dict()  # derived from the setting, not stored
+    train(_resolved(cfg, w, modalities=("tags", "geometry"), regulariser="target", target_centre=True,
+                    pos_fourier=3, tile_head=0.5, max_steps=3))
+    history = json.loads((w / "checkpoints" / "history.json").read_text())
+    assert all({"tile", "tile_gain"} <= set(h) and math.isfinite(h["tile"]) for h in history)
+    ckpt = sorted((w / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)
+    assert any(k.startswith("tile_head.") for k in state["model"])
+    encoder, conf = encoder_from_checkpoint(ckpt)
+    assert conf["pos_fourier"] == 3 and encoder.pos.net[0].in_features == 8 * 7
+    twin, _ = encoder_from_checkpoint(ckpt, untrained=True)
+    assert twin.pos.net[0].in_features == 8 * 7  # the twin has the same architecture
+
+
+def test_the_tile_head_adds_its_loss_and_is_refused_on_a_model_without_it(w):
+    data = ShardDataset(w / "tokens", "train", ("tags", "geometry"))
+    sizes = ModelConfig(dims=(data.dims["tags"], data.dims["geometry"], 0), width=32, depth=1, heads=4, mlp=64,
+                        pred_width=16, pred_depth=1, pred_heads=2)
+    batch = Collator(("tags", "geometry"), data.dims, seed=0)([data[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = GeoJEPA(sizes, tile_head=True)
+    with torch.no_grad():
+        plain, headed = model(batch, regulariser="target"), model(batch, regulariser="target", tile_head=2.0)
+    assert "tile" not in plain and float(headed["tile"]) > 0
+    assert float(headed["loss"]) >= float(plain["loss"]) + 2.0 * float(headed["tile"]) - 1e-5
+    with pytest.raises(ValueError, match="tile_head > 0 needs a model built with its head"):
+        GeoJEPA(sizes)(batch, tile_head=1.0)

@@ -252,7 +252,7 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
 def _architecture(trained: Trained) -> dict:
     c = trained.config
     return {"modalities": list(trained.modalities), **{k: c[k] for k in ("width", "depth", "heads", "mlp")},
-            "digest": trained.digest}
+            **({"pos_fourier": c["pos_fourier"]} if c.get("pos_fourier") else {}), "digest": trained.digest}
 
 
 def _role(w: WorkDir, trained: Trained) -> tuple[bool, str]:

@@ -60,7 +60,7 @@ class Encoder(nn.Module):
         # N(0, 1) it was a vector of length ~sqrt(width) beside content of length ~1, so the modality alone
         # explained most of the outputs' variance and the predictor could lower the loss by predicting it.
         self.proj_norm = nn.ModuleList(nn.LayerNorm(cfg.width) if d else nn.Identity() for d in cfg.dims)
-        self.pos = PositionMLP(cfg.width)
+        self.pos = PositionMLP(cfg.width, fourier=cfg.pos_fourier)
         self.modality = nn.Embedding(len(MODALITIES), cfg.width)
         nn.init.normal_(self.modality.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp) for _ in range(cfg.depth))
@@ -86,7 +86,7 @@ class Predictor(nn.Module):
         self.inp = nn.Linear(cfg.width, cfg.pred_width)
         self.mask_token = nn.Parameter(torch.zeros(cfg.pred_width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.pos = PositionMLP(cfg.pred_width)
+        self.pos = PositionMLP(cfg.pred_width, fourier=cfg.pos_fourier)
         self.modality = nn.Embedding(len(MODALITIES), cfg.pred_width)
         nn.init.normal_(self.modality.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.pred_width, cfg.pred_heads, 4 * cfg.pred_width)
@@ -194,18 +194,21 @@ def tile_means(encoder: Encoder, b: TokenBatch, tokens: bool = False):
 
 
 class GeoJEPA(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tile_head: bool = False):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.predictor = Predictor(cfg)
+        # With centred targets the predictor earns nothing for the tile's own meaning; this head (training only,
+        # not part of the encoder) predicts each tile's mean target from its context's mean output.
+        self.tile_head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.width)) if tile_head else None
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
 
     def forward(self, b: TokenBatch, vicreg_scale: float = 0.02, var_weight: float = 25.0,
-                cov_weight: float = 1.0, regulariser: str = "vicreg", target_centre: bool = False
-                ) -> dict[str, torch.Tensor]:
+                cov_weight: float = 1.0, regulariser: str = "vicreg", target_centre: bool = False,
+                tile_head: float = 0.0) -> dict[str, torch.Tensor]:
         """The loss and its parts. ``regulariser``: ``vicreg`` (VICReg terms on the predictions and on the tiles'
         mean context embeddings) or ``target`` (on the predictions only, measured against the targets' own
         statistics: see ``target_relative_terms``). Diagnostics (no gradient): ``trivial``, the loss of predicting each
@@ -214,7 +217,10 @@ class GeoJEPA(nn.Module):
         that saw the whole tile, the masked tokens included, so it is a strict bar); ``within_share``, the
         share of the targets' variance that is within tiles (a shared tile-wide component lowers it).
         ``target_centre`` subtracts from every target that same context mean (the trivial prediction is then
-        0, and ``trivial`` the same number as without centring)."""
+        0, and ``trivial`` the same number as without centring). ``tile_head`` > 0 (a model built with the head)
+        adds that weight times the loss of predicting each tile's mean (uncentred) target, over all its tokens,
+        from its context tokens' mean output (``tile``), with the regulariser's terms on those predictions
+        when it is ``target``; ``tile_gain``: the loss of predicting every tile as the batch's mean minus it."""
         with torch.no_grad():
             raw = self.target_encoder(self.target_encoder.embed(b), Packing(b.doc, b.n_tiles, b.pad_to_max))
             raw = F.layer_norm(raw, (raw.shape[-1],)).float()
@@ -245,11 +251,26 @@ class GeoJEPA(nn.Module):
             var = torch.stack([t[0] for t in terms]).mean() if terms else zero
             cov = torch.stack([t[1] for t in terms]).mean() if terms else zero
         loss = jepa + vicreg_scale * (var_weight * var + cov_weight * cov)
+        extra = {}
+        if tile_head and self.tile_head is None:
+            raise ValueError("tile_head > 0 needs a model built with its head: GeoJEPA(cfg, tile_head=True)")
+        if tile_head:
+            tile_target = _group_mean(raw, b.doc, b.n_tiles)
+            tile_pred = self.tile_head(_group_mean(context_out.float(), b.doc[b.context], b.n_tiles)).float()
+            tile_loss = F.smooth_l1_loss(tile_pred, tile_target, beta=1.0)
+            tile_reg = zero
+            if regulariser == "target" and b.n_tiles >= 2:
+                tv, tc = target_relative_terms(tile_pred, tile_target)
+                tile_reg = vicreg_scale * (var_weight * tv + cov_weight * tc)
+            loss = loss + tile_head * (tile_loss + tile_reg)
+            with torch.no_grad():
+                mean_only = F.smooth_l1_loss(tile_target.mean(0).expand_as(tile_target), tile_target, beta=1.0)
+            extra = {"tile": tile_loss.detach(), "tile_gain": mean_only - tile_loss.detach()}
         with torch.no_grad():  # on the uncentred targets (centred, the same value: the trivial prediction is 0)
             trivial = F.smooth_l1_loss(_context_mean(raw, group, b.context, src, b.doc, b.n_tiles), raw[src], beta=1.0)
         out = {"loss": loss, "jepa": jepa.detach(), "var": var.detach(), "cov": cov.detach(),
                "std": pred.detach().std(0, correction=0).mean(), "trivial": trivial,
-               "jepa_gain": trivial - jepa.detach(), "within_share": within_share(raw, b.doc, b.n_tiles)}
+               "jepa_gain": trivial - jepa.detach(), "within_share": within_share(raw, b.doc, b.n_tiles), **extra}
         if tile is not None:
             out["tile_std"] = tile.detach().std(0, correction=0).mean()
         return out
@@ -292,7 +313,8 @@ def encoder_from_checkpoint(
     c, weights = state["config"], state["model"]
     dims = tuple(weights[f"encoder.proj.{i}.weight"].shape[1] if f"encoder.proj.{i}.weight" in weights else 0
                  for i in range(len(MODALITIES)))
-    cfg = ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"])
+    cfg = ModelConfig(dims=dims, width=c["width"], depth=c["depth"], heads=c["heads"], mlp=c["mlp"],
+                      pos_fourier=c.get("pos_fourier", 0))
     torch.manual_seed(seed)
     encoder = Encoder(cfg)
     if not untrained:

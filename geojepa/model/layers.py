@@ -120,12 +120,24 @@ class Block(nn.Module):
 
 
 class PositionMLP(nn.Module):
-    """The 8 numbers of a token's position (rotated-bbox corners) -> the model width."""
+    """The 8 numbers of a token's position (rotated-bbox corners, tile coordinates in about [0, 1]) -> the model
+    width. ``fourier`` > 0 adds their sines and cosines at pi x 2^i (i < fourier; the finest a wavelength of
+    2 / 2^(fourier-1) of the tile): a small MLP on raw coordinates resolves fine positions poorly (the
+    spectral bias of Tancik et al., 2020)."""
 
-    def __init__(self, dim: int, hidden: int = 128):
+    def __init__(self, dim: int, hidden: int = 128, fourier: int = 0):
         super().__init__()
+        if fourier:
+            self.register_buffer("freqs", torch.pi * 2.0 ** torch.arange(fourier, dtype=torch.float32),
+                                 persistent=False)
+        else:
+            self.freqs = None
         # Normalised output: position is one part of a token's input, on the same scale as its content.
-        self.net = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.LayerNorm(dim))
+        self.net = nn.Sequential(nn.Linear(8 * (1 + 2 * fourier), hidden), nn.GELU(), nn.Linear(hidden, dim),
+                                 nn.LayerNorm(dim))
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.freqs is not None:
+            angles = (pos[..., None] * self.freqs.to(pos.dtype)).flatten(-2)  # (..., 8 x fourier)
+            pos = torch.cat([pos, torch.sin(angles), torch.cos(angles)], dim=-1)
         return self.net(pos)

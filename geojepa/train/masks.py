@@ -14,11 +14,16 @@ defaults):
 Random and area masks take whole entities (``entity``: the tokens of one
 entity, its tags and geometry tokens, share an id): an entity's tag token as
 context would give away its geometry token as a target, at the same position.
+Partial entity masks (``p_partial``, off by default) do that on purpose: each
+target entity of several tokens keeps, with that chance, one of them (tags or
+geometry) as context, so its other token is predicted from it, as the masked
+evaluation shows entities by one of their tokens alone.
 
 Invariants for every tile of 2 or more tokens: context and targets are
 non-empty and disjoint, and the minimum context share holds (targets are
 given back at random until it does); outside the modality strategy no entity
-is split between context and targets (when a tile has 2 or more entities).
+is split between context and targets (when a tile has 2 or more entities),
+but for the partial entities, each of which keeps at least one target.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
             def tokens(groups: np.ndarray) -> np.ndarray:
                 return np.sort(np.concatenate([order[bounds[g] : bounds[g + 1]] for g in groups]))
 
-            return Mask(tokens(m.context), [tokens(b) for b in m.targets], m.kind)
+            mask = Mask(tokens(m.context), [tokens(b) for b in m.targets], m.kind)
+            return _partial(mask, entity, rng, cfg.p_partial) if cfg.p_partial else mask
     if len(modalities) > 1 and u < cfg.p_modality:
         return _by_modality(modality, rng, cfg)
     if rng.random() < cfg.p_random:
@@ -84,6 +90,19 @@ def make_mask(centres: np.ndarray, modality: np.ndarray, rng: np.random.Generato
     for b in blocks:
         is_target[b] = True
     return _finish(is_target, blocks, cfg.area_min_context, rng, "area")
+
+
+def _partial(mask: Mask, entity: np.ndarray, rng: np.random.Generator, p: float) -> Mask:
+    """Each target entity of 2 or more target tokens, with chance ``p``: one of its tokens, at random, moves
+    to the context (out of every block)."""
+    targets = np.unique(np.concatenate(mask.targets))
+    shuffled = rng.permutation(targets)
+    ents, first, counts = np.unique(entity[shuffled], return_index=True, return_counts=True)
+    shown = shuffled[first[(counts >= 2) & (rng.random(len(ents)) < p)]]  # one random token of each chosen
+    if not len(shown):
+        return mask
+    blocks = [b[~np.isin(b, shown)] for b in mask.targets]
+    return Mask(np.union1d(mask.context, shown), [b for b in blocks if len(b)], mask.kind)
 
 
 def _by_modality(modality: np.ndarray, rng: np.random.Generator, cfg: MaskConfig) -> Mask:

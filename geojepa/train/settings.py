@@ -37,6 +37,9 @@ class MaskConfig:
     area_aspect: tuple[float, float] = (0.5, 2.0)  # their aspect ratios: log-uniform in this range
     area_min_context: float = setting(0.15, gt=0, lt=1)
     target_box: bool = False  # the predictor is told each target's rotated box (True) or only its centre
+    # random and area masks: chance that a target entity with several tokens keeps one of them (tags or
+    # geometry, at random) as context, so that its other token is predicted from it (partial entity masks)
+    p_partial: float = setting(0.0, ge=0, le=1)
 
     def __post_init__(self):
         check(self)
@@ -83,6 +86,9 @@ class TrainSettings:
     # target: on the predictions only, against the targets' own per-dimension std and covariance
     regulariser: Literal["vicreg", "target"] = "vicreg"
     target_centre: bool = False  # predict each target minus its (tile, modality)'s context mean target
+    # > 0: a head predicts each tile's mean target from its context's mean output, its loss with this weight
+    # (the tile's meaning, which centred targets no longer ask of the predictor)
+    tile_head: float = setting(0.0, ge=0)
     max_entities_per_tile: int | None = setting(None, ge=1)  # a longer training tile: a random spatial crop of it
     # a rank's (micro-)batch: at most this many tokens (after the crop), its tiles of similar lengths split into
     # consecutive parts; a longer tile goes alone. None: batch_tiles alone bounds a batch

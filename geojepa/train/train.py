@@ -262,7 +262,7 @@ def train(run: TrainRun | Mapping) -> dict:
     collate = Collator(modalities, data.dims, s.seed, s.masks, pad_to_max=s.pad_to_max,
                        max_entities=s.max_entities_per_tile, entity_dropout=s.entity_dropout)
     dims = tuple(data.dims[m] if m in modalities else 0 for m in ("tags", "geometry", "image"))
-    model = GeoJEPA(ModelConfig(dims=dims, **dataclasses.asdict(run.model))).to(device)
+    model = GeoJEPA(ModelConfig(dims=dims, **dataclasses.asdict(run.model)), tile_head=s.tile_head > 0).to(device)
     # The target's initial weights (the untrained twin evaluation compares against; rebuilt the same way on
     # resume, since the model is built from the seed): its drift from them is logged.
     target_init = _flat(model.target_encoder) if rank == 0 else None
@@ -287,7 +287,7 @@ def train(run: TrainRun | Mapping) -> dict:
     forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     run, tracker = _tracker(run, rank)
     loss_weights = dict(vicreg_scale=s.vicreg_scale, var_weight=s.var_weight, cov_weight=s.cov_weight,
-                        regulariser=s.regulariser, target_centre=s.target_centre)
+                        regulariser=s.regulariser, target_centre=s.target_centre, tile_head=s.tile_head)
     monitor = CollapseMonitor(validation_set(run, modalities, data), modalities, device, seed=s.seed, collate=collate,
                               loss_weights=loss_weights) if rank == 0 else None
     if monitor and step == 0:
