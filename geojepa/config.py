@@ -187,6 +187,7 @@ class EvaluateConfig(Section):
     gallery_k: int = Field(5, gt=0)
     embed_batch_tiles: int = Field(256, gt=0)  # tiles read at once; embedded in chunks of similar length
     map: Literal["umap", "pca"] = "umap"  # 2-D map of the tile embeddings
+    pictures: bool = True  # galleries, maps and training curves; false: the figures and tables only (read-outs)
     cache: bool = True  # reuse what does not depend on the model (W/.eval-cache: twins, peers, their probes)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

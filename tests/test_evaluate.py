@@ -167,9 +167,13 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
     train({**cfg.train.model_copy(update={**TINY, "modalities": ("tags", "geometry", "image"), "max_steps": 1})
            .model_dump(mode="json"), "work_dir": str(tmp_path)})
     c = load_config(overrides=["tracking.enabled=false", *FAST, "evaluate.tasks=[building_count]",
-                               "evaluate.probes=[linear]", "evaluate.seeds=1", "evaluate.max_epochs=5"])
+                               "evaluate.probes=[linear]", "evaluate.seeds=1", "evaluate.max_epochs=5",
+                               "evaluate.pictures=false"])
     summary = evaluate(tmp_path, c).as_dict()
     assert summary["masked_images"] == "left out (rendered from the tags)"
+    # evaluate.pictures=false: the figures and tables only, no gallery, map or curves drawn
+    assert summary["pictures"] == {} and not list((tmp_path / "eval").glob("*.png"))
+    assert (tmp_path / "eval" / "results.parquet").exists()
     assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
     from data_contracts import PREDICTIONS, TILE_IMAGES, write_table
 

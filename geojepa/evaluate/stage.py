@@ -223,7 +223,8 @@ def _phases(w: WorkDir, paths: dict, trained: Trained, section, proto: Protocol,
     del every
     lap("retrieval")
     tiles = np.concatenate([pools["geojepa"].mean, pools["geojepa"].max], 1)  # what geojepa embed gives
-    pictures = retrieval.pictures(tmp, paths, tok, scan, meta, tiles, spill, section, trained.checkpoint)
+    pictures = retrieval.pictures(tmp, paths, tok, scan, meta, tiles, spill, section, trained.checkpoint) \
+        if section.pictures else {}
     release()
     lap("pictures")
 
