@@ -245,3 +245,15 @@ def test_select_checkpoint_without_checkpoints_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GeoJepaError, match="no step-\\*.pt checkpoint"):
         select_checkpoint(tmp_path / "empty", [WorkDir(tmp_path)], tmp_path / "views", None)
+
+
+def test_a_tokenizer_mismatch_through_a_view_names_the_region_the_link_stands_for(tmp_path):
+    from geojepa.encoding.models import Trained, check_tokens
+
+    region = tmp_path / "malta" / "tokens"
+    region.mkdir(parents=True)
+    (tmp_path / "view").mkdir()
+    (tmp_path / "view" / "tokens").symlink_to(region)
+    trained = Trained(tmp_path / "m.pt", {}, "aaa", ("tags",))
+    with pytest.raises(GeoJepaError, match=f"view/tokens \\(a link to {region}\\) were made with bbb"):
+        check_tokens(trained, tmp_path / "view" / "tokens", "bbb", "tokenise it again")

@@ -97,12 +97,18 @@ def load_trained(spec: str | Path, cfg: Config, cache: Path) -> Trained:
     return Trained(ckpt, config, config.get("tokenizer_digest"), tuple(config["modalities"]))
 
 
+def _shown(tokens) -> str:
+    """A tokens folder as an error names it: a link (an arms or selection view's) with the folder it stands for."""
+    p = Path(tokens)
+    return f"{p} (a link to {p.resolve()})" if p.is_symlink() else str(p)
+
+
 def check_tokens(trained: Trained, tokens: Path, made_with: str | None, hint: str) -> None:
     """The token shards in ``tokens`` (made with tokenizer ``made_with``) must be the model's; ``hint``: how to
     make them."""
     if trained.digest != made_with:
         raise GeoJepaError(f"{trained.checkpoint}: the model was trained on tokens of tokenizer "
-                           f"{trained.digest or '(region-own)'}, but {tokens} were made with "
+                           f"{trained.digest or '(region-own)'}, but {_shown(tokens)} were made with "
                            f"{made_with or 'the region-own tokenizer'}; {hint}")
 
 
@@ -112,4 +118,4 @@ def check_widths(dims: dict[str, int], modalities: tuple[str, ...], encoder, che
         want = getattr(encoder.proj[i], "in_features", 0)
         if m in modalities and want != dims[m]:
             raise GeoJepaError(f"{checkpoint}: the encoder takes {m} tokens of width {want}, the shards in "
-                               f"{tokens} hold width {dims[m]}; use the tokens it was trained on")
+                               f"{_shown(tokens)} hold width {dims[m]}; use the tokens it was trained on")
