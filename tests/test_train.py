@@ -567,6 +567,11 @@ def test_the_monitor_reports_the_jepa_gain_on_validation_tiles_under_masks_fixed
     assert first["val.jepa_gain"] == pytest.approx(first["val.trivial"] - first["val.jepa"])
     assert first["val.jepa"] > 0 and first["val.trivial"] > 0
     assert monitor(model) == first  # the same tiles and masks every time: checkpoints are comparable
+    # whole-entity masks whatever the training's partial entity masks: arms are compared on one task
+    from geojepa.train.settings import MaskConfig
+
+    partial = Collator(mods, val.dims, seed=0, masks=MaskConfig(p_partial=1.0))
+    assert CollapseMonitor(val, mods, "cpu", collate=partial, loss_weights={"regulariser": "target"})(model) == first
     assert model.training  # left as it was
     with torch.no_grad():
         for p in model.predictor.parameters():

@@ -150,7 +150,9 @@ class CollapseMonitor:
             pick = np.random.default_rng(seed).permutation(len(val))[:n]
             self.items = [val[int(i)] for i in np.sort(pick)]
             if collate is not None and len(self.items) >= 3:
-                fixed = Collator(collate.modalities, collate.dims, seed + 1, collate.masks)  # no crop, no dropout
+                # no crop, no dropout, no partial entities: whole-entity masks, the same task whatever the arm
+                fixed = Collator(collate.modalities, collate.dims, seed + 1,
+                                 dataclasses.replace(collate.masks, p_partial=0.0))
                 self.masked = [fixed(self.items[i : i + 32]) for i in range(0, len(self.items), 32)]
 
     def __call__(self, model: GeoJEPA, batch_tiles: int = 64) -> dict[str, float]:
