@@ -181,14 +181,16 @@ def test_the_gpu_sweep_runs_end_to_end_on_the_cpu_with_tiny_arms_and_its_models_
     src, path, _ = corpus
     out = tmp_path / "sweep"
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_sweep.py"), str(path), str(out), "--tiny",
-                    "--minutes", "1", "--arms", "vicreg", "target"], check=True, cwd=ROOT)
+                    "--minutes", "1", "--arms", "vicreg", "fourier"], check=True, cwd=ROOT)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
-    assert [r["arm"] for r in rows] == ["vicreg", "target"] and all(r["steps"] > 0 for r in rows)
+    assert [r["arm"] for r in rows] == ["vicreg", "fourier"] and all(r["steps"] > 0 for r in rows)
     for r in rows:
         encoder, config = encoder_from_checkpoint(out / r["arm"] / "model.pt")
         full = Compact(path).meta["full_dims"]
         assert (encoder.proj[0].in_features, encoder.proj[1].in_features) == (full["tags"], full["geometry"])
-        assert config["regulariser"] == ("target" if r["arm"] == "target" else "vicreg")
+        assert config["regulariser"] == ("target" if r["arm"] == "fourier" else "vicreg")
+        fourier = 6 if r["arm"] == "fourier" else 0  # the architecture travels in the exported config
+        assert config["pos_fourier"] == fourier and encoder.pos.net[0].in_features == 8 * (1 + 2 * fourier)
     # a model back from the sweep is evaluated here on the full tokens, like any checkpoint
     w = tmp_path / src.name
     w.mkdir()
