@@ -280,9 +280,10 @@ def arms(
     within-tile share and the ridge read-out against every twin on a trained-on and a holdout region."""
     from geojepa.arms import run_arms
 
-    def go() -> list[dict]:
+    def go() -> str:
         _setup(config, set_, verbose)  # inside: a bad config is a one-line error
-        return run_arms(spec, out, str(config) if config else None, list(set_ or []))
+        rows = run_arms(spec, out, str(config) if config else None, list(set_ or []))
+        return f"{len(rows)} (arm, seed) runs; the table and the choice: {out / 'arms.md'} (rows: {out / 'arms.json'})"
 
     _run(go)
 

@@ -95,6 +95,25 @@ def test_the_choice_needs_every_seed_better_than_every_twin_and_ranks_the_holdou
     ranked = choice(rows, ["holdout", "malta"])
     assert [a["arm"] for a in ranked][0] == "b" and ranked[0]["won"] == ["holdout/x", "malta/x"]
     assert ranked[1]["arm"] == "a" and ranked[1]["won"] == []
+    assert ranked[0]["gain_share"] is None  # on validation: the validation gain share (none in these rows)
+    for r in rows:
+        r.update(val_jepa_gain=0.3, val_trivial=1.0)
+    assert choice(rows, ["holdout", "malta"])[0]["gain_share"] == pytest.approx(0.3)
+
+
+def test_the_table_chosen_on_validation_gives_the_test_figures_beside(tmp_path):
+    from geojepa.arms import _write
+
+    row = _row("a", 0, {"malta/x": 1.0})
+    row["judge"]["malta/x"].update(val=3.0, twins_val=[2.0, 2.1])
+    spec = {"steps": 2, "seeds": [0], "data": ["malta"], "judge": ["malta"], "arms": {"a": []},
+            "choose_on": "validation"}
+    _write(tmp_path, spec, {}, [row], {}, ["malta"])
+    text = (tmp_path / "arms.md").read_text()
+    validation, test = text.split("The same on each region's test tiles")
+    assert "| 3.000 (twins 2.000 to 2.100) |" in validation  # not bold: worse than the twins on validation
+    assert "**1.000 (twins 2.000 to 2.100)**" in test.split("Choice")[0]
+    assert "| 1 | a | 0 | 0 | - | - |" in text  # chosen on validation: no cell won
 
 
 def test_a_loop_cut_short_keeps_its_finished_rows_and_writes_the_choice(tmp_path):
@@ -255,5 +274,5 @@ def test_a_tokenizer_mismatch_through_a_view_names_the_region_the_link_stands_fo
     (tmp_path / "view").mkdir()
     (tmp_path / "view" / "tokens").symlink_to(region)
     trained = Trained(tmp_path / "m.pt", {}, "aaa", ("tags",))
-    with pytest.raises(GeoJepaError, match=f"view/tokens \\(a link to {region}\\) were made with bbb"):
+    with pytest.raises(GeoJepaError, match=f"view/tokens \\(a link to {region.resolve()}\\) were made with bbb"):
         check_tokens(trained, tmp_path / "view" / "tokens", "bbb", "tokenise it again")

@@ -174,6 +174,7 @@ def test_rendered_images_are_left_out_of_the_masked_setting(tmp_path, tokenised,
     # evaluate.pictures=false: the figures and tables only, no gallery, map or curves drawn
     assert summary["pictures"] == {} and not list((tmp_path / "eval").glob("*.png"))
     assert (tmp_path / "eval" / "results.parquet").exists()
+    assert "None drawn (evaluate.pictures=false" in (tmp_path / "eval" / "report.md").read_text()
     assert "Image tokens in the masked setting: left out" in (tmp_path / "eval" / "report.md").read_text()
     from data_contracts import PREDICTIONS, TILE_IMAGES, write_table
 

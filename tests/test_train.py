@@ -96,6 +96,13 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, w, cfg):
     a = [h["loss"] for h in json.loads((whole / "checkpoints" / "history.json").read_text())]
     b = [h["loss"] for h in json.loads((cut / "checkpoints" / "history.json").read_text())]
     assert len(a) == 6 and a == pytest.approx(b, rel=1e-6)
+    # resuming into another model is named, before any step, and the checkpoints are kept
+    kept = sorted((cut / "checkpoints").glob("*.pt"))
+    for change, says in (({"tile_head": 1.0}, "tile_head 0.0 -> 1.0"), ({"pos_fourier": 2}, "pos_fourier 0 -> 2"),
+                         ({"width": 64}, "width 32 -> 64")):
+        with pytest.raises(ValueError, match=f"--resume with another model \\({says}\\)"):
+            train({**_resolved(cfg, cut, max_steps=8, epochs=2, **change), "resume": True})
+    assert sorted((cut / "checkpoints").glob("*.pt")) == kept
 
 
 def test_resume_passes_over_a_damaged_last_checkpoint_and_names_it(tmp_path, w, cfg, caplog):
@@ -580,10 +587,13 @@ def test_the_monitor_reports_the_jepa_gain_on_validation_tiles_under_masks_fixed
     assert "val.jepa" not in CollapseMonitor(val, mods, "cpu")(model)  # without the collator: collapse only
 
 
-def test_fourier_positions_and_the_tile_head_train_and_the_encoder_loads_with_its_own_position_width(w, cfg):
+def test_fourier_positions_and_the_tile_head_train_and_the_encoder_loads_with_its_own_position_width(w, cfg, caplog):
+    import logging
+
     from geojepa.model.jepa import encoder_from_checkpoint
     from geojepa.model.layers import PositionMLP
 
+    caplog.set_level(logging.INFO)
     pos = torch.rand(5, 8)
     mlp = PositionMLP(16, fourier=3)
     assert mlp.net[0].in_features == 8 * 7 and mlp(pos).shape == (5, 16)
@@ -592,6 +602,8 @@ def test_fourier_positions_and_the_tile_head_train_and_the_encoder_loads_with_it
                     pos_fourier=3, tile_head=0.5, max_steps=3))
     history = json.loads((w / "checkpoints" / "history.json").read_text())
     assert all({"tile", "tile_gain"} <= set(h) and math.isfinite(h["tile"]) for h in history)
+    assert any(" tile " in r.getMessage() and "(gain " in r.getMessage() for r in caplog.records
+               if "step 3/3" in r.getMessage())  # the head's loss on the console's step line
     ckpt = sorted((w / "checkpoints").glob("step-*.pt"))[-1]
     state = torch.load(ckpt, weights_only=True)
     assert any(k.startswith("tile_head.") for k in state["model"])
@@ -599,6 +611,20 @@ def test_fourier_positions_and_the_tile_head_train_and_the_encoder_loads_with_it
     assert conf["pos_fourier"] == 3 and encoder.pos.net[0].in_features == 8 * 7
     twin, _ = encoder_from_checkpoint(ckpt, untrained=True)
     assert twin.pos.net[0].in_features == 8 * 7  # the twin has the same architecture
+    # a checkpoint from before the setting (no pos_fourier in its config) loads as the raw-position model
+    old = _plain_checkpoint(w, cfg)
+    assert encoder_from_checkpoint(old)[0].pos.net[0].in_features == 8
+
+
+def _plain_checkpoint(w, cfg):
+    out = w / "plain"
+    shutil.copytree(w / "tokens", out / "tokens")
+    train(_resolved(cfg, out, modalities=("tags", "geometry"), max_steps=1))
+    ckpt = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["pos_fourier"]
+    torch.save(state, ckpt)
+    return ckpt
 
 
 def test_the_tile_head_adds_its_loss_and_is_refused_on_a_model_without_it(w):
@@ -611,6 +637,14 @@ def test_the_tile_head_adds_its_loss_and_is_refused_on_a_model_without_it(w):
     with torch.no_grad():
         plain, headed = model(batch, regulariser="target"), model(batch, regulariser="target", tile_head=2.0)
     assert "tile" not in plain and float(headed["tile"]) > 0
+    model.zero_grad()
+    model(batch, regulariser="target", tile_head=2.0)["loss"].backward()
+    assert model.tile_head[1].weight.grad.abs().sum() > 0  # the head learns, and through it the context encoder
+    grads = [p.grad for p in model.encoder.blocks[0].parameters()]
+    model.zero_grad()
+    model(batch, regulariser="target")["loss"].backward()
+    assert model.tile_head[1].weight.grad is None  # without its weight, the head takes no part
+    assert not all(torch.equal(a, p.grad) for a, p in zip(grads, model.encoder.blocks[0].parameters(), strict=True))
     assert float(headed["loss"]) >= float(plain["loss"]) + 2.0 * float(headed["tile"]) - 1e-5
     with pytest.raises(ValueError, match="tile_head > 0 needs a model built with its head"):
         GeoJEPA(sizes)(batch, tile_head=1.0)

@@ -213,8 +213,9 @@ def write_report(path: Path, results: list[dict], summary: dict, region: str) ->
     lines += [f"| {m} | {v:.3f} |" for m, v in summary["agreement"].items()]
     lines += ["", *_peers(summary.get("peers"))]
     lines += ["", "## Pictures", ""]
-    lines += [f"![{name}]({file})" if file.endswith(".png") else f"[{name}]({file})"
-              for name, file in summary["pictures"].items()]
+    drawn = [f"![{name}]({file})" if file.endswith(".png") else f"[{name}]({file})"
+             for name, file in summary["pictures"].items()]
+    lines += drawn or ["None drawn (evaluate.pictures=false, or too few tiles)."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -20,8 +20,9 @@ class ModelSizes:
     pred_depth: int = setting(4, gt=0)  # predictor blocks
     pred_heads: int = setting(6, gt=0)
     # Fourier features of the 8 position numbers (sin and cos at pi x 2^i, i < pos_fourier) beside them, into
-    # the encoders' and predictor's position MLPs: 0 (the reference) gives the MLP the raw numbers only
-    pos_fourier: int = setting(0, ge=0, le=12)
+    # the encoders' and predictor's position MLPs: 0 (the reference) gives the MLP the raw numbers only. At
+    # most 8: a compact corpus stores positions in fp16 (error ~2.4e-4), noise at finer frequencies
+    pos_fourier: int = setting(0, ge=0, le=8)
 
     def __post_init__(self):
         check(self)

@@ -150,7 +150,8 @@ class CollapseMonitor:
             pick = np.random.default_rng(seed).permutation(len(val))[:n]
             self.items = [val[int(i)] for i in np.sort(pick)]
             if collate is not None and len(self.items) >= 3:
-                # no crop, no dropout, no partial entities: whole-entity masks, the same task whatever the arm
+                # no crop, no dropout, no partial entities: whole-entity masks (arms that change the masks'
+                # shape, e.g. block_area, are still read under their own)
                 fixed = Collator(collate.modalities, collate.dims, seed + 1,
                                  dataclasses.replace(collate.masks, p_partial=0.0))
                 self.masked = [fixed(self.items[i : i + 32]) for i in range(0, len(self.items), 32)]
@@ -280,6 +281,14 @@ def train(run: TrainRun | Mapping) -> dict:
     step, epoch = 0, 0
     if run.resume and checkpoints_in(ckpt_dir):
         state = load_last_good(ckpt_dir, device)
+        was, now = state["config"], run.to_json()
+        shape = [*(f.name for f in dataclasses.fields(type(run.model))), "modalities"]
+        differ = [f"{k} {was.get(k)} -> {now[k]}" for k in shape if k in was and was.get(k) != now[k]]
+        if (was.get("tile_head", 0) > 0) != (s.tile_head > 0):
+            differ.append(f"tile_head {was.get('tile_head', 0)} -> {s.tile_head}")
+        if differ:
+            raise ValueError(f"{ckpt_dir}: --resume with another model ({', '.join(differ)}); resume with the "
+                             "checkpoint's settings, or start afresh without --resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
@@ -358,10 +367,11 @@ def train(run: TrainRun | Mapping) -> dict:
                 per_step = (now - t_run) / max(step - first_step, 1)
                 record["s_per_step"] = per_step  # this sitting's mean, the validation passes included
                 log.info("step %d/%d loss %.4f jepa %.4f (trivial %.4f, gain %.4f) var %.4f cov %.4f within-tile "
-                         "share %.3f lr %.2e ema %.5f target drift %.3f; %.2f s a step, %s left", step, total,
+                         "share %.3f%s lr %.2e ema %.5f target drift %.3f; %.2f s a step, %s left", step, total,
                          parts["loss"], parts["jepa"], parts["trivial"], parts["jepa_gain"], parts["var"], parts["cov"],
-                         parts["within_share"], lr, momentum, record["target_drift"], per_step,
-                         duration(per_step * (total - step)))
+                         parts["within_share"],
+                         f" tile {parts['tile']:.4f} (gain {parts['tile_gain']:.4f})" if "tile" in parts else "",
+                         lr, momentum, record["target_drift"], per_step, duration(per_step * (total - step)))
                 if tracker:
                     tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             stop = step == run.stop_after  # a time-limited job: checkpoint, stop, resume later
