@@ -201,6 +201,6 @@ def test_the_gpu_sweep_runs_end_to_end_on_the_cpu_with_tiny_arms_and_its_models_
     ecfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
         "tasks": ("building_count",), "probes": ("ridge",), "peers": (), "twin_seeds": 1, "unmasked": False,
         "map": "pca"}), "tracking": cfg.tracking.model_copy(update={"enabled": False})})
-    evaluate(w, ecfg, model=out / "target" / "model.pt")
+    evaluate(w, ecfg, model=out / "fourier" / "model.pt")  # its Fourier positions and twins, here too
     results = read_table(WorkDir(w).eval.results, EVAL_RESULTS).to_pylist()
     assert {r["model"] for r in results if r["task"] == "building_count"} >= {"geojepa", "geojepa_context"}
