@@ -58,7 +58,7 @@ from geojepa.workdir import ModelDir, WorkDir, checkpoint_step
 log = logging.getLogger(__name__)
 TRAIN_CODE = ("geojepa.model", "geojepa.train")  # the code a row's model was trained by (as the train manifest)
 JUDGE = ["evaluate.probes=[ridge]", "evaluate.peers=[]", "evaluate.unmasked=false", "evaluate.map=pca",
-         "evaluate.pictures=false"]  # the read-out's figures only: drawing took 5 to 15 s of each 30 to 70
+         "evaluate.pictures=false"]  # figures only: drawing took 5 to 15 s of each 30 to 70 s read-out
 
 
 def load_spec(path: Path) -> dict:
@@ -289,7 +289,7 @@ def _val_score(cells: dict[str, dict]) -> dict:
     (positive: better; a cell whose twins score 0 counts for the wins only)."""
     won, gains = 0, []
     for c in cells.values():
-        won += bool(_better({**c, "value": c["val"], "twins": c["twins_val"]}))
+        won += bool(_better(figures(c, "validation")))
         twin = sum(c["twins_val"]) / len(c["twins_val"])
         if twin:
             gains.append(((c["val"] - twin) if c["metric"] == "roc_auc" else (twin - c["val"])) / abs(twin))
@@ -333,13 +333,9 @@ def choice(rows: list[dict], rank_by: list[str], on: str = "validation") -> list
     for arm, runs in arms.items():
         cells = set.intersection(*(set(r["judge"]) for r in runs))
         won = sorted(c for c in cells if all(_better(figures(r["judge"][c], on)) for r in runs))
-        if on == "validation":  # whole-entity masks fixed once: the same task for every arm (training batches
-            # differ: partial entity masks make the training task easier)
-            shares = [r["val_jepa_gain"] / r["val_trivial"] for r in runs
-                      if r.get("val_trivial") and r.get("val_jepa_gain") is not None]
-        else:
-            shares = [r["jepa_gain"] / r["trivial"] for r in runs
-                      if r.get("trivial") and r.get("jepa_gain") is not None]
+        # on validation, the validation tiles' whole-entity masks fixed once: the same task for every arm (the
+        # training batches' differ: partial entity masks make the training task easier)
+        shares = [x for r in runs if (x := gain_share(r, on == "validation")) is not None]
         ranked.append({"arm": arm, "seeds": [r["seed"] for r in runs], "won": won,
                        "by_region": [sum(c.split("/")[0] == region for c in won) for region in rank_by],
                        "gain_share": sum(shares) / len(shares) if shares else None})
@@ -348,6 +344,13 @@ def choice(rows: list[dict], rank_by: list[str], on: str = "validation") -> list
         a["complete"] = len(a["seeds"]) == most
     return sorted(ranked, key=lambda a: (not a["complete"], [-n for n in a["by_region"]],
                                          float("inf") if a["gain_share"] is None else -a["gain_share"]))
+
+
+def gain_share(row: dict, val: bool = False) -> float | None:
+    """A row's jepa_gain as a share of its trivial loss: at the last training step, or (``val``) on the
+    validation tiles; None when not recorded."""
+    gain, trivial = (row.get("val_jepa_gain"), row.get("val_trivial")) if val else (row["jepa_gain"], row["trivial"])
+    return None if not trivial or gain is None else gain / trivial
 
 
 def _better(c: dict) -> bool | None:
@@ -393,10 +396,8 @@ def _write(out: Path, spec: dict, base: dict, rows: list[dict], pending: dict, r
         return out
 
     for r in rows:
-        share = None if not r["trivial"] else r["jepa_gain"] / r["trivial"]
-        val_share = None if not r.get("val_trivial") else r["val_jepa_gain"] / r["val_trivial"]
-        lines.append(f"| {r['arm']} | {r['seed']} | {f(r['jepa'])} | {f(r['jepa_gain'])} ({f(share, 2)}) | "
-                     f"{f(r.get('val_jepa_gain'))} ({f(val_share, 2)}) | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {f(r['jepa'])} | {f(r['jepa_gain'])} ({f(gain_share(r), 2)}) | "
+                     f"{f(r.get('val_jepa_gain'))} ({f(gain_share(r, val=True), 2)}) | "
                      f"{f(r['within_share'], 2)} / {f(r['val_within_share'], 2)} | {f(r['val_mean_cos'])} | "
                      + " | ".join(judged(r, on)) + " |")
     if on == "validation":
